@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make app` and `make test` (each sets up .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WEIGHTS ?= weights/emoji-64
+
+.PHONY: app test bench venv clean
+
+venv: $(STAMP)
+
+# Re-install whenever requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+app: $(STAMP)
+	$(PY) app.py --weights $(WEIGHTS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(VENV)/.bench-installed: $(STAMP) bench/requirements.txt
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache

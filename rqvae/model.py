@@ -1,0 +1,239 @@
+"""RQ-VAE: a convolutional autoencoder whose latents are residual-quantized with one shared codebook.
+
+images [B,3,H,W] in [-1,1] --encoder--> z [B,C,h,w] --ResidualVQ (D steps)--> codes [B,h,w,D]
+codes --sum of the first k code embeddings--> [B,C,h,w] --decoder--> images [B,3,H,W]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from vector_quantize_pytorch import ResidualVQ
+
+from .pretrained import PretrainedMixin
+
+
+@dataclass
+class RQVAEConfig:
+    resolution: int = 64            # input images are resolution x resolution
+    codebook_size: int = 512        # K, one codebook shared by every depth
+    code_depth: int = 4             # D, residual quantization steps per position
+    downsample: int = 8             # f, power of two: code grid is resolution/f squared
+    in_channels: int = 3
+    channels: int = 64              # width of the first conv level
+    channel_mult: tuple[int, ...] = ()  # width multiplier per level; () = (1, 2, 2, 4, 4, ...)
+    num_res_blocks: int = 1         # residual blocks per level
+    mid_attention: bool = True      # self-attention at the code grid resolution
+    latent_dim: int = 64            # code embedding dimension
+    commitment_weight: float = 0.25
+    ema_decay: float = 0.99
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    threshold_ema_dead_code: float = 2.0  # restart codes whose EMA usage falls below this
+    quantize_dropout: bool = True   # train on randomly truncated stacks so coarse decodes look good
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        for name in ("resolution", "codebook_size", "code_depth", "downsample", "in_channels",
+                     "channels", "latent_dim", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.downsample & (self.downsample - 1):
+            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+        if self.resolution % self.downsample:
+            raise ValueError(f"resolution {self.resolution} is not divisible by downsample {self.downsample}")
+        levels = int(math.log2(self.downsample)) + 1
+        if not self.channel_mult:
+            self.channel_mult = (1, 2, 2, 4, 4, 4, 4, 4)[:levels] if levels <= 8 else (1,) + (4,) * (levels - 1)
+        if len(self.channel_mult) != levels or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult needs {levels} positive entries for downsample {self.downsample}, "
+                             f"got {self.channel_mult}")
+        if self.codebook_size < 2:
+            raise ValueError("codebook_size must be >= 2")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.downsample
+        return (side, side, self.code_depth)
+
+
+def norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the code grid: gives every position a global view."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, h*w, C]
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: RQVAEConfig):
+        super().__init__()
+        widths = [c.channels * m for m in c.channel_mult]
+        layers = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
+        cin = widths[0]
+        for i, cout in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                layers.append(ResBlock(cin, cout))
+                cin = cout
+            if i < len(widths) - 1:  # strided conv halves the resolution
+                layers.append(nn.Conv2d(cin, cin, 4, stride=2, padding=1))
+        layers.append(ResBlock(cin, cin))
+        if c.mid_attention:
+            layers.append(AttnBlock(cin))
+        layers += [ResBlock(cin, cin), norm(cin), nn.SiLU(), nn.Conv2d(cin, c.latent_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # [B,3,H,W] -> [B,C,h,w]
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: RQVAEConfig):
+        super().__init__()
+        widths = [c.channels * m for m in c.channel_mult][::-1]
+        cin = widths[0]
+        layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1), ResBlock(cin, cin)]
+        if c.mid_attention:
+            layers.append(AttnBlock(cin))
+        layers.append(ResBlock(cin, cin))
+        for i, cout in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                layers.append(ResBlock(cin, cout))
+                cin = cout
+            if i < len(widths) - 1:  # upsample straight to the next level's (narrower) width: cheaper
+                cin = widths[i + 1]
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cout, cin, 3, padding=1)]
+        layers += [norm(cin), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)  # "last layer" for the adaptive GAN weight
+
+    def forward(self, z):  # [B,C,h,w] -> [B,3,H,W]
+        return self.conv_out(self.net(z))
+
+
+class RQVAE(PretrainedMixin, nn.Module):
+    config_class = RQVAEConfig
+
+    def __init__(self, config: RQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quantizer = ResidualVQ(
+            dim=config.latent_dim,
+            num_quantizers=config.code_depth,
+            codebook_size=config.codebook_size,
+            shared_codebook=True,
+            decay=config.ema_decay,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            threshold_ema_dead_code=config.threshold_ema_dead_code,
+            commitment_weight=config.commitment_weight,
+            quantize_dropout=config.quantize_dropout and config.code_depth > 1,
+        )
+
+    @property
+    def code_shape(self) -> tuple[int, int, int]:
+        return self.config.code_shape
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        c = self.config
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != c.in_channels:
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a float tensor [B,{c.in_channels},H,W], got {got}")
+        if images.shape[-2:] != (c.resolution, c.resolution):
+            raise ValueError(f"images must be {c.resolution}x{c.resolution}, got "
+                             f"{images.shape[-2]}x{images.shape[-1]} (resize them first)")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}")
+
+    def quantize(self, z: torch.Tensor):
+        """z [B,C,h,w] -> (quantized [B,C,h,w], codes [B,h,w,D], commitment loss [])."""
+        h, w = z.shape[-2:]
+        x = rearrange(z, "b c h w -> b (h w) c")
+        quantized, codes, commit = self.quantizer(x.float())  # codes [B, h*w, D]; -1 where dropped
+        quantized = rearrange(quantized, "b (h w) c -> b c h w", h=h, w=w).to(z.dtype)
+        return quantized, rearrange(codes, "b (h w) d -> b h w d", h=h, w=w), commit.sum()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] -> codes LongTensor [B,h,w,D]. Never updates the codebook."""
+        self._check_images(images)
+        was_training = self.quantizer.training
+        self.quantizer.eval()  # eval: no EMA update, no quantize dropout
+        try:
+            _, codes, _ = self.quantize(self.encoder(images))
+        finally:
+            self.quantizer.train(was_training)
+        return codes
+
+    def embed_codes(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """codes [B,h,w,k] -> latent [B,C,h,w] summing the first `depth` code embeddings."""
+        D = self.config.code_depth
+        if not torch.is_tensor(codes) or codes.ndim != 4 or codes.dtype not in (torch.int32, torch.int64):
+            raise ValueError("codes must be an integer tensor [B,h,w,D]")
+        h, w, _ = self.code_shape
+        if codes.shape[1:3] != (h, w) or not 1 <= codes.shape[-1] <= D:
+            raise ValueError(f"codes must have shape [B,{h},{w},k] with 1<=k<={D}, got {tuple(codes.shape)}")
+        depth = codes.shape[-1] if depth is None else depth
+        if not isinstance(depth, int) or not 1 <= depth <= codes.shape[-1]:
+            raise ValueError(f"depth must be an integer in 1..{codes.shape[-1]}, got {depth!r}")
+        if codes.min() < 0 or codes.max() >= self.config.codebook_size:
+            raise ValueError(f"code values must be in [0, {self.config.codebook_size})")
+        full = F.pad(codes[..., :depth].long(), (0, D - depth))  # the library wants all D columns
+        per_depth = self.quantizer.get_codes_from_indices(full)  # [D, B, h, w, C]
+        latent = self.quantizer.project_out(per_depth[:depth].sum(0))  # [B, h, w, C]
+        return rearrange(latent, "b h w c -> b c h w")
+
+    def decode(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        """codes [B,h,w,D] -> images [B,3,H,W] in [-1,1]; `depth=k` uses only the first k codes."""
+        return self.decoder(self.embed_codes(codes, depth)).clamp(-1, 1)
+
+    def forward(self, images: torch.Tensor):
+        """Training forward: returns (reconstruction [B,3,H,W], terms).
+
+        terms: "commitment" (weighted, differentiable), "codes" [B,h,w,D] (-1 where quantize dropout
+        truncated the stack) for usage statistics.
+        """
+        self._check_images(images)
+        quantized, codes, commit = self.quantize(self.encoder(images))
+        return self.decoder(quantized), {"commitment": commit, "codes": codes}
+
+
+PRESETS = {
+    # seconds per step on a laptop CPU: for tests and smoke runs (16 px -> 2x2x2 codes)
+    "tiny": dict(resolution=16, codebook_size=32, code_depth=2, downsample=8, channels=16,
+                 channel_mult=(1, 1, 2, 2), latent_dim=32, kmeans_iters=2),
+    # the bundled default: 64 px -> 8x8x4 codes, codebook 512
+    "emoji-64": dict(resolution=64, codebook_size=512, code_depth=4, downsample=8, channels=32,
+                     channel_mult=(1, 2, 4, 4), latent_dim=64),
+}

@@ -1,0 +1,195 @@
+"""Save/load a model as `config.json` + `model.safetensors` (shared by both stages).
+
+Loading is strict and never unpickles: a missing, unexpected or wrong-shape tensor, or a config
+field of the wrong type, raises `ValueError` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def config_from_dict(config_class, data: dict, source: str = "config"):
+    """Build a flat config dataclass from JSON data, checking names and types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(value, hints[name], f"{source}: field '{name}'")
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _coerce(value, hint, where):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple or hint is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        inner = args[0] if args else int
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        inner = (typing.get_args(hint) or (str,))[0]
+        return [_coerce(v, inner, where) for v in value]
+    return value
+
+
+def load_config(config_class, path: str | os.PathLike):
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"no {CONFIG_NAME} found in {path}: expected a folder written by save_pretrained")
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    return config_from_dict(config_class, data, source=str(file))
+
+
+def _aliases(state: dict) -> dict[str, str]:
+    """Map keys that share storage with an earlier key (e.g. a shared codebook) to that key."""
+    seen, alias = {}, {}
+    for key, t in state.items():
+        if t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen:
+            alias[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return alias
+
+
+class PretrainedMixin:
+    """Adds `save_pretrained` / `from_pretrained` to an `nn.Module` with a `config` dataclass."""
+
+    config_class: type = None
+    extra_json_fields: tuple[str, ...] = ()  # attributes saved in config.json beside the config
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors into `path` (created); `dtype` casts float tensors."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        alias = _aliases(state)
+        tensors = {}
+        for key, t in state.items():
+            if key in alias:
+                continue
+            t = t.detach().to("cpu")
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[key] = t.contiguous()
+        config = dataclasses.asdict(self.config)
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / WEIGHTS_NAME)
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+        """Load a model saved by `save_pretrained` (strict: every tensor must match)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"weights folder {path} does not exist")
+        config = load_config(cls.config_class, path)
+        model = cls(config)
+        load_weights(model, path / WEIGHTS_NAME)
+        model.eval()
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+
+def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
+    """Strictly load a safetensors file into `model`, with errors that name the offending keys."""
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"no {file.name} found in {file.parent}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+    expected = model.state_dict()
+    alias = _aliases(expected)
+    wanted = [k for k in expected if k not in alias]
+    missing = [k for k in wanted if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected or k in alias]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensor(s) {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        raise ValueError(f"{file} does not match the config: " + "; ".join(parts))
+    for key in wanted:
+        if tuple(tensors[key].shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
+    state = {k: tensors[k].to(expected[k].dtype) for k in wanted}
+    state.update({k: state[v] for k, v in alias.items()})
+    model.load_state_dict(state, strict=True)
+
+
+def config_from_arg(config_class, presets: dict, value: str, **overrides):
+    """`--config` value: a preset name or a JSON file; `overrides` (not None) replace fields."""
+    if value in presets:
+        data = dict(presets[value])
+    elif value.endswith(".json"):
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"--config file {value} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config file {value} is not valid JSON: {e}") from None
+    else:
+        raise ValueError(f"--config must be one of {sorted(presets)} or a .json file, got {value!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {value}: expected a JSON object")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(config_class, data, source=f"--config {value}")

@@ -1,0 +1,167 @@
+"""Train the RQ-VAE (stage 1) on an ImageFolder tree.
+
+    python -m rqvae.train --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
+    accelerate launch -m rqvae.train ...   # multi-GPU
+
+The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+
+from . import training
+from .data import image_folder
+from .losses import RQVAELoss
+from .model import PRESETS, RQVAE, RQVAEConfig
+from .pretrained import config_from_arg
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="emoji-64", help=f"preset {sorted(PRESETS)} or a config .json")
+    p.add_argument("--resolution", type=training.positive_int, default=None, help="override the config's")
+    p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
+    p.add_argument("--num_validation_images", type=training.positive_int, default=64)
+    p.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
+    p.add_argument("--perceptual_weight", type=float, default=0.0, help="VGG16 perceptual loss; 0 = off")
+    p.add_argument("--perceptual_weights", default="imagenet",
+                   help="'imagenet' (downloads torchvision weights) or a local VGG16 .safetensors")
+    p.add_argument("--disc_weight", type=float, default=0.0, help="patch-GAN loss weight; 0 = off")
+    p.add_argument("--disc_start", type=int, default=10_000, help="step at which the GAN loss starts")
+    p.add_argument("--disc_layers", type=training.positive_int, default=3, help="patch discriminator depth")
+    p.add_argument("--disc_learning_rate", type=training.positive_float, default=None)
+    training.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
+    args = p.parse_args(argv)
+    for name in ("perceptual_weight", "disc_weight", "disc_start"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0")
+    return args
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def fixed_images(data_dir: str, resolution: int, count: int) -> torch.Tensor:
+    """A deterministic, evenly spread set of images for validation grids and PSNR."""
+    ds = image_folder(data_dir, resolution, check=False)
+    idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).long().unique()
+    return torch.stack([ds[i][0] for i in idx.tolist()])
+
+
+@torch.no_grad()
+def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """PSNR at every depth 1..D and codebook usage of `images` (model in eval mode)."""
+    D, K = model.config.code_depth, model.config.codebook_size
+    sums, used = torch.zeros(D), torch.zeros(K, dtype=torch.bool)
+    for chunk in images.split(batch_size):
+        codes = model.encode(chunk)
+        used[codes.flatten().unique()] = True
+        for k in range(1, D + 1):
+            sums[k - 1] += psnr(model.decode(codes, depth=k), chunk).sum()
+    out = {f"psnr_depth{k}": float(sums[k - 1] / len(images)) for k in range(1, D + 1)}
+    out["codebook_usage"] = float(used.float().mean())
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = config_from_arg(RQVAEConfig, PRESETS, args.config, resolution=args.resolution)
+    dataset = image_folder(args.data_dir, config.resolution)
+    val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images)
+    accelerator = training.setup(args, "rqvae")
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=len(dataset) >= args.train_batch_size,
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=args.num_workers > 0,
+                        # own generator: creating an iterator must not draw from the global RNG (exact resume)
+                        generator=torch.Generator().manual_seed(args.seed))
+    accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
+
+    model = RQVAE(config)
+    criterion = RQVAELoss(args.reconstruction_loss, args.perceptual_weight, args.perceptual_weights,
+                          args.disc_weight, args.disc_start,
+                          # each layer halves the patch grid; keep at least 4x4 patches for the 4x4 kernels
+                          disc_layers=max(1, min(args.disc_layers, config.resolution.bit_length() - 5)),
+                          ).to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
+                                  weight_decay=args.adam_weight_decay)
+    scheduler = training.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    models = [model]
+    if criterion.discriminator is not None:
+        d_opt = torch.optim.AdamW(criterion.discriminator.parameters(), lr=args.disc_learning_rate or args.learning_rate,
+                                  betas=(0.5, 0.9))
+        criterion.discriminator, d_opt = accelerator.prepare(criterion.discriminator, d_opt)
+        models.append(criterion.discriminator)
+    raw = accelerator.unwrap_model(model)
+    ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    start = training.resume(accelerator, args)
+
+    def train_step(batch, step):
+        images = batch[0]
+        if args.hflip:  # flipped here, not in the loader: the loader prefetches, which would break exact resume
+            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        recon, terms = model(images)
+        if criterion.discriminator is not None:
+            criterion.discriminator.requires_grad_(False)  # the G step must not move D
+        loss, logs = criterion.generator_loss(images, recon, terms["commitment"], step,
+                                              last_layer=raw.decoder.conv_out.weight)
+        training.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
+        if criterion.uses_gan(step):
+            criterion.discriminator.requires_grad_(True)
+            d_loss = criterion.discriminator_loss(images, recon)
+            training.optimizer_step(accelerator, d_loss, criterion.discriminator.parameters(), d_opt, None,
+                                    args.max_grad_norm)
+            logs["d_loss"] = d_loss.detach()
+        codes = terms["codes"]
+        logs.update(loss=loss.detach(), psnr=psnr(recon.detach().clamp(-1, 1), images).mean(),
+                    batch_usage=codes[codes >= 0].unique().numel() / config.codebook_size,
+                    lr=scheduler.get_last_lr()[0])
+        return logs
+
+    def evaluate(step):
+        if not accelerator.is_main_process:
+            return
+        context = ema.swapped(raw) if ema is not None else torch.no_grad()
+        with context:
+            raw.eval()
+            images = val_images.to(accelerator.device)
+            metrics = evaluate_depths(raw, images)
+            shown = images[:8]
+            codes = raw.encode(shown)
+            rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, config.code_depth + 1)]
+            raw.train()
+        grid_dir = Path(args.output_dir) / "samples"
+        grid_dir.mkdir(exist_ok=True)
+        save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+    step = training.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
+                               ema=ema, ema_model=model, evaluate=evaluate)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        context = ema.swapped(raw) if ema is not None else torch.no_grad()
+        with context:
+            raw.eval()
+            raw.save_pretrained(args.output_dir)
+            metrics = evaluate_depths(raw, val_images.to(accelerator.device))
+        summary = {"step": step, **metrics}
+        (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.print(json.dumps(summary))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    training.run_cli(main)

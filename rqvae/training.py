@@ -1,0 +1,263 @@
+"""What both training scripts share: flags, accelerate setup, EMA, atomic checkpoints with resume,
+and the step loop. Each stage supplies only its own `train_step` and `evaluate`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float) -> None:
+    """The accelerate-style flags both stages take."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--data_dir", required=True, help="ImageFolder tree: <data_dir>/<class>/<image>")
+    g.add_argument("--output_dir", required=True, help="checkpoints, logs, samples and the final model")
+    g.add_argument("--train_batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--max_train_steps", type=positive_int, default=steps)
+    g.add_argument("--learning_rate", type=positive_float, default=lr)
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of weights; 0 disables")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    g.add_argument("--validation_steps", type=positive_int, default=500, help="image grid every N steps")
+    g.add_argument("--logging_steps", type=positive_int, default=10)
+    g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
+    g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+
+
+def setup(args, project: str) -> Accelerator:
+    """Accelerator with seedable sampler (data order resumes exactly), trackers and seed."""
+    if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1) or 0 to disable, got {args.ema_decay}")
+    if args.lr_warmup_steps < 0:
+        raise ValueError("--lr_warmup_steps must be >= 0")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file save chatter drowns the progress bar
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if args.report_to != "none":
+            accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+    return accelerator
+
+
+def warmup_cosine(optimizer, warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10 %
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are taken from the live model)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped(self, model: torch.nn.Module):
+        """Temporarily load the EMA weights into `model`."""
+        backup = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            for name, p in model.named_parameters():
+                p.copy_(backup[name])
+
+    def state_dict(self):
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (with their state file), oldest first."""
+    root = Path(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> Path:
+    """Write checkpoint-<step>/ atomically: save into a temp folder, then rename."""
+    root = Path(output_dir)
+    final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit:
+            for old in list_checkpoints(root)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir, resume: str | None) -> Path | None:
+    """`latest` -> newest complete checkpoint (None if there is none); a path must be a checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume} is not a complete checkpoint-N folder "
+                         f"(use 'latest' to pick the newest in --output_dir)")
+    return path
+
+
+def resume(accelerator: Accelerator, args) -> int:
+    """Restore model/optimizer/scheduler/EMA/RNG state; returns the step to continue from."""
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        if args.resume_from_checkpoint:
+            accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
+        for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):  # leftovers of a killed save
+            if accelerator.is_main_process:
+                shutil.rmtree(stale, ignore_errors=True)
+        return 0
+    accelerator.load_state(str(path))
+    step = json.loads((path / STATE_FILE).read_text())["step"]
+    accelerator.print(f"resumed from {path} at step {step}")
+    return step
+
+
+def batches(loader, accelerator: Accelerator, start_step: int, accumulation: int):
+    """Endless stream of batches that continues the exact data order after a resume."""
+    consumed = start_step * accumulation
+    epoch, skip = divmod(consumed, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        it = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        yield from it
+        epoch += 1
+
+
+def optimizer_step(accelerator, loss, params, optimizer, scheduler, max_grad_norm: float) -> None:
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_loop(accelerator, args, loader, train_step, *, start_step: int, models, ema=None,
+               ema_model=None, evaluate=None) -> int:
+    """Run `train_step(batch, step) -> dict of floats` until args.max_train_steps.
+
+    Handles accumulation, EMA, logging, periodic `evaluate(step)` and checkpoints.
+    """
+    step = start_step
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process)
+    logs: dict[str, float] = {}
+    if step >= args.max_train_steps:
+        return step
+    for batch in batches(loader, accelerator, step, args.gradient_accumulation_steps):
+        with accelerator.accumulate(*models):
+            logs = train_step(batch, step)
+        if not accelerator.sync_gradients:
+            continue
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(ema_model))
+        step += 1
+        progress.update(1)
+        if step % args.logging_steps == 0 or step == args.max_train_steps:
+            logs = {k: float(v) for k, v in logs.items()}
+            for key, value in logs.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{key} became {value} at step {step}; lower --learning_rate "
+                                             f"or resume from an earlier checkpoint")
+            accelerator.log(logs, step=step)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+        if evaluate is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
+            evaluate(step)
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        if step >= args.max_train_steps:
+            break
+    progress.close()
+    return step
+
+
+def run_cli(main) -> None:
+    """Turn user errors into one clear line and exit code 2 instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,126 @@
+"""Stage-1 training CLI: end to end on a generated ImageFolder, checkpoints, resume, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rqvae import RQVAE
+from rqvae.train import main
+from rqvae.training import list_checkpoints, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--config", "tiny", "--train_batch_size", "4", "--num_workers", "0", "--lr_warmup_steps", "2",
+        "--report_to", "none", "--num_validation_images", "8"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "rqvae.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_checkpoint_resume_end_to_end(image_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--checkpointing_steps", "2",
+              "--validation_steps", "3", "--checkpoints_total_limit", "2", "--report_to", "tensorboard"]
+    first = cli(*common, "--max_train_steps", "4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "samples" / "reconstruction-0000003.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*")), "tensorboard logs missing"
+
+    second = cli(*common, "--max_train_steps", "7", "--resume_from_checkpoint", "latest")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout + second.stderr and "at step 4" in second.stdout + second.stderr
+    # the total limit keeps the two newest
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-7"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["step"] == 7 and {"psnr_depth1", "psnr_depth2", "codebook_usage"} <= set(summary)
+    model = RQVAE.from_pretrained(out)
+    image = Image.open(next(image_dir.rglob("*.png")))
+    assert model.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 2, 2, 2) and image.size == (20, 20)
+
+
+def test_resume_restores_exact_state(image_dir, tmp_path):
+    """Training 4 steps straight equals 2 steps + resume + 2 steps (model, optimizer, EMA, data order)."""
+    straight, split = tmp_path / "a", tmp_path / "b"
+    base = ["--data_dir", str(image_dir), *FAST, "--checkpointing_steps", "2", "--validation_steps", "100",
+            "--hflip"]
+    main([*base, "--output_dir", str(straight), "--max_train_steps", "4"])
+    main([*base, "--output_dir", str(split), "--max_train_steps", "2"])
+    main([*base, "--output_dir", str(split), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    a, b = RQVAE.from_pretrained(straight), RQVAE.from_pretrained(split)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name, atol=1e-6, rtol=1e-5)
+
+
+def test_partial_checkpoint_is_never_resumed(image_dir, tmp_path):
+    out = tmp_path / "run"
+    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--max_train_steps", "2",
+          "--checkpointing_steps", "2", "--validation_steps", "100"])
+    # a save killed half-way leaves a temp folder, and a checkpoint folder without its state file
+    (out / ".tmp-checkpoint-3").mkdir()
+    (out / "checkpoint-5").mkdir()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "does not exist"),
+    ("empty", "no class sub-folders"),
+    ("no_images", "contains no images"),
+    ("corrupt", "unreadable image"),
+])
+def test_bad_data_dirs_give_one_clear_line(tmp_path, capsys, image_dir, setup, message):
+    data = tmp_path / "data"
+    if setup == "empty":
+        data.mkdir()
+    elif setup == "no_images":
+        (data / "cls").mkdir(parents=True)
+        (data / "cls" / "notes.txt").write_text("hello")
+    elif setup == "corrupt":
+        data = image_dir
+        (image_dir / "circles" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code, err = run(["--data_dir", str(data), "--output_dir", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and message in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config", "huge"], "--config must be one of"),
+    (["--config", "/nonexistent.json"], "does not exist"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-3"], "not a complete checkpoint"),
+    (["--ema_decay", "1.5"], "--ema_decay"),
+])
+def test_bad_options(tmp_path, capsys, image_dir, extra, message):
+    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST, *extra], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("flag, value", [("--max_train_steps", "0"), ("--learning_rate", "-1"),
+                                         ("--train_batch_size", "two"), ("--mixed_precision", "fp8")])
+def test_bad_numbers_are_rejected_by_argparse(tmp_path, capsys, image_dir, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(image_dir), "--output_dir", str(tmp_path), *FAST, flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_config_json_file(tmp_path, image_dir):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"resolution": 16, "codebook_size": 8, "code_depth": 3, "downsample": 8,
+                               "channels": 8, "latent_dim": 8, "mid_attention": False}))
+    out = tmp_path / "o"
+    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--config", str(cfg),
+          "--max_train_steps", "1", "--validation_steps", "100"])
+    assert RQVAE.from_pretrained(out).config.code_shape == (2, 2, 3)
