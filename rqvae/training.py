@@ -103,13 +103,16 @@ class EMA:
     """Exponential moving average of a model's parameters (buffers are taken from the live model)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        # warm-up: a fixed 0.999 would keep ~60 % of the random init after 500 steps
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -125,10 +128,10 @@ class EMA:
                 p.copy_(backup[name])
 
     def state_dict(self):
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state):
-        self.decay = state["decay"]
+        self.decay, self.updates = state["decay"], state.get("updates", 0)
         for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
 

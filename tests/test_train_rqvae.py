@@ -124,3 +124,20 @@ def test_config_json_file(tmp_path, image_dir):
     main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--config", str(cfg),
           "--max_train_steps", "1", "--validation_steps", "100"])
     assert RQVAE.from_pretrained(out).config.code_shape == (2, 2, 3)
+
+
+def test_ema_warms_up_then_averages():
+    from rqvae.training import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.99)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model)  # first update: decay 2/11, so the average moves most of the way
+    assert ema.shadow["weight"][0, 0].item() == pytest.approx(9 / 11)
+    for _ in range(2000):
+        ema.update(model)
+    assert ema.shadow["weight"][0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    with ema.swapped(model):
+        model.weight.data.zero_()  # changes inside the context are discarded
+    assert model.weight[0, 0].item() == 1.0

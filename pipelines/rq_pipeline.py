@@ -1,0 +1,342 @@
+"""RQPipeline: class-conditional generation, streamed previews, per-depth reconstruction and masked
+completion over a trained RQ-VAE + RQ-Transformer pair.
+
+    pipe = RQPipeline.from_pretrained("weights/emoji-64")
+    images = pipe("smileys_and_emotion", num_images=4, generator=torch.Generator().manual_seed(0)).images
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from PIL import Image
+
+from rqtransformer import RQTransformer
+from rqvae import RQVAE
+from rqvae.data import MAX_IMAGE_PIXELS, image_transform, to_pil, to_rgb
+
+PIPELINE_FILE = "pipeline.json"
+OUTPUT_TYPES = ("pil", "pt", "np")
+
+
+@dataclass
+class RQPipelineOutput:
+    images: Any                      # list of PIL images, or a tensor/array [B,3,H,W] in [0,1]
+    codes: torch.Tensor              # LongTensor [B,h,w,D]
+    class_labels: list[int] | None = None
+    done: float = 1.0                # fraction of positions sampled (previews < 1)
+
+
+@dataclass
+class Reconstruction:
+    images: list[Image.Image]        # one per depth 1..D
+    psnr: list[float]                # dB against the (resized) input, per depth
+    codes: torch.Tensor              # LongTensor [h,w,D]
+    input: Image.Image = field(repr=False, default=None)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RQPipeline:
+    def __init__(self, rqvae: RQVAE, transformer: RQTransformer, max_images: int = 16,
+                 default_guidance_scale: float = 3.0):
+        tc, vc = transformer.config, rqvae.config
+        if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
+            raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
+                             f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
+        if not isinstance(max_images, int) or max_images < 1:
+            raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+        self.rqvae, self.transformer = rqvae.eval(), transformer.eval()
+        self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "RQPipeline":
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"pipeline folder {path} does not exist (expected rqvae/ and rqtransformer/ inside)")
+        for sub in ("rqvae", "rqtransformer"):
+            if not (path / sub).is_dir():
+                raise ValueError(f"{path} has no {sub}/ folder: not a saved RQPipeline")
+        options = {}
+        if (path / PIPELINE_FILE).is_file():
+            try:
+                options = json.loads((path / PIPELINE_FILE).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path / PIPELINE_FILE} is not valid JSON: {e}") from None
+            unknown = set(options) - {"max_images", "default_guidance_scale"} if isinstance(options, dict) else {0}
+            if unknown:
+                raise ValueError(f"{path / PIPELINE_FILE}: unexpected content {sorted(map(str, unknown))}")
+        pipe = cls(RQVAE.from_pretrained(path / "rqvae"), RQTransformer.from_pretrained(path / "rqtransformer"),
+                   **options)
+        return pipe.to(device or default_device(), dtype)
+
+    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
+        path = Path(path)
+        self.rqvae.save_pretrained(path / "rqvae", dtype=dtype)
+        self.transformer.save_pretrained(path / "rqtransformer", dtype=dtype)
+        options = {"max_images": self.max_images, "default_guidance_scale": self.default_guidance_scale}
+        (path / PIPELINE_FILE).write_text(json.dumps(options, indent=2) + "\n")
+
+    def to(self, device=None, dtype=None) -> "RQPipeline":
+        self.rqvae.to(device=device, dtype=dtype)
+        self.transformer.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.head.weight.device
+
+    @property
+    def class_names(self) -> list[str]:
+        c = self.transformer.config
+        return list(c.class_names) or [str(i) for i in range(c.num_classes)]
+
+    @property
+    def resolution(self) -> int:
+        return self.rqvae.config.resolution
+
+    # ---- input checks -------------------------------------------------------------------------
+
+    def _labels(self, class_labels, num_images: int) -> list[int] | None:
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= self.max_images:
+            raise ValueError(f"num_images must be a whole number from 1 to {self.max_images}, got {num_images!r}")
+        if class_labels is None:
+            return None
+        names = self.class_names
+        items = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if torch.is_tensor(class_labels):
+            items = class_labels.reshape(-1).tolist()
+        if not items or len(items) > self.max_images:
+            raise ValueError(f"give 1 to {self.max_images} class labels, got {len(items)}")
+        if self.transformer.config.num_classes == 0:
+            raise ValueError("this model is unconditional: leave class_labels empty")
+        labels = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"unknown class {item!r}; choose one of {names}")
+                labels.append(names.index(item))
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                if not 0 <= item < len(names):
+                    raise ValueError(f"class index {item} is out of range 0..{len(names) - 1}")
+                labels.append(int(item))
+            else:
+                raise ValueError(f"class labels must be class names or indices, got {item!r}")
+        if len(labels) == 1:
+            labels = labels * num_images
+        elif len(labels) != num_images and num_images != 1:
+            raise ValueError(f"{len(labels)} class labels but num_images={num_images}: give one label or one per image")
+        return labels
+
+    def _sampling(self, guidance_scale, generator) -> float:
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return guidance_scale
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL image(s), uint8 arrays [H,W,C] or float tensors [B,3,H,W] in [-1,1] -> [B,3,R,R] in [-1,1].
+
+        Any size is accepted: images are resized (shorter side) and center-cropped to the model's
+        resolution; any PIL mode is converted to RGB (transparency on white)."""
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("no image given")
+        if torch.is_tensor(images):
+            x = images[None] if images.ndim == 3 else images
+            if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+                raise ValueError(f"image tensors must be float [B,3,H,W] in [-1,1], got {tuple(x.shape)} {x.dtype}")
+            if x.shape[-2:] != (self.resolution, self.resolution):
+                x = F.interpolate(x.float(), size=(self.resolution,) * 2, mode="bicubic", antialias=True,
+                                  align_corners=False)
+            return x.clamp(-1, 1).to(self.device)
+        transform = image_transform(self.resolution)
+        out = []
+        for item in items:
+            if isinstance(item, np.ndarray):
+                if item.dtype != np.uint8 or item.ndim not in (2, 3):
+                    raise ValueError(f"image arrays must be uint8 [H,W] or [H,W,C], got {item.dtype} {item.shape}")
+                item = Image.fromarray(item)
+            if not isinstance(item, Image.Image):
+                raise ValueError(f"expected a PIL image, a uint8 array or a tensor, got {type(item).__name__}")
+            if item.width * item.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image is too large ({item.width}x{item.height}); the limit is "
+                                 f"{MAX_IMAGE_PIXELS:,} pixels")
+            if min(item.size) < 1:
+                raise ValueError("image is empty")
+            out.append(transform(to_rgb(item)))
+        return torch.stack(out).to(self.device)
+
+    def _output(self, images: torch.Tensor, output_type: str):
+        if output_type == "pil":
+            return to_pil(images)
+        x = (images.float().clamp(-1, 1) * 0.5 + 0.5).cpu()
+        return x if output_type == "pt" else x.numpy()
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, class_labels=None, num_images: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
+        """Sample `num_images` images (guidance_scale None = the pipeline's default, 1 = off)."""
+        *_, final = self._run(class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator,
+                              output_type, previews=False)
+        return final
+
+    def stream(self, class_labels=None, num_images: int = 1, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, guidance_scale: float | None = None,
+               generator: torch.Generator | None = None, output_type: str = "pil", every: int | None = None):
+        """Like __call__, but yields a preview after every `every` positions (default: every code row):
+        sampled positions decoded, the rest grey. The last item is the final output (done == 1)."""
+        yield from self._run(class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator,
+                             output_type, previews=True, every=every)
+
+    def _run(self, class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator, output_type,
+             previews: bool, every: int | None = None, prefix=None):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        labels = self._labels(class_labels, num_images)
+        guidance_scale = self._sampling(guidance_scale, generator)
+        if labels is None or self.transformer.config.num_classes == 0:
+            guidance_scale = 1.0  # nothing to guide towards
+        h, w, _ = self.rqvae.code_shape
+        every = every or w
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        kwargs = dict(class_labels=labels, num_samples=num_images if labels is None else len(labels),
+                      temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                      generator=generator, prefix=prefix)
+        if not previews:
+            codes = self.transformer.generate(**kwargs)
+        else:
+            codes = None
+            for step, partial in self._sample_in_thread(kwargs, every):
+                if step is None:
+                    codes = partial
+                    break
+                yield self._preview(partial, step, labels, output_type)
+        with torch.inference_mode():
+            images = self.rqvae.decode(codes)
+        yield RQPipelineOutput(self._output(images, output_type), codes.cpu(), labels)
+
+    def _sample_in_thread(self, kwargs, every: int):
+        """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes)."""
+        h, w, _ = self.rqvae.code_shape
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def callback(step, codes):
+            if stop.is_set():
+                raise _Cancelled  # the consumer went away: stop sampling early
+            if step % every == 0 and step < h * w:
+                q.put((step, codes))
+
+        def work():
+            try:
+                q.put((None, self.transformer.generate(**kwargs, callback=callback)))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+                q.put((e, None))
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while True:
+                step, item = q.get()
+                if isinstance(step, BaseException):
+                    raise step
+                yield step, item
+                if step is None:
+                    return
+        finally:
+            stop.set()
+            thread.join()
+
+    @torch.inference_mode()
+    def _preview(self, codes: torch.Tensor, step: int, labels, output_type) -> RQPipelineOutput:
+        """Decode the sampled positions; positions not sampled yet are shown grey."""
+        f = self.rqvae.config.downsample
+        known = (codes >= 0).all(-1)  # [B,h,w]
+        images = self.rqvae.decode(codes.clamp(min=0))
+        mask = repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f)
+        images = torch.where(mask, images, torch.zeros_like(images))  # 0 = mid grey in [-1,1]
+        h, w, _ = self.rqvae.code_shape
+        return RQPipelineOutput(self._output(images, output_type), codes.cpu(), labels, done=step / (h * w))
+
+    # ---- reconstruction and completion --------------------------------------------------------
+
+    @torch.inference_mode()
+    def reconstruct(self, images, depth: int | None = None, output_type: str = "pil"):
+        """Encode and decode `images` using the first `depth` codes (None = all D)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        D = self.rqvae.config.code_depth
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= D):
+            raise ValueError(f"depth must be a whole number from 1 to {D}, got {depth!r}")
+        x = self.preprocess(images)
+        return self._output(self.rqvae.decode(self.rqvae.encode(x), depth=depth), output_type)
+
+    @torch.inference_mode()
+    def reconstruct_all_depths(self, image) -> Reconstruction:
+        """One image -> its reconstructions at depth 1..D with PSNR (dB) of each against the input."""
+        x = self.preprocess(image)[:1]
+        codes = self.rqvae.encode(x)
+        D = self.rqvae.config.code_depth
+        outs = torch.cat([self.rqvae.decode(codes, depth=k) for k in range(1, D + 1)])  # [D,3,H,W]
+        mse = ((outs.float() - x.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr = (10 * torch.log10(4.0 / mse)).tolist()
+        return Reconstruction(to_pil(outs), psnr, codes[0].cpu(), to_pil(x)[0])
+
+    def mask_to_keep(self, mask) -> torch.Tensor:
+        """Pixel mask (white = regenerate) -> keep-mask over code positions [h,w] (True = keep)."""
+        if torch.is_tensor(mask):
+            mask = mask.detach().cpu().float().numpy()
+            mask = (mask * 255 if mask.max() <= 1 else mask).astype(np.uint8)
+        if isinstance(mask, np.ndarray):
+            if mask.ndim == 3:
+                mask = mask.max(-1) if mask.shape[-1] in (1, 3, 4) else mask[0]
+            if mask.ndim != 2:
+                raise ValueError(f"mask must be a single-channel image [H,W], got shape {mask.shape}")
+            mask = Image.fromarray(mask.astype(np.uint8))
+        if not isinstance(mask, Image.Image):
+            raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
+        if mask.mode in ("RGBA", "LA"):  # painted strokes on a transparent layer
+            mask = mask.getchannel("A")
+        grey = image_transform(self.resolution)(to_rgb(mask).convert("L").convert("RGB"))[:1]  # [1,R,R] in [-1,1]
+        f = self.rqvae.config.downsample
+        touched = F.max_pool2d((grey > 0).float()[None], f)[0, 0] > 0  # [h,w]: any white pixel in the patch
+        if not touched.any():
+            raise ValueError("the mask is empty: paint (white) the region to regenerate")
+        return ~touched
+
+    @torch.inference_mode()
+    def complete(self, image, mask, class_label=None, num_images: int = 1, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
+        """Regenerate the code positions under the white part of `mask`, keeping the others' codes."""
+        x = self.preprocess(image)[:1]
+        keep = self.mask_to_keep(mask).to(self.device)  # [h,w]
+        codes = self.rqvae.encode(x)  # [1,h,w,D]
+        prefix = (codes, keep[None])
+        *_, final = self._run(class_label, num_images, temperature, top_k, top_p, guidance_scale, generator,
+                              output_type, previews=False, prefix=prefix)
+        return final
+
+

@@ -1,0 +1,198 @@
+"""Train the RQ-Transformer (stage 2) on the codes of a trained RQ-VAE.
+
+    python -m rqtransformer.train --rqvae runs/rqvae --data_dir data/emoji/train --output_dir runs/rqtransformer
+
+Classes come from the ImageFolder sub-folder names and are saved with the model. The data set is
+encoded once with the frozen RQ-VAE and cached in --output_dir, keyed by the RQ-VAE weights and the
+image files, so re-runs and resumes skip it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from rqvae import RQVAE
+from rqvae import training
+from rqvae.data import image_folder
+from rqvae.pretrained import WEIGHTS_NAME, config_from_arg
+
+from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rqvae", required=True, help="folder of a trained RQ-VAE (rqvae.train's --output_dir)")
+    p.add_argument("--config", default="emoji-64", help=f"preset {sorted(PRESETS)} or a config .json")
+    p.add_argument("--validation_dir", default=None, help="held-out ImageFolder: test loss per depth")
+    p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
+    p.add_argument("--sample_guidance_scale", type=float, default=3.0)
+    p.add_argument("--samples_per_class", type=training.positive_int, default=4)
+    training.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.cfg_dropout < 1.0:
+        p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
+    if args.sample_guidance_scale < 0:
+        p.error("--sample_guidance_scale must be >= 0")
+    return args
+
+
+def cache_key(vae_dir: Path, dataset, hflip: bool) -> str:
+    """Changes when the RQ-VAE weights, the image files or the flip setting change."""
+    h = hashlib.sha256()
+    for name in ("config.json", WEIGHTS_NAME):
+        h.update((vae_dir / name).read_bytes())
+    for path, label in dataset.samples:
+        st = Path(path).stat()
+        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"hflip={hflip}|classes={dataset.classes}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_dataset(vae: RQVAE, vae_dir: Path, data_dir: str, cache_dir: Path, hflip: bool, show: bool):
+    """codes [N,h,w,D] (int64), labels [N], class names — from the cache when it is current."""
+    dataset = image_folder(data_dir, vae.config.resolution)
+    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip)}.safetensors"
+    if file.is_file():
+        try:
+            data = load_file(str(file))
+            return data["codes"].long(), data["labels"].long(), dataset.classes
+        except (SafetensorError, OSError, KeyError):
+            pass  # unreadable cache: encode again
+    loader = DataLoader(dataset, batch_size=64, num_workers=0)
+    codes, labels = [], []
+    device = next(vae.parameters()).device
+    for images, y in tqdm(loader, desc=f"encoding {Path(data_dir).name}", disable=not show):
+        images = images.to(device)
+        views = [images, images.flip(-1)] if hflip else [images]
+        for view in views:
+            codes.append(vae.encode(view).cpu())
+            labels.append(y)
+    codes, labels = torch.cat(codes), torch.cat(labels)
+    if show:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        dtype = torch.int16 if vae.config.codebook_size <= 32767 else torch.int32
+        save_file({"codes": codes.to(dtype).contiguous(), "labels": labels}, str(tmp),
+                  metadata={"classes": json.dumps(dataset.classes), "data_dir": str(data_dir)})
+        tmp.replace(file)
+    return codes, labels, dataset.classes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    vae_dir = Path(args.rqvae)
+    vae = RQVAE.from_pretrained(vae_dir).requires_grad_(False)
+    accelerator = training.setup(args, "rqtransformer")
+    vae.to(accelerator.device)
+    out = Path(args.output_dir)
+    show = accelerator.is_main_process
+    with accelerator.main_process_first():
+        codes, labels, classes = encode_dataset(vae, vae_dir, args.data_dir, out, args.hflip, show)
+        val = (encode_dataset(vae, vae_dir, args.validation_dir, out, False, show)
+               if args.validation_dir else None)
+    if args.unconditional:
+        classes = []
+    config = config_from_arg(RQTransformerConfig, PRESETS, args.config, codebook_size=vae.config.codebook_size,
+                             code_shape=vae.config.code_shape, num_classes=len(classes), class_names=classes)
+    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes")
+
+    model = RQTransformer(config)
+    loader = DataLoader(TensorDataset(codes, labels), batch_size=args.train_batch_size, shuffle=True,
+                        drop_last=len(codes) >= args.train_batch_size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    decay, no_decay = [], []
+    for p in model.parameters():  # no weight decay on norms, biases and embeddings' 1-D params
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.adam_weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, betas=(0.9, 0.95))
+    scheduler = training.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    raw = accelerator.unwrap_model(model)
+    ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    start = training.resume(accelerator, args)
+    null = raw.null_class
+
+    def train_step(batch, step):
+        stacks, y = batch
+        if not classes:
+            y = torch.full_like(y, null)
+        elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
+            y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
+        loss, acc = code_loss(model(stacks, y), stacks)
+        training.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
+        logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
+        logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
+        return logs
+
+    @torch.no_grad()
+    def validation_loss():
+        """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
+        v_codes, v_labels, _ = val
+        if not classes:
+            v_labels = torch.full_like(v_labels, null)
+        D = config.code_shape[2]
+        total = torch.zeros(D)
+        for i in range(0, len(v_codes), 64):
+            c = v_codes[i:i + 64].to(accelerator.device)
+            logits = raw(c, v_labels[i:i + 64].to(accelerator.device))  # [B, h, w, D, K]
+            ce = F.cross_entropy(logits.flatten(0, -2), c.flatten(), reduction="none").view(c.shape)
+            total += ce.sum((0, 1, 2)).cpu()
+        per_depth = total / (len(v_codes) * config.code_shape[0] * config.code_shape[1])
+        out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
+        out["val/loss"] = float(per_depth.mean())
+        out["val/perplexity"] = float(per_depth.mean().exp())
+        return out
+
+    def evaluate(step):
+        if not accelerator.is_main_process:
+            return
+        context = ema.swapped(raw) if ema is not None else torch.no_grad()
+        with context:
+            raw.eval()
+            metrics = validation_loss() if val is not None else {}
+            wanted = list(range(len(classes))) if classes else [None]
+            rows = []
+            for label in wanted:
+                g = torch.Generator(accelerator.device).manual_seed(args.seed)
+                sample = raw.generate(class_labels=label, num_samples=args.samples_per_class, generator=g,
+                                      guidance_scale=args.sample_guidance_scale if classes else 1.0)
+                rows.append(vae.decode(sample))
+            raw.train()
+        grid = out / "samples"
+        grid.mkdir(exist_ok=True)
+        save_image(torch.cat(rows) * 0.5 + 0.5, grid / f"samples-{step:07d}.png", nrow=args.samples_per_class)
+        if metrics:
+            accelerator.log(metrics, step=step)
+            accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+    step = training.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
+                               ema=ema, ema_model=model, evaluate=evaluate)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        context = ema.swapped(raw) if ema is not None else torch.no_grad()
+        with context:
+            raw.eval()
+            raw.save_pretrained(out)
+            summary = {"step": step, **(validation_loss() if val is not None else {})}
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.print(json.dumps(summary))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    training.run_cli(main)

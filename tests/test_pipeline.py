@@ -1,0 +1,205 @@
+"""RQPipeline: generation, streaming, reconstruction, completion, save/load and input checks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import RQPipeline
+from rqtransformer import RQTransformer, RQTransformerConfig
+from rqvae import PRESETS, RQVAE, RQVAEConfig
+from rqvae.data import image_folder
+
+CLASSES = ["circles", "squares", "stars"]
+
+
+def tiny_pipeline(seed=0, code_depth=2) -> RQPipeline:
+    torch.manual_seed(seed)
+    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "resolution": 32, "code_depth": code_depth}))
+    vae.train()
+    vae(torch.rand(8, 3, 32, 32) * 2 - 1)  # k-means init of the codebook
+    tf = RQTransformer(RQTransformerConfig(codebook_size=32, code_shape=(4, 4, code_depth), dim=32, heads=2,
+                                           spatial_layers=2, depth_layers=1, num_classes=3, dropout=0.0,
+                                           class_names=CLASSES))
+    return RQPipeline(vae, tf, max_images=6)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_generate_outputs(pipe):
+    out = pipe("squares", num_images=3, generator=gen(0))
+    assert len(out.images) == 3 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in out.images)
+    assert out.codes.shape == (3, 4, 4, 2) and out.class_labels == [1, 1, 1]
+    pt = pipe(["circles", 2], num_images=2, generator=gen(0), output_type="pt").images
+    assert pt.shape == (2, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
+    arr = pipe(0, generator=gen(0), output_type="np").images
+    assert isinstance(arr, np.ndarray) and arr.shape == (1, 3, 32, 32)
+
+
+def test_same_seed_same_images_and_names_equal_indices(pipe):
+    a = pipe("stars", num_images=2, generator=gen(5), guidance_scale=2.0, top_k=10)
+    b = pipe(2, num_images=2, generator=gen(5), guidance_scale=2.0, top_k=10)
+    assert torch.equal(a.codes, b.codes)
+    assert [np.asarray(i).tolist() for i in a.images] == [np.asarray(i).tolist() for i in b.images]
+    c = pipe(2, num_images=2, generator=gen(6), guidance_scale=2.0, top_k=10)
+    assert not torch.equal(a.codes, c.codes)
+
+
+def test_save_load_round_trip_reproduces_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"rqvae", "rqtransformer", "pipeline.json"}
+    loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu")
+    assert loaded.class_names == CLASSES and loaded.max_images == 6
+    a = pipe("circles", num_images=2, generator=gen(1), output_type="pt")
+    b = loaded("circles", num_images=2, generator=gen(1), output_type="pt")
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(a.images, b.images)
+
+
+def test_stream_yields_previews_then_the_same_final_images(pipe):
+    items = list(pipe.stream("squares", num_images=2, generator=gen(3), guidance_scale=1.5, output_type="pt"))
+    final = pipe("squares", num_images=2, generator=gen(3), guidance_scale=1.5, output_type="pt")
+    previews, last = items[:-1], items[-1]
+    assert len(previews) == 3  # after rows 1, 2, 3 of a 4x4 grid; the 4th row is the final image
+    assert [p.done for p in previews] == [0.25, 0.5, 0.75] and last.done == 1.0
+    assert torch.equal(last.codes, final.codes)
+    torch.testing.assert_close(last.images, final.images)
+    # first preview: top row decoded, rows below grey (0.5)
+    first = previews[0]
+    assert (first.codes[:, 1:] == -1).all() and (first.codes[:, 0] >= 0).all()
+    assert torch.all(first.images[:, :, 8:] == 0.5)
+    # the sampled rows of a preview are those of the final stack
+    assert torch.equal(previews[1].codes[:, :2], final.codes[:, :2])
+
+
+def test_stream_can_be_abandoned(pipe):
+    stream = pipe.stream("squares", num_images=1, generator=gen(0))
+    first = next(stream)
+    assert first.done < 1
+    stream.close()  # stops the sampling thread without hanging
+
+
+def test_reconstruction_error_falls_with_depth(image_dir):
+    torch.manual_seed(0)
+    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "code_depth": 3, "codebook_size": 16}))
+    ds = image_folder(image_dir, 16)
+    images = torch.stack([ds[i][0] for i in range(0, len(ds), 2)])
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    for _ in range(40):
+        recon, terms = vae(images)
+        loss = (recon - images).abs().mean() + terms["commitment"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tf = RQTransformer(RQTransformerConfig(codebook_size=16, code_shape=(2, 2, 3), dim=16, heads=2, spatial_layers=1,
+                                           depth_layers=1, num_classes=0, dropout=0.0))
+    p = RQPipeline(vae, tf)
+    pil = Image.open(sorted(image_dir.rglob("*.png"))[0])  # RGBA, 20x20: converted and resized
+    rec = p.reconstruct_all_depths(pil)
+    assert len(rec.images) == 3 and rec.codes.shape == (2, 2, 3)
+    assert rec.psnr[0] < rec.psnr[1] < rec.psnr[2], rec.psnr
+    assert p.reconstruct(pil, depth=1)[0].size == (16, 16)
+    with pytest.raises(ValueError, match="depth must be"):
+        p.reconstruct(pil, depth=4)
+    # unconditional models generate without labels and refuse them
+    assert len(p(num_images=2, generator=gen(0)).images) == 2
+    with pytest.raises(ValueError, match="unconditional"):
+        p("circles")
+
+
+def test_complete_keeps_unmasked_codes_exactly(pipe):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    mask = np.zeros((40, 40), np.uint8)
+    mask[:10, :10] = 255  # top-left quarter of the (resized) image -> code position (0, 0) only
+    out = pipe.complete(image, Image.fromarray(mask), class_label="stars", num_images=2, generator=gen(0))
+    original = pipe.rqvae.encode(pipe.preprocess(image))  # [1,4,4,2]
+    keep = pipe.mask_to_keep(Image.fromarray(mask))
+    assert keep.sum() == 15 and not keep[0, 0]
+    assert torch.equal(out.codes[:, keep], original[:, keep].cpu().expand(2, -1, -1))
+    assert len(out.images) == 2
+
+
+def test_mask_maps_any_touched_position(pipe):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[7, 8] = 255  # one pixel straddling positions (0,1)
+    keep = pipe.mask_to_keep(mask)
+    assert (~keep).sum() == 1 and not keep[0, 1]
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (24, 24, 32, 32))  # a brush stroke on a transparent layer
+    assert not pipe.mask_to_keep(rgba)[3, 3] and pipe.mask_to_keep(rgba).sum() == 15
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(class_labels="dogs"), "unknown class"),
+    (dict(class_labels=7), "out of range"),
+    (dict(class_labels=1.5), "class names or indices"),
+    (dict(num_images=0), "num_images must be"),
+    (dict(num_images=7), "num_images must be"),
+    (dict(num_images=2.0), "num_images must be"),
+    (dict(class_labels=[0, 1, 2], num_images=2), "one per image"),
+    (dict(temperature=0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=33), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(class_labels=0, guidance_scale=-1), "guidance_scale"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(generator=42), "torch.Generator"),
+])
+def test_bad_generation_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+@pytest.mark.parametrize("image, message", [
+    ([], "no image"),
+    ("not an image", "PIL image"),
+    (np.zeros((4, 4), np.float32), "uint8"),
+    (torch.zeros(1, 4, 32, 32), "float"),
+])
+def test_bad_images(pipe, image, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.reconstruct(image)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "CMYK", "RGBA", "LA", "1"])
+def test_any_image_mode_is_converted(pipe, mode):
+    image = Image.new("RGB", (50, 30), (200, 30, 30)).convert(mode)
+    assert pipe.reconstruct(image)[0].mode == "RGB"
+
+
+def test_empty_or_malformed_mask(pipe):
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="mask is empty"):
+        pipe.complete(image, Image.new("L", (32, 32), 0))
+    with pytest.raises(ValueError, match="single-channel"):
+        pipe.complete(image, np.zeros((2, 3, 32, 32), np.uint8))
+    # a mask of another size is resized; all white regenerates everything
+    out = pipe.complete(image, Image.new("L", (64, 64), 255), generator=gen(0))
+    assert out.codes.shape == (1, 4, 4, 2)
+
+
+def test_mismatched_models_and_bad_folders(tmp_path, pipe):
+    other = RQTransformer(RQTransformerConfig(codebook_size=64, code_shape=(4, 4, 2), dim=32, heads=2,
+                                              spatial_layers=1, depth_layers=1, num_classes=0, dropout=0.0))
+    with pytest.raises(ValueError, match="expects codes"):
+        RQPipeline(pipe.rqvae, other)
+    with pytest.raises(ValueError, match="does not exist"):
+        RQPipeline.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no rqvae/"):
+        RQPipeline.from_pretrained(tmp_path / "empty")
+    pipe.save_pretrained(tmp_path / "p")
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps({"evil": 1}))
+    with pytest.raises(ValueError, match="unexpected"):
+        RQPipeline.from_pretrained(tmp_path / "p")

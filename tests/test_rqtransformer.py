@@ -1,0 +1,355 @@
+"""RQ-Transformer: causality, KV-cached vs recomputed sampling, CFG, prefixes, overfitting, save/load."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rqtransformer import RQTransformer, RQTransformerConfig
+
+K, SHAPE, CLASSES = 16, (3, 3, 3), 3
+
+
+def make_config(**overrides) -> RQTransformerConfig:
+    args = dict(codebook_size=K, code_shape=SHAPE, dim=32, heads=2, spatial_layers=2, depth_layers=2,
+                num_classes=CLASSES, dropout=0.0)
+    args.update(overrides)
+    return RQTransformerConfig(**args)
+
+
+def make_model(seed: int = 0, **overrides) -> RQTransformer:
+    """A random model with spread-out logits, so sampling decisions are not near-uniform coin flips."""
+    torch.manual_seed(seed)
+    model = RQTransformer(make_config(**overrides))
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+        model.class_emb.weight.mul_(40)
+        model.code_emb.weight.mul_(20)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead and contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def gen(seed: int):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_codes(batch=2, seed=0):
+    return torch.randint(0, K, (batch, *SHAPE), generator=gen(seed))
+
+
+# ---- config and teacher forcing -------------------------------------------------------------------
+
+def test_config_minimal_and_list_code_shape():
+    c = RQTransformerConfig(codebook_size=8, code_shape=[2, 2, 2], dim=16, heads=2, spatial_layers=1,
+                            depth_layers=1, num_classes=0, dropout=0.0)
+    assert c.code_shape == (2, 2, 2) and c.class_names == []
+    logits = RQTransformer(c)(torch.zeros(1, 2, 2, 2, dtype=torch.long))
+    assert logits.shape == (1, 2, 2, 2, 8)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(codebook_size=0), "codebook_size"),
+    (dict(code_shape=(2, 2)), "code_shape"),
+    (dict(code_shape=(2, 0, 2)), "code_shape"),
+    (dict(dim=30, heads=4), "divisible"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
+    (dict(num_classes=-1), "num_classes"),
+    (dict(spatial_layers=0), "spatial_layers"),
+    (dict(class_names=["a", "b"]), "class_names"),
+])
+def test_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(**overrides)
+
+
+def test_forward_shape_and_loss(model):
+    codes = random_codes()
+    logits = model(codes, torch.tensor([0, 2]))
+    assert logits.shape == (2, *SHAPE, K)
+    loss, acc = model.loss(codes, torch.tensor([0, 2]))
+    assert loss.ndim == 0 and torch.isfinite(loss) and acc.shape == (SHAPE[2],)
+    assert model.null_class == CLASSES
+    # labels None == null class; a real class changes the logits
+    torch.testing.assert_close(model(codes), model(codes, torch.full((2,), CLASSES)))
+    assert not torch.allclose(model(codes), model(codes, torch.tensor([0, 0])))
+
+
+@pytest.mark.parametrize("t", [0, 3, 7])
+def test_spatial_causality(model, t):
+    h, w, D = SHAPE
+    codes = random_codes()
+    changed = codes.clone().view(2, h * w, D)
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1) % K  # every code after position t
+    changed = changed.view_as(codes)
+    a = model(codes, torch.tensor([1, 2])).view(2, h * w, D, K)
+    b = model(changed, torch.tensor([1, 2])).view(2, h * w, D, K)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, t + 1], b[:, t + 1], atol=1e-3)  # the next position does see them
+
+
+@pytest.mark.parametrize("d", [0, 1])
+def test_depth_causality(model, d):
+    codes = random_codes()
+    changed = codes.clone()
+    changed[:, 1, 1, d + 1:] = (changed[:, 1, 1, d + 1:] + 5) % K  # position (1, 1), depths after d
+    a, b = model(codes, torch.tensor([0, 1])), model(changed, torch.tensor([0, 1]))
+    # logits of depth d+1 see codes up to depth d only
+    torch.testing.assert_close(a[:, 1, 1, : d + 2], b[:, 1, 1, : d + 2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a[:, :1], b[:, :1], rtol=0, atol=1e-5)  # earlier rows
+    torch.testing.assert_close(a[:, 1, :1], b[:, 1, :1], rtol=0, atol=1e-5)  # earlier position in the row
+    if d + 2 < SHAPE[2]:
+        assert not torch.allclose(a[:, 1, 1, d + 2], b[:, 1, 1, d + 2], atol=1e-3)
+    assert not torch.allclose(a[:, 1, 2], b[:, 1, 2], atol=1e-3)  # the next position sees the whole stack
+
+
+def test_cached_steps_match_teacher_forcing(model):
+    h, w, D = SHAPE
+    codes = random_codes().view(2, h * w, D)
+    labels = torch.tensor([2, 0])
+    with torch.no_grad():
+        full = model.spatial_forward(codes, labels)  # [2, h*w, dim]
+        cache = model.new_cache(2)
+        x = model.start_tokens(labels)
+        for t in range(h * w):
+            torch.testing.assert_close(model.spatial_step(x, t, cache), full[:, t], rtol=0, atol=1e-5)
+            if t + 1 < h * w:
+                x = model.code_emb(codes[:, t]).sum(1) + model.spatial_pos[t + 1]
+        depth_full = model.depth_forward(full[:, 4], codes[:, 4])  # [2, D, K]
+        cache = model.new_cache(2, depth=True)
+        y = full[:, 4] + model.depth_pos[0]
+        for d in range(D):
+            torch.testing.assert_close(model.depth_step(y, d, cache), depth_full[:, d], rtol=0, atol=1e-4)
+            if d + 1 < D:
+                y = model.code_emb(codes[:, 4, d]) + model.depth_pos[d + 1]
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+PREFIX = torch.randint(0, K, (2, 4, SHAPE[2]), generator=gen(7))
+KEEP_CODES = torch.randint(0, K, (2, *SHAPE), generator=gen(8))
+KEEP_MASK = torch.rand(2, *SHAPE[:2], generator=gen(9)) < 0.5
+
+SAMPLING_CASES = {
+    "plain": {},
+    "cfg": dict(guidance_scale=3.0),
+    "cfg0": dict(guidance_scale=0.0),
+    "top_k": dict(top_k=4),
+    "top_p": dict(top_p=0.7),
+    "temperature": dict(temperature=0.6),
+    "all": dict(guidance_scale=2.0, top_k=6, top_p=0.9, temperature=1.3),
+    "prefix": dict(prefix=PREFIX),
+    "prefix_cfg": dict(prefix=PREFIX, guidance_scale=2.5, top_p=0.9),
+    "keep_mask": dict(prefix=(KEEP_CODES, KEEP_MASK)),
+    "keep_mask_cfg": dict(prefix=(KEEP_CODES, KEEP_MASK), guidance_scale=2.0, top_k=5),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_equals_uncached(model, case, seed):
+    kwargs = SAMPLING_CASES[case]
+    cached = model.generate(class_labels=[0, 2], generator=gen(seed), **kwargs)
+    uncached = model.generate(class_labels=[0, 2], generator=gen(seed), use_cache=False, **kwargs)
+    assert cached.shape == (2, *SHAPE) and cached.dtype == torch.long
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_equals_uncached_unconditional():
+    model = make_model(seed=3, num_classes=0)
+    kwargs = dict(num_samples=3, top_p=0.95, temperature=0.9)
+    cached = model.generate(generator=gen(5), **kwargs)
+    assert cached.shape == (3, *SHAPE)
+    assert torch.equal(cached, model.generate(generator=gen(5), use_cache=False, **kwargs))
+
+
+def test_determinism(model):
+    a = model.generate(class_labels=[1, 1, 2], generator=gen(11))
+    b = model.generate(class_labels=[1, 1, 2], generator=gen(11))
+    c = model.generate(class_labels=[1, 1, 2], generator=gen(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert ((0 <= a) & (a < K)).all()
+
+
+def test_guidance_one_is_plain_conditional(model):
+    labels = [0, 1, 2]
+    plain = model.generate(class_labels=labels, generator=gen(3))
+    # a scale that rounds to 1.0 in float32 still takes the 2B-row CFG path: the conditional half
+    # must give the same codes as the plain B-row path
+    cfg = model.generate(class_labels=labels, guidance_scale=1.00000001, generator=gen(3))
+    assert torch.equal(plain, cfg)
+    # scale 0 = the null-class half alone = unconditional sampling
+    uncond = model.generate(num_samples=3, generator=gen(3))
+    assert torch.equal(uncond, model.generate(class_labels=labels, guidance_scale=0.0, generator=gen(3)))
+    assert not torch.equal(plain, model.generate(class_labels=labels, guidance_scale=4.0, generator=gen(3)))
+
+
+def test_prefix_and_keep_mask_are_respected(model):
+    out = model.generate(class_labels=1, num_samples=2, prefix=PREFIX, generator=gen(0))
+    assert torch.equal(out.view(2, -1, SHAPE[2])[:, :4], PREFIX)
+    single = model.generate(prefix=PREFIX[0], generator=gen(0))  # [k, D], batch 1
+    assert single.shape == (1, *SHAPE) and torch.equal(single.view(-1, SHAPE[2])[:4], PREFIX[0])
+    out = model.generate(class_labels=[0, 2], prefix=(KEEP_CODES, KEEP_MASK), generator=gen(0))
+    assert torch.equal(out[KEEP_MASK], KEEP_CODES[KEEP_MASK])
+    assert not torch.equal(out[~KEEP_MASK], KEEP_CODES[~KEEP_MASK])
+    # a batch-1 prefix is broadcast to the requested batch
+    out = model.generate(num_samples=3, prefix=(KEEP_CODES[0], KEEP_MASK[0]), generator=gen(0))
+    assert out.shape == (3, *SHAPE) and (out[:, KEEP_MASK[0]] == KEEP_CODES[0][KEEP_MASK[0]]).all()
+
+
+def test_callback_streams_codes(model):
+    h, w, D = SHAPE
+    seen = []
+    out = model.generate(class_labels=[0, 1], prefix=(KEEP_CODES, KEEP_MASK), generator=gen(2),
+                         callback=lambda step, codes: seen.append((step, codes)))
+    assert [s for s, _ in seen] == list(range(1, h * w + 1))
+    for step, codes in seen:
+        assert codes.shape == (2, h, w, D)
+        flat, ref = codes.view(2, h * w, D), out.view(2, h * w, D)
+        assert torch.equal(flat[:, :step], ref[:, :step])
+        later = flat[:, step:]
+        forced_later = KEEP_MASK.view(2, h * w)[:, step:]
+        assert (later[~forced_later] == -1).all()  # not generated yet
+        assert torch.equal(later[forced_later], ref[:, step:][forced_later])  # forced: known from the start
+    assert torch.equal(seen[-1][1], out)
+
+
+def test_batch_resolution_and_mode_restored():
+    model = make_model(seed=1, dropout=0.2, class_names=["a", "b", "c"])
+    model.train()
+    assert model.generate(class_labels=2, num_samples=4).shape == (4, *SHAPE)
+    assert model.generate(class_labels=torch.tensor([0, 1])).shape == (2, *SHAPE)
+    assert model.generate().shape == (1, *SHAPE)
+    assert model.generate(prefix=PREFIX).shape == (2, *SHAPE)
+    assert model.training  # previous mode restored
+    # sampling runs in eval mode: dropout off, so cached == uncached even for a model left in train mode
+    a = model.generate(class_labels=["c", "a"], generator=gen(4))
+    assert torch.equal(a, model.generate(class_labels=[2, 0], generator=gen(4), use_cache=False))
+
+
+# ---- training, save/load -------------------------------------------------------------------------
+
+def test_overfits_tiny_code_set():
+    torch.manual_seed(0)
+    model = RQTransformer(make_config(dim=48, heads=4))
+    stacks = torch.randint(0, K, (CLASSES, *SHAPE), generator=gen(42))  # one memorised stack per class
+    labels = torch.arange(CLASSES)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    first = None
+    for _ in range(250):
+        loss, acc = model.loss(stacks, labels)
+        first = first if first is not None else loss.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert first > 2.0 and loss.item() < 0.05, (first, loss.item())
+    assert torch.equal(acc, torch.ones(SHAPE[2]))
+    for c in range(CLASSES):
+        greedy = model.generate(class_labels=c, top_k=1, generator=gen(c))
+        assert torch.equal(greedy[0], stacks[c]), c
+    assert model.training
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model(seed=2, class_names=["cats", "dogs", "owls"])
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["class_names"] == ["cats", "dogs", "owls"]
+    loaded = RQTransformer.from_pretrained(tmp_path)
+    assert loaded.config == model.config and not loaded.training
+    codes, labels = random_codes(), torch.tensor([2, 0])
+    assert torch.equal(model(codes, labels), loaded(codes, labels))
+    assert torch.equal(model.generate(class_labels=[1, 2], generator=gen(0)),
+                       loaded.generate(class_labels=[1, 2], generator=gen(0)))
+
+
+@pytest.mark.parametrize("tamper, match", [
+    ("missing", "missing tensor"),
+    ("extra", "unexpected tensor"),
+    ("shape", "shape"),
+])
+def test_strict_loading_rejects_tampered_file(tmp_path, tamper, match):
+    make_model().save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(str(file))
+    if tamper == "missing":
+        del tensors["head.weight"]
+    elif tamper == "extra":
+        tensors["head.extra"] = torch.zeros(3)
+    else:
+        tensors["depth_pos"] = torch.zeros(SHAPE[2] + 1, 32)
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=match):
+        RQTransformer.from_pretrained(tmp_path)
+
+
+# ---- bad arguments --------------------------------------------------------------------------------
+
+BAD_GENERATE = [
+    (dict(class_labels=3), "out of range"),
+    (dict(class_labels=[0, -1]), "out of range"),
+    (dict(class_labels="zebra"), "unknown class name"),
+    (dict(class_labels=[0.5]), "integers"),
+    (dict(class_labels=[]), "empty"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(num_samples=1.5), "num_samples"),
+    (dict(class_labels=[0, 1], num_samples=3), "does not match"),
+    (dict(temperature=0), "temperature"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=K + 1), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(guidance_scale=-0.5), "guidance_scale"),
+    (dict(callback=3), "callback"),
+    (dict(prefix=torch.zeros(2, 3, SHAPE[2] + 1, dtype=torch.long)), "prefix codes must have shape"),
+    (dict(prefix=torch.zeros(2, 10, SHAPE[2], dtype=torch.long)), "prefix codes must have shape"),
+    (dict(prefix=torch.zeros(2, 3, SHAPE[2])), "integer tensor"),
+    (dict(prefix=torch.full((1, 2, SHAPE[2]), K)), r"prefix code values must be in \[0, 16\)"),
+    (dict(prefix=torch.zeros(3, 2, SHAPE[2], dtype=torch.long), num_samples=2), "prefix has batch 3"),
+    (dict(prefix=(KEEP_CODES, KEEP_MASK[:, :2])), "keep_mask must have shape"),
+    (dict(prefix=(KEEP_CODES, KEEP_MASK.long())), "keep_mask must be a bool"),
+    (dict(prefix=(KEEP_CODES, KEEP_MASK, KEEP_MASK)), "tuple"),
+    (dict(prefix=(KEEP_CODES - 1, torch.ones_like(KEEP_MASK))), "prefix code values"),
+    (dict(prefix=[[0, 0, 0]]), "prefix must be"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_GENERATE)
+def test_generate_rejects_bad_arguments(model, kwargs, match):
+    model_ = make_model(class_names=["a", "b", "c"]) if "zebra" in str(kwargs) else model
+    with pytest.raises(ValueError, match=match):
+        model_.generate(**kwargs)
+
+
+def test_unconditional_model_rejects_labels():
+    with pytest.raises(ValueError, match="unconditional"):
+        make_model(num_classes=0).generate(class_labels=0)
+
+
+@pytest.mark.parametrize("codes, labels, match", [
+    (torch.zeros(2, 3, 3, dtype=torch.long), None, "shape"),
+    (torch.zeros(2, 3, 3, 2, dtype=torch.long), None, "shape"),
+    (torch.zeros(2, *SHAPE), None, "integer"),
+    (torch.full((2, *SHAPE), K), None, "code values"),
+    (torch.full((2, *SHAPE), -1), None, "code values"),
+    (torch.zeros(2, *SHAPE, dtype=torch.long), torch.tensor([0, CLASSES + 1]), "class_labels must be in"),
+    (torch.zeros(2, *SHAPE, dtype=torch.long), torch.tensor([0]), "class_labels must be"),
+])
+def test_forward_rejects_bad_inputs(model, codes, labels, match):
+    with pytest.raises(ValueError, match=match):
+        model(codes, labels)

@@ -1,0 +1,89 @@
+"""Stage-2 training CLI: code caching, class names, checkpoints/resume, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rqtransformer import RQTransformer
+from rqtransformer.train import main
+from rqvae import PRESETS, RQVAE, RQVAEConfig
+from rqvae.training import list_checkpoints, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--config", "tiny", "--train_batch_size", "8", "--lr_warmup_steps", "2", "--report_to", "none",
+        "--samples_per_class", "2", "--validation_steps", "100"]
+
+
+@pytest.fixture
+def vae_dir(tmp_path):
+    torch.manual_seed(0)
+    vae = RQVAE(RQVAEConfig(**PRESETS["tiny"]))
+    vae(torch.rand(8, 3, 16, 16) * 2 - 1)  # k-means init
+    vae.eval().save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+def test_train_resume_and_code_cache(vae_dir, image_dir, tmp_path):
+    out = tmp_path / "tf"
+    common = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(image_dir),
+              "--output_dir", str(out), *FAST, "--checkpointing_steps", "2", "--hflip"]
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "rqtransformer.train", *common, *extra], cwd=ROOT,
+                                        capture_output=True, text=True, timeout=300)
+    first = run("--max_train_steps", "2", "--validation_steps", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    caches = sorted(out.glob("codes-*.safetensors"))
+    assert len(caches) == 2  # train (with flips) and validation
+    assert "32 code stacks" in first.stdout  # 16 images + their flips
+    assert (out / "samples" / "samples-0000002.png").is_file()
+    stamp = [c.stat().st_mtime_ns for c in caches]
+
+    second = run("--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "at step 2" in second.stdout and "encoding" not in second.stderr  # cache reused
+    assert [c.stat().st_mtime_ns for c in sorted(out.glob("codes-*.safetensors"))] == stamp
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    model = RQTransformer.from_pretrained(out)
+    assert model.config.class_names == ["circles", "squares"] and model.config.code_shape == (2, 2, 2)
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["step"] == 4 and {"val/loss_depth1", "val/loss_depth2", "val/perplexity"} <= set(summary)
+
+
+def test_resume_is_exact(vae_dir, image_dir, tmp_path):
+    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST, "--checkpointing_steps", "2"]
+    main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "4"])
+    main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "2"])
+    main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    a, b = (RQTransformer.from_pretrained(tmp_path / n).state_dict() for n in "ab")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_unconditional(vae_dir, image_dir, tmp_path):
+    main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "u"), *FAST,
+          "--max_train_steps", "1", "--unconditional"])
+    assert RQTransformer.from_pretrained(tmp_path / "u").config.num_classes == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rqvae", "/nonexistent"], "does not exist"),
+    (["--data_dir", "/nonexistent"], "does not exist"),
+    (["--config", "big"], "--config must be one of"),
+])
+def test_bad_paths_and_options(vae_dir, image_dir, tmp_path, capsys, extra, message):
+    argv = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST, *extra]
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--cfg_dropout", "1.5"), ("--max_train_steps", "-3"),
+                                         ("--sample_guidance_scale", "-1")])
+def test_bad_numbers(vae_dir, image_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path), flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
