@@ -161,9 +161,7 @@ def main(argv=None):
     def evaluate(step):
         if not accelerator.is_main_process:
             return
-        context = ema.swapped(raw) if ema is not None else torch.no_grad()
-        with context:
-            raw.eval()
+        with training.evaluation(ema, raw):
             metrics = validation_loss() if val is not None else {}
             wanted = list(range(len(classes))) if classes else [None]
             rows = []
@@ -172,7 +170,6 @@ def main(argv=None):
                 sample = raw.generate(class_labels=label, num_samples=args.samples_per_class, generator=g,
                                       guidance_scale=args.sample_guidance_scale if classes else 1.0)
                 rows.append(vae.decode(sample))
-            raw.train()
         grid = out / "samples"
         grid.mkdir(exist_ok=True)
         save_image(torch.cat(rows) * 0.5 + 0.5, grid / f"samples-{step:07d}.png", nrow=args.samples_per_class)
@@ -184,9 +181,7 @@ def main(argv=None):
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        context = ema.swapped(raw) if ema is not None else torch.no_grad()
-        with context:
-            raw.eval()
+        with training.evaluation(ema, raw):
             raw.save_pretrained(out)
             summary = {"step": step, **(validation_loss() if val is not None else {})}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -133,15 +133,12 @@ def main(argv=None):
     def evaluate(step):
         if not accelerator.is_main_process:
             return
-        context = ema.swapped(raw) if ema is not None else torch.no_grad()
-        with context:
-            raw.eval()
+        with training.evaluation(ema, raw):
             images = val_images.to(accelerator.device)
             metrics = evaluate_depths(raw, images)
             shown = images[:8]
             codes = raw.encode(shown)
             rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, config.code_depth + 1)]
-            raw.train()
         grid_dir = Path(args.output_dir) / "samples"
         grid_dir.mkdir(exist_ok=True)
         save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
@@ -152,9 +149,7 @@ def main(argv=None):
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        context = ema.swapped(raw) if ema is not None else torch.no_grad()
-        with context:
-            raw.eval()
+        with training.evaluation(ema, raw):
             raw.save_pretrained(args.output_dir)
             metrics = evaluate_depths(raw, val_images.to(accelerator.device))
         summary = {"step": step, **metrics}

@@ -136,6 +136,17 @@ class EMA:
             self.shadow[name].copy_(value)
 
 
+@contextlib.contextmanager
+def evaluation(ema: EMA | None, model: torch.nn.Module):
+    """Eval mode with the EMA weights (if any), no grad; restores the training state afterwards."""
+    with (ema.swapped(model) if ema is not None else contextlib.nullcontext()), torch.no_grad():
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train()
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints (with their state file), oldest first."""
     root = Path(output_dir)

@@ -34,3 +34,29 @@ def make_image_folder(root, classes=("circles", "squares"), per_class=8, size=20
 @pytest.fixture
 def image_dir(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+def train_tiny_vae(image_dir, code_depth=2, codebook_size=16, steps=150):
+    """A tiny RQ-VAE fitted on the fixture images: enough for the second depth to matter."""
+    from rqvae import PRESETS, RQVAE, RQVAEConfig
+    from rqvae.data import image_folder
+
+    torch.manual_seed(0)
+    ds = image_folder(image_dir, 16)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    config = RQVAEConfig(**{**PRESETS["tiny"], "code_depth": code_depth, "codebook_size": codebook_size,
+                            "latent_dim": 8})
+    model = RQVAE(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        recon, terms = model(images)
+        loss = (recon - images).abs().mean() + terms["commitment"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), images
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_vae(tmp_path_factory):
+    return train_tiny_vae(make_image_folder(tmp_path_factory.mktemp("vae") / "images"))

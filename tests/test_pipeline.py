@@ -11,7 +11,6 @@ from PIL import Image
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqvae import PRESETS, RQVAE, RQVAEConfig
-from rqvae.data import image_folder
 
 CLASSES = ["circles", "squares", "stars"]
 
@@ -89,28 +88,20 @@ def test_stream_can_be_abandoned(pipe):
     stream.close()  # stops the sampling thread without hanging
 
 
-def test_reconstruction_error_falls_with_depth(image_dir):
-    torch.manual_seed(0)
-    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "code_depth": 3, "codebook_size": 16}))
-    ds = image_folder(image_dir, 16)
-    images = torch.stack([ds[i][0] for i in range(0, len(ds), 2)])
-    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
-    for _ in range(40):
-        recon, terms = vae(images)
-        loss = (recon - images).abs().mean() + terms["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tf = RQTransformer(RQTransformerConfig(codebook_size=16, code_shape=(2, 2, 3), dim=16, heads=2, spatial_layers=1,
+def test_reconstruction_error_falls_with_depth(image_dir, trained_tiny_vae):
+    vae, _ = trained_tiny_vae
+    tf = RQTransformer(RQTransformerConfig(codebook_size=16, code_shape=(2, 2, 2), dim=16, heads=2, spatial_layers=1,
                                            depth_layers=1, num_classes=0, dropout=0.0))
     p = RQPipeline(vae, tf)
-    pil = Image.open(sorted(image_dir.rglob("*.png"))[0])  # RGBA, 20x20: converted and resized
+    files = sorted(image_dir.rglob("*.png"))
+    pil = Image.open(files[0])  # RGBA, 20x20: converted and resized
     rec = p.reconstruct_all_depths(pil)
-    assert len(rec.images) == 3 and rec.codes.shape == (2, 2, 3)
-    assert rec.psnr[0] < rec.psnr[1] < rec.psnr[2], rec.psnr
+    assert len(rec.images) == 2 and rec.codes.shape == (2, 2, 2) and len(rec.psnr) == 2
+    mean = np.mean([p.reconstruct_all_depths(Image.open(f)).psnr for f in files], axis=0)
+    assert mean[0] + 0.1 < mean[1], mean  # on average over the images the model was fitted to
     assert p.reconstruct(pil, depth=1)[0].size == (16, 16)
     with pytest.raises(ValueError, match="depth must be"):
-        p.reconstruct(pil, depth=4)
+        p.reconstruct(pil, depth=3)
     # unconditional models generate without labels and refuse them
     assert len(p(num_images=2, generator=gen(0)).images) == 2
     with pytest.raises(ValueError, match="unconditional"):

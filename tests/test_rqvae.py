@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rqvae import PRESETS, RQVAE, RQVAEConfig
-from rqvae.data import image_folder
 from rqvae.losses import RQVAELoss, VGGPerceptual, build_perceptual
 
 
@@ -57,23 +56,12 @@ def test_full_depth_decode_equals_quantizer_output():
         torch.testing.assert_close(model.embed_codes(codes), quantized, atol=1e-5, rtol=1e-5)
 
 
-def test_error_falls_with_depth_after_brief_training(image_dir):
-    torch.manual_seed(0)
-    ds = image_folder(image_dir, 16)
-    images = torch.stack([ds[i][0] for i in range(0, len(ds), 2)])  # 8 images
-    model = RQVAE(tiny(code_depth=3, codebook_size=16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        recon, terms = model(images)
-        loss = (recon - images).abs().mean() + terms["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+def test_error_falls_with_depth_after_brief_training(trained_tiny_vae):
+    model, images = trained_tiny_vae
     with torch.no_grad():
         codes = model.encode(images)
-        errors = [((model.decode(codes, depth=k) - images) ** 2).mean().item() for k in (1, 2, 3)]
-    assert errors[0] > errors[1] > errors[2], errors
+        errors = [((model.decode(codes, depth=k) - images) ** 2).mean().item() for k in (1, 2)]
+    assert errors[0] > 1.03 * errors[1], errors
 
 
 def test_save_load_round_trip_gives_identical_codes(tmp_path):
