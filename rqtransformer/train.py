@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,7 +25,7 @@ from rqvae import training
 from rqvae.data import image_folder
 from rqvae.pretrained import WEIGHTS_NAME, config_from_arg
 
-from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss
+from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
 
 
 def parse_args(argv=None):
@@ -139,20 +138,10 @@ def main(argv=None):
         logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
         return logs
 
-    @torch.no_grad()
     def validation_loss():
         """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
         v_codes, v_labels, _ = val
-        if not classes:
-            v_labels = torch.full_like(v_labels, null)
-        D = config.code_shape[2]
-        total = torch.zeros(D)
-        for i in range(0, len(v_codes), 64):
-            c = v_codes[i:i + 64].to(accelerator.device)
-            logits = raw(c, v_labels[i:i + 64].to(accelerator.device))  # [B, h, w, D, K]
-            ce = F.cross_entropy(logits.flatten(0, -2), c.flatten(), reduction="none").view(c.shape)
-            total += ce.sum((0, 1, 2)).cpu()
-        per_depth = total / (len(v_codes) * config.code_shape[0] * config.code_shape[1])
+        per_depth = per_depth_nll(raw, v_codes, v_labels if classes else torch.full_like(v_labels, null))
         out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
         out["val/loss"] = float(per_depth.mean())
         out["val/perplexity"] = float(per_depth.mean().exp())

@@ -1,0 +1,173 @@
+"""The Gradio app served on 127.0.0.1 around a tiny untrained pipeline, called through gradio_client."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+
+from test_pipeline import CLASSES, tiny_pipeline  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(item["image"]).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, weights dir, files dir): the app around a saved tiny pipeline, with an example image."""
+    root = tmp_path_factory.mktemp("app")
+    weights = root / "weights"
+    tiny_pipeline().save_pretrained(weights)
+    (weights / "examples").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(weights / "examples" / "a.png")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "CACHE_ROOT", root / "cache")
+        demo = app.load(weights)
+        demo.queue(default_concurrency_limit=1, max_size=32)
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), weights, root
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def files(served):
+    """A good PNG (RGBA, transparent corner), a white-on-black mask, a truncated PNG and a non-image."""
+    _, weights, root = served
+    good, mask = root / "good.png", root / "mask.png"
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0], rgba[4:36, 4:36, 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(good)
+    m = np.zeros((40, 40), np.uint8)
+    m[20:, :] = 255  # bottom half = regenerate
+    Image.fromarray(m, "L").save(mask)
+    truncated, garbage = root / "truncated.png", root / "garbage.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    garbage.write_bytes(b"this is not an image" * 10)
+    return dict(good=good, mask=mask, truncated=truncated, garbage=garbage)
+
+
+def editor(background, *layers):
+    return {"background": handle_file(background), "layers": [handle_file(p) for p in layers], "composite": None}
+
+
+def test_only_the_three_endpoints_are_public(served):
+    client, *_ = served
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/generate", "/reconstruct", "/complete"}
+
+
+def test_generate_with_no_arguments(served):
+    client, *_ = served
+    gallery = client.predict(api_name="/generate")
+    assert len(gallery) == 4  # the default number of images
+    for item in gallery:
+        assert Image.open(item["image"]).size == (256, 256)  # 32 px upscaled for display
+        assert item["caption"] in [app.pretty(n) for n in CLASSES]  # "Random class" picks a class per image
+
+
+def test_generate_streams_previews_then_final(served):
+    client, *_ = served
+    job = client.submit("squares", 2, 3, api_name="/generate")
+    final = job.result()
+    outputs = job.outputs()
+    assert len(outputs) == 4  # after code rows 1..3 of the 4x4 grid, then the final images
+    assert [pixels(a).tolist() for a in outputs[-1]] == [pixels(a).tolist() for a in final]
+    assert (pixels(outputs[0][0])[64:] == 128).all()  # rows not sampled yet are grey
+
+
+def test_same_seed_same_images(served):
+    client, *_ = served
+    kw = dict(class_name="stars", num_images=2, top_k=8, top_p=0.9, guidance_scale=2.0, api_name="/generate")
+    a = client.predict(seed=11, **kw)
+    b = client.predict(seed=11, **kw)
+    c = client.predict(seed=12, **kw)
+    assert a[0]["image"] != b[0]["image"]  # separate files on disk ...
+    assert [pixels(x).tolist() for x in a] == [pixels(x).tolist() for x in b]  # ... with the same pixels
+    assert [pixels(x).tolist() for x in a] != [pixels(x).tolist() for x in c]
+    assert [x["caption"] for x in a] == ["Stars", "Stars"]
+
+
+def test_reconstruct(served, files):
+    client, *_ = served
+    strip, heat = client.predict(handle_file(files["good"]), api_name="/reconstruct")
+    assert [x["caption"].split(":")[0] for x in strip] == ["input (resized)", "depth 1", "depth 2"]
+    assert all(x["caption"].endswith(" dB") for x in strip[1:])
+    heat_map = np.asarray(Image.open(heat))
+    assert heat_map.shape == (4 * 36, 4 * 36, 3) and len(np.unique(heat_map.reshape(-1, 3), axis=0)) > 2
+
+
+def test_complete_with_mask_and_with_box(served, files):
+    client, *_ = served
+    painted = client.predict(editor(files["good"], files["mask"]), "circles", 2, 5, api_name="/complete")
+    assert len(painted) == 3 and painted[0]["caption"].startswith("input")
+    shown = pixels(painted[0])
+    assert (shown[:128] == pixels(painted[0])[:128]).all() and not np.array_equal(shown[:128], shown[128:])
+    again = client.predict(editor(files["good"], files["mask"]), "circles", 2, 5, api_name="/complete")
+    assert [pixels(x).tolist() for x in painted] == [pixels(x).tolist() for x in again]
+    boxed = client.predict(editor(files["good"]), use_box=True, x0=0.0, y0=0.5, x1=1.0, y1=1.0, num_images=1,
+                           api_name="/complete")
+    assert len(boxed) == 2
+    assert np.array_equal(pixels(boxed[0]), shown)  # same region as the painted bottom half
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(class_name="unicorns", api_name="/generate"), "Class: Value: unicorns is not in the list of choices"),
+    (dict(num_images=0, api_name="/generate"), "Number of images: Value 0 is less than minimum value 1"),
+    (dict(num_images=7, api_name="/generate"), "Number of images: Value 7 is greater than maximum value 6"),
+    (dict(temperature=0, api_name="/generate"), "Temperature: Value 0 is less than minimum value 0.1"),
+    (dict(top_p=2, api_name="/generate"), "Top-p (1 = off): Value 2 is greater than maximum value 1"),
+    (dict(top_k=33, api_name="/generate"), "Top-k (0 = off): Value 33 is greater than maximum value 32"),
+    (dict(seed=-1, api_name="/generate"), "Seed: Value -1 is less than minimum value 0"),
+    (dict(seed=2**63, api_name="/generate"), "Seed: Value 9223372036854775808 is greater than maximum value"),
+    (dict(image="truncated", api_name="/reconstruct"), "could not read the image: image file is truncated"),
+    (dict(image="garbage", api_name="/reconstruct"), "Image: could not read the uploaded image"),
+    (dict(editor="good", api_name="/complete"), "the mask is empty: paint over the region to regenerate"),
+    (dict(editor="good", use_box=True, x0=0.6, x1=0.4, api_name="/complete"), "Box: need 0 <= x0 < x1 <= 1"),
+    (dict(editor="garbage", api_name="/complete"), "Image: could not read the uploaded image"),
+])
+def test_bad_inputs_give_clear_messages_and_the_server_stays_up(served, files, call, message):
+    client, *_ = served
+    call = dict(call)
+    if "image" in call:
+        call["image"] = handle_file(files[call["image"]])
+    if "editor" in call:
+        call["editor"] = editor(files[call["editor"]])
+    with pytest.raises(AppError) as info:
+        client.predict(**call)
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+    assert len(client.predict(num_images=1, api_name="/generate")) == 1  # the next request is served
+
+
+def test_missing_weights_exit_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        app.main(["--weights", str(tmp_path / "nowhere")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and "does not exist" in err
+    page = app.error_demo("pipeline folder x does not exist")  # what a Space shows instead
+    assert isinstance(page, gr.Blocks)
+
+
+def test_class_names_shown_nicely():
+    assert app.pretty("smileys_and_emotion") == "Smileys & emotion"
+    assert app.pretty("travel_and_places") == "Travel & places" and app.pretty("flags") == "Flags"

@@ -1,0 +1,44 @@
+"""The evaluation command on a tiny saved pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import RQPipeline
+from pipelines.evaluate import main
+from rqtransformer import RQTransformer, RQTransformerConfig
+from rqvae.training import run_cli
+
+
+@pytest.fixture
+def weights(tmp_path, trained_tiny_vae):
+    vae, _ = trained_tiny_vae
+    tf = RQTransformer(RQTransformerConfig(codebook_size=16, code_shape=(2, 2, 2), dim=16, heads=2, spatial_layers=1,
+                                           depth_layers=1, num_classes=2, dropout=0.0,
+                                           class_names=["circles", "squares"]))
+    RQPipeline(vae, tf).save_pretrained(tmp_path / "w")
+    return tmp_path / "w"
+
+
+def test_evaluate_reports_every_metric(weights, image_dir, tmp_path, capsys):
+    report = main(["--weights", str(weights), "--data_dir", str(image_dir), "--train_dir", str(image_dir),
+                   "--out", str(tmp_path / "eval"), "--classifier_steps", "3", "--samples_per_class", "3"])
+    assert set(report) >= {"psnr_depth1", "psnr_depth2", "codebook_usage", "nll_depth1", "nll_depth2",
+                           "perplexity_depth1", "classifier_test_accuracy", "sample_class_consistency"}
+    assert report["psnr_depth2"] > report["psnr_depth1"]
+    assert 0 <= report["sample_class_consistency"] <= 1 and 0 < report["codebook_usage"] <= 1
+    # an untrained prior is about as uncertain as a uniform one over 16 codes
+    assert 8 < report["perplexity_depth1"] < 32
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
+    assert (tmp_path / "eval" / "samples.png").is_file()
+
+
+def test_evaluate_refuses_other_classes(weights, tmp_path, capsys):
+    from conftest import make_image_folder
+
+    other = make_image_folder(tmp_path / "other", classes=("cats", "dogs"), per_class=2)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: main(["--weights", str(weights), "--data_dir", str(other)]))
+    assert "has classes" in capsys.readouterr().err
