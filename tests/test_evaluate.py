@@ -42,3 +42,15 @@ def test_evaluate_refuses_other_classes(weights, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(lambda: main(["--weights", str(weights), "--data_dir", str(other)]))
     assert "has classes" in capsys.readouterr().err
+
+
+def test_figures_script_writes_the_readme_pictures(weights, image_dir, tmp_path):
+    from PIL import Image
+
+    from pipelines.figures import main as figures
+
+    figures(["--weights", str(weights), "--data_dir", str(image_dir), "--out", str(tmp_path / "docs"),
+             "--per_class", "3"])
+    for name in ("samples.png", "depths.png", "completion.png"):
+        with Image.open(tmp_path / "docs" / name) as im:
+            assert im.width > 16 and im.height > 16
