@@ -317,11 +317,14 @@ class RQPipeline:
             mask = Image.fromarray(mask.astype(np.uint8))
         if not isinstance(mask, Image.Image):
             raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
-        if mask.mode in ("RGBA", "LA"):  # painted strokes on a transparent layer
-            mask = mask.getchannel("A")
-        grey = image_transform(self.resolution)(to_rgb(mask).convert("L").convert("RGB"))[:1]  # [1,R,R] in [-1,1]
+        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            alpha = mask.convert("RGBA").getchannel("A")
+            # strokes painted on a transparent layer: the alpha is the mask; an opaque image: its brightness
+            mask = alpha if alpha.getextrema()[0] < 255 else mask.convert("RGB")
+        grey = image_transform(self.resolution)(mask.convert("L").convert("RGB"))[:1]  # [1,R,R] in [-1,1]
         f = self.rqvae.config.downsample
-        touched = F.max_pool2d((grey > 0).float()[None], f)[0, 0] > 0  # [h,w]: any white pixel in the patch
+        # a low threshold: thin anti-aliased strokes get faint once resized, and still mean "regenerate"
+        touched = F.max_pool2d((grey > -0.8).float()[None], f)[0, 0] > 0  # [h,w]: any painted pixel in the patch
         if not touched.any():
             raise ValueError("the mask is empty: paint (white) the region to regenerate")
         return ~touched

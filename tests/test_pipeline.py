@@ -128,6 +128,12 @@ def test_mask_maps_any_touched_position(pipe):
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     rgba.paste((255, 0, 0, 255), (24, 24, 32, 32))  # a brush stroke on a transparent layer
     assert not pipe.mask_to_keep(rgba)[3, 3] and pipe.mask_to_keep(rgba).sum() == 15
+    opaque = Image.new("RGBA", (32, 32), (0, 0, 0, 255))
+    opaque.paste((255, 255, 255, 255), (0, 0, 8, 8))  # white-on-black saved as RGBA: brightness counts
+    assert not pipe.mask_to_keep(opaque)[0, 0] and pipe.mask_to_keep(opaque).sum() == 15
+    faint = np.zeros((256, 256), np.uint8)
+    faint[100, :] = 255  # a 1-pixel line in a large mask survives the resize
+    assert (~pipe.mask_to_keep(faint)).sum() == 4
 
 
 @pytest.mark.parametrize("kwargs, message", [

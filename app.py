@@ -1,0 +1,359 @@
+"""Gradio app over an RQPipeline: generate (with streamed coarse-to-fine previews), reconstruct per
+depth, complete a masked region. Runs unchanged as a Hugging Face Space.
+
+    python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; host/port: GRADIO_SERVER_NAME/_PORT
+
+API (gradio_client; every input but the image has a default):
+    client.predict(api_name="/generate")                          # class_name, num_images, seed, ...
+    client.predict(handle_file("a.png"), api_name="/reconstruct")
+    client.predict({"background": handle_file("a.png"), "layers": [handle_file("mask.png")], "composite": None},
+                   api_name="/complete")                          # mask: white (or painted) = regenerate
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pipelines import RQPipeline
+from rqvae.data import to_pil
+
+try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
+    import spaces
+    gpu = spaces.GPU
+except ImportError:
+    def gpu(fn):
+        return fn
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WEIGHTS = HERE / "weights" / "emoji-64"
+RANDOM_CLASS = "Random class"
+MAX_SEED = 2**63 - 1
+DISPLAY = 256  # outputs are upscaled (nearest neighbour) to about this many pixels
+CACHE_ROOT = Path(os.environ.get("GRADIO_EXAMPLES_CACHE", ".gradio/cached_examples"))
+CSS = ".pixelated img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
+LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, show_error=True)  # Gradio 6: theme/css go to launch()
+LICENCES = """### Data and licences (bundled emoji-64 model)
+Trained on the 64 px emoji images of the npm packages `emoji-datasource-google` and
+`emoji-datasource-twitter` 16.0.0 ([emoji-datasource](https://github.com/iamcal/emoji-data), MIT licence).
+- Google **Noto Emoji** images: Apache License 2.0.
+- **Twemoji** images: CC-BY 4.0, © Twitter, Inc and other contributors.
+
+Method: Lee et al., *Autoregressive Image Generation using Residual Quantization*, CVPR 2022."""
+
+
+def pretty(name: str | None) -> str:
+    """Class folder name -> label: "smileys_and_emotion" -> "Smileys & emotion"."""
+    return (name or "").replace("_and_", " & ").replace("_", " ").strip().capitalize() or (name or "")
+
+
+def named_errors(component: gr.components.Component) -> None:
+    """Make `component`'s input errors start with its label, and turn unreadable uploads into a clear
+    gr.Error instead of a traceback. (Wraps the instance's preprocess: a Component subclass would make
+    gradio write an app.pyi stub next to this file.)"""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as e:
+            raise gr.Error(f"{component.label}: {e.message}") from None
+        except Exception as e:  # noqa: BLE001 - PIL: unidentified, truncated or oversized files
+            reason = type(e).__name__ if "/" in str(e) else str(e)  # don't show server paths
+            raise gr.Error(f"{component.label}: could not read the uploaded image ({reason}); "
+                           "upload a PNG, JPEG or WebP file") from None
+    component.preprocess = checked
+
+
+@contextmanager
+def user_errors():
+    """The pipeline's ValueErrors and PIL's errors on bad uploads -> gr.Error (a message, no traceback)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except Image.DecompressionBombError as e:
+        raise gr.Error(f"the image is too large: {e}") from None
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    except (OSError, SyntaxError) as e:
+        raise gr.Error(f"could not read the image: {e}") from None
+
+
+def upscale(image: Image.Image, size: int = DISPLAY) -> Image.Image:
+    f = max(1, size // max(image.size))
+    return image.resize((image.width * f, image.height * f), Image.NEAREST)
+
+
+def check_seed(seed) -> int:
+    try:
+        if seed == int(seed) and 0 <= int(seed) <= MAX_SEED:
+            return int(seed)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise gr.Error(f"Seed: must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def pick_labels(pipe: RQPipeline, choice: str, num_images: int, seed: int) -> list[str] | None:
+    """The dropdown value -> one class name per image ("Random class": drawn from the seed)."""
+    names = pipe.class_names
+    if not names:
+        return None  # unconditional model
+    if choice in (None, "", RANDOM_CLASS):
+        rng = random.Random(seed)
+        return [rng.choice(names) for _ in range(int(num_images))]
+    return [choice] * int(num_images)
+
+
+def sampling_args(top_k, top_p) -> dict:
+    return dict(top_k=int(top_k) if top_k else None, top_p=float(top_p) if top_p < 1 else None)
+
+
+def code_map(codes: torch.Tensor, size: int = 320) -> Image.Image:
+    """Depth-1 codes [h,w,D] -> a colour grid (about `size` px), the code index written in each cell."""
+    grid = codes[..., 0].numpy()  # [h,w]
+    cell = max(32, size // max(grid.shape))
+    hue = (grid * 0.618034) % 1.0  # golden-ratio hues: nearby indices get distinct colours
+    hsv = np.stack([hue * 255, np.full_like(hue, 110), np.full_like(hue, 245)], -1).astype(np.uint8)
+    h, w = grid.shape
+    img = Image.fromarray(hsv, "HSV").convert("RGB").resize((w * cell, h * cell), Image.NEAREST)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=cell // 3)
+    for (i, j), c in np.ndenumerate(grid):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), str(c), font=font)
+        draw.text(((j + 0.5) * cell - (x1 + x0) / 2, (i + 0.5) * cell - (y1 + y0) / 2), str(c), fill="black",
+                  font=font)
+    for k in range(1, max(h, w)):  # thin grid lines
+        draw.line([(k * cell, 0), (k * cell, h * cell)], fill="white")
+        draw.line([(0, k * cell), (w * cell, k * cell)], fill="white")
+    return img
+
+
+def editor_mask(editor: dict, box) -> Image.Image:
+    """Painted strokes (any layer) and/or the box (fractions x0,y0,x1,y1) -> L mask, 255 = regenerate."""
+    image = editor["background"]
+    mask = np.zeros((image.height, image.width), bool)
+    for layer in editor.get("layers") or []:
+        layer = layer.convert("RGBA").resize(image.size, Image.NEAREST)
+        alpha, grey = np.asarray(layer.getchannel("A")), np.asarray(layer.convert("L"))
+        # transparent layer: painted = opaque pixels; an opaque mask image: white = regenerate
+        mask |= alpha > 32 if alpha.min() < 255 else grey > 127
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise gr.Error(f"Box: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box}")
+        mask[round(y0 * image.height):round(y1 * image.height), round(x0 * image.width):round(x1 * image.width)] = 1
+    if not mask.any():
+        raise gr.Error("the mask is empty: paint over the region to regenerate, or tick 'Use a box mask'")
+    return Image.fromarray(mask.astype(np.uint8) * 255, "L")
+
+
+def model_card(weights: Path | None, pipe: RQPipeline) -> str:
+    text = ""
+    if weights is not None and (weights / "README.md").is_file():
+        text = re.sub(r"\A---\n.*?\n---\n", "", (weights / "README.md").read_text(), flags=re.S)  # front matter
+    h, w, D = pipe.rqvae.code_shape
+    params = sum(p.numel() for m in (pipe.rqvae, pipe.transformer) for p in m.parameters())
+    facts = (f"### This model\n{pipe.resolution} px images as {h}×{w}×{D} codes from a codebook of "
+             f"{pipe.transformer.config.codebook_size}; {params / 1e6:.1f} M parameters; running on "
+             f"`{pipe.device}`. Classes: {', '.join(map(pretty, pipe.class_names)) or 'none (unconditional)'}.")
+    return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, LICENCES]))
+
+
+@contextmanager
+def examples_cache(weights: Path | None):
+    """Cache examples per weights version (gradio reads GRADIO_EXAMPLES_CACHE while the Examples are
+    built), so retrained weights never show stale cached outputs."""
+    folder = CACHE_ROOT
+    if weights is not None:
+        stamp = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(weights.rglob("*.safetensors"))]
+        folder /= f"{weights.name}-{hashlib.sha1(str([str(weights.resolve()), stamp]).encode()).hexdigest()[:10]}"
+    old, os.environ["GRADIO_EXAMPLES_CACHE"] = os.environ.get("GRADIO_EXAMPLES_CACHE"), str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("GRADIO_EXAMPLES_CACHE") if old is None else os.environ.update(GRADIO_EXAMPLES_CACHE=old)
+
+
+def build_demo(pipe_or_path) -> gr.Blocks:
+    """A Blocks app around an RQPipeline or a saved pipeline folder (ValueError if it can't be loaded)."""
+    weights = None if isinstance(pipe_or_path, RQPipeline) else Path(pipe_or_path)
+    pipe = pipe_or_path if weights is None else RQPipeline.from_pretrained(weights)
+    h, w, D = pipe.rqvae.code_shape
+    K = pipe.transformer.config.codebook_size
+    choices = [RANDOM_CLASS] + [(pretty(n), n) for n in pipe.class_names]
+    example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
+
+    @gpu
+    def generate(class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
+                 guidance_scale=None, progress=gr.Progress()):
+        seed = check_seed(seed)
+        labels = pick_labels(pipe, class_name, num_images, seed)
+        names = labels or [None] * int(num_images)
+        generator = torch.Generator(pipe.device).manual_seed(seed)
+        progress(0, desc="Sampling")
+        with user_errors():
+            for out in pipe.stream(labels, int(num_images), temperature, generator=generator,
+                                   guidance_scale=guidance_scale, **sampling_args(top_k, top_p)):
+                progress(out.done, desc="Sampling" if out.done < 1 else "Done")
+                yield [(upscale(im), pretty(n)) for im, n in zip(out.images, names)]
+
+    @gpu
+    @torch.inference_mode()
+    def reconstruct(image):
+        if image is None:
+            raise gr.Error("upload an image (or pick an example) to reconstruct")
+        with user_errors():
+            image.load()
+            rec = pipe.reconstruct_all_depths(image)
+        strip = [(upscale(rec.input), "input (resized)")]
+        strip += [(upscale(im), f"depth {k}: {p:.1f} dB") for k, (im, p) in enumerate(zip(rec.images, rec.psnr), 1)]
+        return strip, code_map(rec.codes)
+
+    @gpu
+    @torch.inference_mode()
+    def complete(image, class_name=RANDOM_CLASS, num_images=4, seed=0, use_box=False, x0=0.25, y0=0.25,
+                 x1=0.75, y1=0.75):
+        """image: the editor value {"background": image, "layers": [mask images], "composite": ...}."""
+        seed = check_seed(seed)
+        if not image or image.get("background") is None:
+            raise gr.Error("upload an image to complete")
+        background = image["background"]
+        with user_errors():
+            background.load()
+            mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
+            keep = pipe.mask_to_keep(mask).cpu()  # [h,w] True = kept code position
+            labels = pick_labels(pipe, class_name, num_images, seed)
+            out = pipe.complete(background, mask, labels, num_images=int(num_images),
+                                generator=torch.Generator(pipe.device).manual_seed(seed))
+        shown = upscale(to_pil(pipe.preprocess(background))[0])
+        shade = Image.fromarray((~keep).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)
+        shown.paste(Image.new("RGB", shown.size, (255, 0, 255)), mask=shade)  # magenta over regenerated cells
+        names = labels or [None] * int(num_images)
+        return [(shown, "shaded = regenerated")] + [(upscale(im), pretty(n)) for im, n in zip(out.images, names)]
+
+    def generate_final(class_name, num_images, seed):  # for the cached examples
+        *_, last = generate(class_name, num_images, seed)
+        return last
+
+    with examples_cache(weights), gr.Blocks(title="RQ image generator", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"# RQ-VAE + RQ-Transformer\nEach {pipe.resolution} px image is a stack of {h}×{w}×{D} codes: "
+                    "code 1 of every cell sketches it, each further code refines the residual. The transformer "
+                    "writes the cells row by row, so you watch the image appear.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class")
+                    num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
+                                    label="Number of images")
+                    with gr.Row(equal_height=True):
+                        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", scale=4)
+                        dice = gr.Button("🎲 Random", scale=1, min_width=90)
+                    with gr.Accordion("Sampling", open=False):
+                        temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+                        top_k = gr.Slider(0, K, value=0, step=1, label="Top-k (0 = off)")
+                        top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
+                        cfg = gr.Slider(0.0, max(10.0, pipe.default_guidance_scale), step=0.1,
+                                        value=pipe.default_guidance_scale, label="Guidance scale (1 = off)")
+                    go = gr.Button("Generate", variant="primary")
+                gallery = gr.Gallery(label="Samples", columns=4, height=440, format="png", object_fit="contain",
+                                     buttons=["download", "download_all", "fullscreen"], scale=2)
+            dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, api_visibility="private", queue=False)
+            go.click(generate, [cls, num, seed, temp, top_k, top_p, cfg], gallery, api_name="generate",
+                     concurrency_id="model")
+            n = min(4, pipe.max_images)
+            gr.Examples([[RANDOM_CLASS, n, 0]] + [[c, n, 1] for c in pipe.class_names[:3]], [cls, num, seed],
+                        gallery, generate_final, cache_examples=True, cache_mode="lazy",
+                        label="Examples (cached after first use)")
+        with gr.Tab("Reconstruct"):
+            gr.Markdown(f"Encode an image into its {h}×{w}×{D} code stack and decode it using only the first "
+                        f"1..{D} codes per cell: PSNR (dB, higher is closer) grows with every depth.")
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    rec_in = gr.Image(type="pil", image_mode=None, label="Image", sources=["upload", "clipboard"],
+                                      height=300, elem_classes="pixelated")
+                    rec_btn = gr.Button("Reconstruct", variant="primary")
+                with gr.Column(scale=2):
+                    strip = gr.Gallery(label="Reconstruction by depth", columns=D + 1, rows=1, height=260,
+                                       format="png", object_fit="contain")
+                    gr.Markdown(f"**Code grid** below: each cell is one of the {h}×{w} code positions; its colour and "
+                                "number are the code index chosen at depth 1 (same colour = same code).")
+                    heat = gr.Image(label="Code grid (depth 1)", format="png", height=320, interactive=False)
+            gr.on([rec_btn.click, rec_in.upload], reconstruct, rec_in, [strip, heat], api_name="reconstruct",
+                  concurrency_id="model")
+            if example_images:
+                gr.Examples([[str(p)] for p in example_images], rec_in, [strip, heat], reconstruct,
+                            cache_examples=True, cache_mode="lazy")
+        with gr.Tab("Complete"):
+            gr.Markdown("Paint over the part to regenerate (or use a box); the other code positions are kept and "
+                        "the transformer fills in the painted ones.")
+            with gr.Row():
+                with gr.Column(scale=1, min_width=300):
+                    brush = gr.Brush(default_size=max(1, pipe.resolution // 16), colors=[("#ff00ff", 0.7)],
+                                     color_mode="fixed")  # radius in image pixels; any painted pixel counts
+                    editor = gr.ImageEditor(type="pil", image_mode="RGBA", label="Image", brush=brush, layers=False,
+                                            sources=["upload", "clipboard"], transforms=(), height=360)
+                    c_cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class")
+                    c_num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
+                                      label="Number of images")
+                    c_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    with gr.Accordion("Box mask (instead of painting)", open=False):
+                        use_box = gr.Checkbox(False, label="Use a box mask (fractions of the image)")
+                        box = [gr.Slider(0, 1, value=v, step=0.05, label=n) for n, v in
+                               zip(["x0 (left)", "y0 (top)", "x1 (right)", "y1 (bottom)"], [0.25, 0.25, 0.75, 0.75])]
+                    c_btn = gr.Button("Complete", variant="primary")
+                completed = gr.Gallery(label="Completions", columns=3, height=620, format="png", scale=2)
+            c_inputs = [editor, c_cls, c_num, c_seed, use_box, *box]
+            c_btn.click(complete, c_inputs, completed, api_name="complete", concurrency_id="model")
+            if example_images:
+                gr.Examples([[str(p), RANDOM_CLASS, n, 0, True, 0.0, 0.5, 1.0, 1.0] for p in example_images[:3]],
+                            c_inputs, completed, complete, cache_examples=True, cache_mode="lazy",
+                            label="Examples (bottom half regenerated)")
+        with gr.Tab("About"):
+            gr.Markdown(model_card(weights, pipe))
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Dropdown, gr.Slider, gr.Number, gr.Image, gr.ImageEditor)):
+            named_errors(block)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def error_demo(message: str) -> gr.Blocks:
+    """Shown instead of the app when the weights can't be loaded (so a Space says why)."""
+    with gr.Blocks(title="RQ image generator") as demo:
+        gr.Markdown(f"# RQ image generator\n**The model could not be loaded:** {message}\n\nTrain one (see README) "
+                    "or point the app at a saved pipeline with `--weights DIR` or `RQ_WEIGHTS=DIR`.")
+    return demo
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(DEFAULT_WEIGHTS),
+                        help="saved RQPipeline folder (default: $RQ_WEIGHTS or weights/emoji-64)")
+    args = parser.parse_args(argv)
+    try:
+        ui = build_demo(args.weights)
+    except Exception as e:  # noqa: BLE001 - missing or invalid weights: one line, no traceback
+        if not os.environ.get("SPACE_ID"):
+            print(f"app.py: cannot load weights from {args.weights}: {e}", file=sys.stderr)
+            sys.exit(2)
+        ui = error_demo(str(e))  # on a Space, show the reason in the page
+    ui.launch(**LAUNCH_KWARGS)
+
+
+if __name__ == "__main__":
+    main()
+else:
+    try:
+        demo = build_demo(os.environ.get("RQ_WEIGHTS") or DEFAULT_WEIGHTS)
+    except Exception as e:  # noqa: BLE001 - show why in the page instead of crashing the Space
+        demo = error_demo(str(e))
