@@ -23,8 +23,11 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from safetensors.torch import save_file
+
 from rqtransformer.model import per_depth_nll
 from rqvae.data import image_folder
+from rqvae.pretrained import load_weights
 from rqvae.train import evaluate_depths
 from rqvae.training import positive_int, run_cli
 
@@ -82,12 +85,28 @@ def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     return float((preds == labels).float().mean())
 
 
+def judge(args, classes: list[str], resolution: int) -> SmallClassifier:
+    """The class judge: loaded from --classifier when that file exists, else trained (and saved there)."""
+    path = Path(args.classifier) if args.classifier else None
+    if path is not None and path.is_file():
+        model = SmallClassifier(len(classes))
+        load_weights(model, path)
+        return model.eval()
+    model = train_classifier(args.train_dir, classes, resolution, args.classifier_steps, args.seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a saved RQPipeline folder")
     p.add_argument("--data_dir", required=True, help="held-out ImageFolder (same class folders as training)")
     p.add_argument("--train_dir", default=None, help="training ImageFolder for the judge classifier")
     p.add_argument("--out", default=None, help="folder for report.json, report.md and sample grids")
+    p.add_argument("--classifier", default=None,
+                   help="safetensors file: the judge classifier is loaded from it if it exists, else trained and saved")
     p.add_argument("--classifier_steps", type=positive_int, default=1500)
     p.add_argument("--samples_per_class", type=positive_int, default=32)
     p.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's")
@@ -118,8 +137,7 @@ def main(argv=None) -> dict:
     report["nll_mean"] = round(float(nll.mean()), 4)
 
     if conditional and args.train_dir:
-        classifier = train_classifier(args.train_dir, pipe.class_names, vae.config.resolution, args.classifier_steps,
-                                      args.seed)
+        classifier = judge(args, pipe.class_names, vae.config.resolution)
         report["classifier_test_accuracy"] = accuracy(classifier, images, labels)
         report["classifier_accuracy_on_reconstructions"] = accuracy(
             classifier, torch.cat([vae.decode(c) for c in codes.split(64)]), labels)

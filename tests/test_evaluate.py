@@ -35,6 +35,15 @@ def test_evaluate_reports_every_metric(weights, image_dir, tmp_path, capsys):
     assert (tmp_path / "eval" / "samples.png").is_file()
 
 
+def test_judge_classifier_is_saved_and_reused(weights, image_dir, tmp_path):
+    args = ["--weights", str(weights), "--data_dir", str(image_dir), "--train_dir", str(image_dir),
+            "--classifier", str(tmp_path / "judge.safetensors"), "--classifier_steps", "2", "--samples_per_class", "1"]
+    first = main(args)
+    assert (tmp_path / "judge.safetensors").is_file()
+    second = main(args)  # loaded, not retrained: same accuracy on the same images
+    assert second["classifier_test_accuracy"] == first["classifier_test_accuracy"]
+
+
 def test_evaluate_refuses_other_classes(weights, tmp_path, capsys):
     from conftest import make_image_folder
 
