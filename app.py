@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import RQPipeline
-from rqvae.data import to_pil
+from rqvae.data import MAX_IMAGE_PIXELS, to_pil
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces
@@ -62,13 +62,23 @@ def named_errors(component: gr.components.Component) -> None:
     gr.Error instead of a traceback. (Wraps the instance's preprocess: a Component subclass would make
     gradio write an app.pyi stub next to this file.)"""
     preprocess = component.preprocess
+    is_image = isinstance(component, (gr.Image, gr.ImageEditor))
 
     def checked(payload):
         try:
             return preprocess(payload)
         except gr.Error as e:
             raise gr.Error(f"{component.label}: {e.message}") from None
-        except Exception as e:  # noqa: BLE001 - PIL: unidentified, truncated or oversized files
+        except Image.DecompressionBombError as e:  # PIL refuses > 2x its limit before decoding
+            size = re.search(r"\((\d+) pixels\)", str(e))
+            size = f" ({int(size[1]):,} pixels)" if size else ""
+            raise gr.Error(f"{component.label}: the image is too large{size}; the limit is {MAX_IMAGE_PIXELS:,} "
+                           "pixels") from None
+        except Exception as e:  # noqa: BLE001 - a non-number for a slider (API calls), or an unreadable upload
+            if not is_image:
+                lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
+                wanted = f"a number from {lo} to {hi}" if lo is not None and hi is not None else "a valid value"
+                raise gr.Error(f"{component.label}: expected {wanted}, got {payload!r}") from None
             reason = type(e).__name__ if "/" in str(e) else str(e)  # don't show server paths
             raise gr.Error(f"{component.label}: could not read the uploaded image ({reason}); "
                            "upload a PNG, JPEG or WebP file") from None
@@ -102,6 +112,13 @@ def check_seed(seed) -> int:
     except (TypeError, ValueError, OverflowError):
         pass
     raise gr.Error(f"Seed: must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def check_whole(value, label: str, lo: int, hi: int) -> int:
+    """Sliders that need whole numbers (gradio checks only their range): 2.5 images is an error, not 2."""
+    if value != int(value):
+        raise gr.Error(f"{label}: must be a whole number from {lo} to {hi}, got {value!r}")
+    return int(value)
 
 
 def pick_labels(pipe: RQPipeline, choice: str, num_images: int, seed: int) -> list[str] | None:
@@ -197,6 +214,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     def generate(class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
                  guidance_scale=None, progress=gr.Progress()):
         seed = check_seed(seed)
+        num_images = check_whole(num_images, "Number of images", 1, pipe.max_images)
+        top_k = check_whole(top_k, "Top-k (0 = off)", 0, K)
         labels = pick_labels(pipe, class_name, num_images, seed)
         names = labels or [None] * int(num_images)
         generator = torch.Generator(pipe.device).manual_seed(seed)
@@ -225,6 +244,7 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                  x1=0.75, y1=0.75):
         """image: the editor value {"background": image, "layers": [mask images], "composite": ...}."""
         seed = check_seed(seed)
+        num_images = check_whole(num_images, "Number of images", 1, pipe.max_images)
         if not image or image.get("background") is None:
             raise gr.Error("upload an image to complete")
         background = image["background"]

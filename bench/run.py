@@ -21,11 +21,13 @@ import json
 import time
 from pathlib import Path
 
-from bench import app_latency, sampling, training
+from bench import app_latency, load_test, sampling, training
 from bench.common import emit, machine_info, parse_args
 
-SECTIONS = {"sampling": sampling.figures, "training": training.figures, "app": app_latency.figures}
-OPTIONS = {"app": lambda a: {"weights": a.app_weights}}  # extra keyword arguments per section
+SECTIONS = {"sampling": sampling.figures, "training": training.figures, "app": app_latency.figures,
+            "load": load_test.figures}
+OPTIONS = {"app": lambda a: {"weights": a.app_weights},  # extra keyword arguments per section
+           "load": lambda a: {"weights": a.app_weights}}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 

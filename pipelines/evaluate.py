@@ -35,11 +35,11 @@ from .rq_pipeline import RQPipeline
 
 
 class SmallClassifier(nn.Module):
-    """Four conv stages + global pooling: enough to tell emoji categories apart at 64 px."""
+    """A strided stem, four conv stages and global pooling: enough to tell emoji categories apart at 64 px."""
 
-    def __init__(self, num_classes: int, width: int = 32):
+    def __init__(self, num_classes: int, width: int = 24):
         super().__init__()
-        layers, cin = [], 3
+        layers, cin = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.ReLU()], width  # halve first: CPU-cheap
         for i in range(4):
             cout = width * 2 ** i
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),

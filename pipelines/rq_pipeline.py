@@ -58,8 +58,12 @@ class RQPipeline:
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
                              f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
-        if not isinstance(max_images, int) or max_images < 1:
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+        if isinstance(default_guidance_scale, bool) or not isinstance(default_guidance_scale, (int, float)) \
+                or not 0 <= default_guidance_scale < float("inf"):
+            raise ValueError(f"default_guidance_scale must be a number >= 0 (1 = no guidance), "
+                             f"got {default_guidance_scale!r}")
         self.rqvae, self.transformer = rqvae.eval(), transformer.eval()
         self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
 
@@ -79,11 +83,18 @@ class RQPipeline:
                 options = json.loads((path / PIPELINE_FILE).read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path / PIPELINE_FILE} is not valid JSON: {e}") from None
-            unknown = set(options) - {"max_images", "default_guidance_scale"} if isinstance(options, dict) else {0}
+            if not isinstance(options, dict):
+                raise ValueError(f"{path / PIPELINE_FILE}: expected a JSON object with max_images and/or "
+                                 f"default_guidance_scale, got {type(options).__name__}")
+            unknown = set(options) - {"max_images", "default_guidance_scale"}
             if unknown:
                 raise ValueError(f"{path / PIPELINE_FILE}: unexpected content {sorted(map(str, unknown))}")
-        pipe = cls(RQVAE.from_pretrained(path / "rqvae"), RQTransformer.from_pretrained(path / "rqtransformer"),
-                   **options)
+        rqvae = RQVAE.from_pretrained(path / "rqvae")
+        transformer = RQTransformer.from_pretrained(path / "rqtransformer")
+        try:
+            pipe = cls(rqvae, transformer, **options)
+        except ValueError as e:  # options of pipeline.json, or a transformer made for another RQ-VAE
+            raise ValueError(f"{path}: {e}") from None
         return pipe.to(device or default_device(), dtype)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
@@ -317,6 +328,9 @@ class RQPipeline:
             mask = Image.fromarray(mask.astype(np.uint8))
         if not isinstance(mask, Image.Image):
             raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
+        if mask.width * mask.height > MAX_IMAGE_PIXELS:  # before any decoding, as for images
+            raise ValueError(f"mask is too large ({mask.width}x{mask.height}); the limit is "
+                             f"{MAX_IMAGE_PIXELS:,} pixels")
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             alpha = mask.convert("RGBA").getchannel("A")
             # strokes painted on a transparent layer: the alpha is the mask; an opaque image: its brightness

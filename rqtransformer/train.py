@@ -121,9 +121,7 @@ def main(argv=None):
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw = accelerator.unwrap_model(model)
     ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    start = training.resume(accelerator, args)
+    start = training.resume(accelerator, args, ema)
     null = raw.null_class
 
     def train_step(batch, step):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, with a clear ValueError for unreadable or oversized files."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # PIL itself only refuses twice the limit
+                raise Image.DecompressionBombError(f"{im.width}x{im.height}")
             im.load()
             return to_rgb(im)
     except Image.DecompressionBombError:
@@ -78,8 +81,16 @@ def image_folder(data_dir: str | os.PathLike, resolution: int, hflip: bool = Fal
     if check:
         for path, _ in ds.samples:
             try:
-                with Image.open(path) as im:
-                    im.verify()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+                    with Image.open(path) as im:
+                        width, height = im.size
+                        im.verify()
+            except Image.DecompressionBombError:  # PIL refuses > 2x the limit before returning the image
+                width = height = None
             except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unusable
                 raise ValueError(f"unreadable image {path}: {e.__class__.__name__}: {e}") from None
+            if width is None or width * height > MAX_IMAGE_PIXELS:
+                shown = f" ({width}x{height})" if width else ""
+                raise ValueError(f"image {path} is too large{shown}; the limit is {MAX_IMAGE_PIXELS:,} pixels")
     return ds

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 # ImageNet statistics for VGG inputs
@@ -40,8 +41,13 @@ class VGGPerceptual(nn.Module):
             path = Path(weights)
             if path.suffix != ".safetensors" or not path.is_file():
                 raise ValueError(f"--perceptual_weights must be an existing .safetensors file, got {weights}")
-            state = {k.removeprefix("features."): v for k, v in load_file(str(path)).items()}
-            features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) < self.STAGES[-1]})
+            try:  # never unpickles; any other file (or a file of another network) is one clear error
+                state = {k.removeprefix("features."): v for k, v in load_file(str(path)).items()}
+                features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) < self.STAGES[-1]})
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ValueError(f"--perceptual_weights {weights} is not the VGG16 features as safetensors: "
+                                 f"{reason}") from None
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("mean", _MEAN.clone(), persistent=False)
         self.register_buffer("std", _STD.clone(), persistent=False)

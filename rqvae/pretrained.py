@@ -143,6 +143,12 @@ class PretrainedMixin:
         return model
 
 
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "boolean"
+    return "floating-point" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
 def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
     """Strictly load a safetensors file into `model`, with errors that name the offending keys."""
     file = Path(file)
@@ -170,6 +176,9 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
                 f"{file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
                 f"the config needs {tuple(expected[key].shape)}"
             )
+        if _kind(tensors[key].dtype) != _kind(expected[key].dtype):  # fp16/bf16 for fp32 is fine, int for float not
+            raise ValueError(f"{file}: tensor '{key}' has dtype {tensors[key].dtype}, the model needs a "
+                             f"{_kind(expected[key].dtype)} tensor ({expected[key].dtype})")
     state = {k: tensors[k].to(expected[k].dtype) for k in wanted}
     state.update({k: state[v] for k, v in alias.items()})
     model.load_state_dict(state, strict=True)

@@ -103,9 +103,7 @@ def main(argv=None):
         models.append(criterion.discriminator)
     raw = accelerator.unwrap_model(model)
     ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    start = training.resume(accelerator, args)
+    start = training.resume(accelerator, args, ema)
 
     def train_step(batch, step):
         images = batch[0]

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+EMA_FILE = "ema.safetensors"
 
 
 def positive_int(text: str) -> int:
@@ -154,8 +156,17 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> Path:
-    """Write checkpoint-<step>/ atomically: save into a temp folder, then rename."""
+def remove_checkpoint(path: Path) -> None:
+    """Unmark first, then delete: a deletion killed half-way leaves no complete-looking checkpoint."""
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None,
+                    ema: EMA | None = None) -> Path:
+    """Write checkpoint-<step>/ atomically: save into a temp folder, then rename.
+
+    The EMA goes into ema.safetensors ourselves (accelerate would pickle it)."""
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -163,13 +174,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        state = {"step": step}
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / EMA_FILE))
+            state.update(ema_decay=ema.decay, ema_updates=ema.updates)
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         if total_limit:
             for old in list_checkpoints(root)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -188,18 +203,24 @@ def resolve_resume(output_dir, resume: str | None) -> Path | None:
     return path
 
 
-def resume(accelerator: Accelerator, args) -> int:
+def resume(accelerator: Accelerator, args, ema: EMA | None = None) -> int:
     """Restore model/optimizer/scheduler/EMA/RNG state; returns the step to continue from."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):  # leftovers of a killed save
+        if accelerator.is_main_process and (path is None or stale.resolve() != path.resolve()):
+            shutil.rmtree(stale, ignore_errors=True)
     if path is None:
         if args.resume_from_checkpoint:
             accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
-        for stale in Path(args.output_dir).glob(".tmp-checkpoint-*"):  # leftovers of a killed save
-            if accelerator.is_main_process:
-                shutil.rmtree(stale, ignore_errors=True)
         return 0
     accelerator.load_state(str(path))
-    step = json.loads((path / STATE_FILE).read_text())["step"]
+    state = json.loads((path / STATE_FILE).read_text())
+    step = state["step"]
+    if ema is not None:
+        if not (path / EMA_FILE).is_file():
+            raise ValueError(f"{path} has no {EMA_FILE}: it was saved without EMA (pass --ema_decay 0)")
+        ema.load_state_dict({"decay": state["ema_decay"], "updates": state["ema_updates"],
+                             "shadow": load_file(str(path / EMA_FILE))})
     accelerator.print(f"resumed from {path} at step {step}")
     return step
 
@@ -258,7 +279,7 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
         if evaluate is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
             evaluate(step)
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
         if step >= args.max_train_steps:
             break
     progress.close()
