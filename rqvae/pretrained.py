@@ -81,11 +81,14 @@ def load_config(config_class, path: str | os.PathLike):
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"no {CONFIG_NAME} found in {path}: expected a folder written by save_pretrained")
+    return config_from_dict(config_class, read_json(file, str(file)), source=str(file))
+
+
+def read_json(file: Path, what: str):
     try:
-        data = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    return config_from_dict(config_class, data, source=str(file))
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
 
 
 def _aliases(state: dict) -> dict[str, str]:
@@ -192,10 +195,7 @@ def config_from_arg(config_class, presets: dict, value: str, **overrides):
         path = Path(value)
         if not path.is_file():
             raise ValueError(f"--config file {value} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"--config file {value} is not valid JSON: {e}") from None
+        data = read_json(path, f"--config file {value}")
     else:
         raise ValueError(f"--config must be one of {sorted(presets)} or a .json file, got {value!r}")
     if not isinstance(data, dict):
