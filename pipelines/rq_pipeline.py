@@ -226,7 +226,7 @@ class RQPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         labels = self._labels(class_labels, num_images)
         guidance_scale = self._sampling(guidance_scale, generator)
-        if labels is None or self.transformer.config.num_classes == 0:
+        if labels is None:  # _labels refuses labels for an unconditional model
             guidance_scale = 1.0  # nothing to guide towards
         h, w, _ = self.rqvae.code_shape
         every = every or w

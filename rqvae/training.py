@@ -129,11 +129,8 @@ class EMA:
             for name, p in model.named_parameters():
                 p.copy_(backup[name])
 
-    def state_dict(self):
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
     def load_state_dict(self, state):
-        self.decay, self.updates = state["decay"], state.get("updates", 0)
+        self.decay, self.updates = state["decay"], state["updates"]
         for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
 
@@ -176,7 +173,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     if accelerator.is_main_process:
         state = {"step": step}
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / EMA_FILE))
+            save_file(ema.shadow, str(tmp / EMA_FILE))  # shadow tensors are contiguous clones
             state.update(ema_decay=ema.decay, ema_updates=ema.updates)
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         if final.exists():

@@ -355,8 +355,7 @@ def test_stage1_cli_bad_input(tmp_path, capsys, image_dir, odd, case, message):
         cfg.write_text(json.dumps([1, 2] if case == "config_not_object" else {"codebook_size": -1}))
         extra = ["--config", str(cfg)]
     elif case == "resume_partial":
-        (tmp_path / "o" / ".tmp-checkpoint-4").mkdir(parents=True)
-        extra = ["--resume_from_checkpoint", str(tmp_path / "o" / ".tmp-checkpoint-4")]
+        extra = resume_from_partial(tmp_path / "o", 4)
     elif case == "warmup_negative":
         extra = ["--lr_warmup_steps", "-1"]
     elif case == "perceptual_negative":
@@ -367,6 +366,13 @@ def test_stage1_cli_bad_input(tmp_path, capsys, image_dir, odd, case, message):
     err = cli_error(main, argv, capsys)
     for part in message:
         assert part in err, err
+
+
+def resume_from_partial(output_dir, step: int) -> list[str]:
+    """CLI args pointing --resume_from_checkpoint at a checkpoint whose save never finished."""
+    partial = output_dir / f".tmp-checkpoint-{step}"
+    partial.mkdir(parents=True)
+    return ["--resume_from_checkpoint", str(partial)]
 
 
 STAGE2_CASES = [
@@ -404,8 +410,7 @@ def test_stage2_cli_bad_input(tmp_path, capsys, image_dir, vae_dir, odd, case, m
                                                                                               "heads": 4}))
         extra = ["--config", str(cfg)]
     elif case == "resume_partial":
-        (tmp_path / "o" / ".tmp-checkpoint-2").mkdir(parents=True)
-        extra = ["--resume_from_checkpoint", str(tmp_path / "o" / ".tmp-checkpoint-2")]
+        extra = resume_from_partial(tmp_path / "o", 2)
     elif case == "batch_size_0":
         extra = ["--train_batch_size", "0"]
     argv = ["--rqvae", str(rqvae), "--data_dir", str(data), "--output_dir", str(tmp_path / "o"), *FAST2,
