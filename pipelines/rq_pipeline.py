@@ -25,6 +25,7 @@ from rqvae.data import MAX_IMAGE_PIXELS, image_transform, to_pil, to_rgb
 
 PIPELINE_FILE = "pipeline.json"
 OUTPUT_TYPES = ("pil", "pt", "np")
+MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
 
 
 @dataclass
@@ -58,8 +59,8 @@ class RQPipeline:
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
                              f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or not 1 <= max_images <= MAX_IMAGES_LIMIT:
+            raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
         if isinstance(default_guidance_scale, bool) or not isinstance(default_guidance_scale, (int, float)) \
                 or not 0 <= default_guidance_scale < float("inf"):
             raise ValueError(f"default_guidance_scale must be a number >= 0 (1 = no guidance), "
@@ -105,7 +106,12 @@ class RQPipeline:
         (path / PIPELINE_FILE).write_text(json.dumps(options, indent=2) + "\n")
 
     def to(self, device=None, dtype=None) -> "RQPipeline":
-        self.rqvae.to(device=device, dtype=dtype)
+        """Move both models to `device`; `dtype` (e.g. torch.bfloat16 on a GPU) is the transformer's.
+
+        The RQ-VAE stays float32: it is small, and its nearest-code search needs the precision."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.rqvae.to(device=device)
         self.transformer.to(device=device, dtype=dtype)
         return self
 

@@ -84,13 +84,15 @@ class RQTransformerConfig:
 
 
 class KVCache:
-    """Static keys/values for incremental decoding: per layer k, v [B, heads, length, dim_head]."""
+    """Static keys and values for incremental decoding: per layer kv [B, 2, heads, length, dim_head].
+
+    Keys and values share one tensor so that each step writes both with a single copy.
+    """
 
     def __init__(self, layers: int, batch_size: int, heads: int, length: int, dim_head: int,
                  device=None, dtype=None):
-        shape = (batch_size, heads, length, dim_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        shape = (batch_size, 2, heads, length, dim_head)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
 
 
 class SelfAttention(nn.Module):
@@ -107,15 +109,16 @@ class SelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(rearrange(y, "b h n e -> b n (h e)")))
 
-    def step(self, x: torch.Tensor, t: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """One new token at position t: x [B, dim]; caches [B, heads, L, dim_head] are written at t."""
+    def step(self, x: torch.Tensor, t: int, kv: torch.Tensor) -> torch.Tensor:
+        """One new token at position t: x [B, dim]; kv [B, 2, heads, L, dim_head] is written at t."""
         B = x.shape[0]
-        q, k, v = self.qkv(x).view(B, 3, self.heads, 1, -1).unbind(1)  # each [B, heads, 1, dim_head]
-        k_cache[:, :, t : t + 1] = k
-        v_cache[:, :, t : t + 1] = v
-        # one query over the filled prefix: no mask needed
-        y = F.scaled_dot_product_attention(q, k_cache[:, :, : t + 1], v_cache[:, :, : t + 1])  # [B, h, 1, e]
-        return self.proj(y.view(B, -1))
+        qkv = self.qkv(x).view(B, 3, self.heads, 1, -1)  # [B, 3, heads, 1, dim_head]
+        kv[:, :, :, t : t + 1] = qkv[:, 1:]
+        if t == 0:
+            y = qkv[:, 2]  # one key: attention returns its value
+        else:  # one query over the filled prefix: no mask needed
+            y = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0, :, : t + 1], kv[:, 1, :, : t + 1])
+        return self.proj(y.reshape(B, -1))
 
 
 class MLP(nn.Module):
@@ -140,8 +143,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
-    def step(self, x, t, k_cache, v_cache):  # [B, dim], inference only
-        x = x + self.attn.step(self.ln1(x), t, k_cache, v_cache)
+    def step(self, x, t, kv):  # [B, dim], inference only
+        x = x + self.attn.step(self.ln1(x), t, kv)
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.ln2(x))))
 
 
@@ -267,13 +270,13 @@ class RQTransformer(PretrainedMixin, nn.Module):
     def spatial_step(self, x: torch.Tensor, t: int, cache: KVCache) -> torch.Tensor:
         """Spatial input x [B, dim] at position t (cache holds positions < t) -> normalized output [B, dim]."""
         for i, block in enumerate(self.spatial_blocks):
-            x = block.step(x, t, cache.k[i], cache.v[i])
+            x = block.step(x, t, cache.kv[i])
         return self.spatial_norm(x)
 
     def depth_step(self, x: torch.Tensor, d: int, cache: KVCache) -> torch.Tensor:
         """Depth input x [B, dim] at step d (position embedding included) -> logits [B, K] of code d."""
         for i, block in enumerate(self.depth_blocks):
-            x = block.step(x, d, cache.k[i], cache.v[i])
+            x = block.step(x, d, cache.kv[i])
         return self.head(self.depth_norm(x))
 
 

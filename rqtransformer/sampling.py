@@ -14,18 +14,22 @@ from einops import rearrange
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, K] -> sampled indices [B]: temperature, then top-k, then nucleus (top-p) filtering."""
+    """logits [B, K] -> sampled indices [B]: temperature, then top-k, then nucleus (top-p) filtering.
+
+    With a filter, only the k best codes (all K, sorted, for top-p alone) are softmaxed and drawn
+    from: the same distribution as masking the rest to -inf, at a fraction of the work for small k.
+    """
     if temperature != 1.0:
         logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1] k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    K = logits.shape[-1]
+    if (top_k is None or top_k >= K) and (top_p is None or top_p >= 1.0):
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    best, index = torch.topk(logits, min(top_k or K, K), dim=-1)  # [B, k] each, best first
     if top_p is not None and top_p < 1.0:
-        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)  # [B, K] each
-        drop_sorted = probs.cumsum(-1) - probs >= top_p  # mass of strictly better codes already >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        probs = best.softmax(-1)
+        best = best.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))  # better codes hold >= top_p
+    choice = torch.multinomial(best.softmax(-1), 1, generator=generator)  # [B, 1] index into the k best
+    return index.gather(-1, choice).squeeze(-1)
 
 
 def _check_options(model, temperature, top_k, top_p, guidance_scale, callback) -> None:
@@ -199,9 +203,8 @@ def _setup(model, B, cfg, scale, temperature, top_k, top_p, generator, forced, k
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # [R, K] -> codes [B]
         logits = logits.float()
-        if cfg:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + scale * (cond - uncond)
+        if cfg:  # uncond + scale * (cond - uncond)
+            logits = torch.lerp(logits[B:], logits[:B], scale)
         return sample_logits(logits, temperature, top_k, top_p, generator)
 
     def report(callback, t):

@@ -31,7 +31,8 @@ from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_d
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rqvae", required=True, help="folder of a trained RQ-VAE (rqvae.train's --output_dir)")
-    p.add_argument("--config", default="emoji-64", help=f"preset {sorted(PRESETS)} or a config .json")
+    p.add_argument("--config", default=None,
+                   help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder: test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--samples_per_class", type=training.positive_int, default=4)
     training.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
     args = p.parse_args(argv)
+    args.config = args.config or args.init_from or "emoji-64"
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.sample_guidance_scale < 0:
@@ -108,6 +110,7 @@ def main(argv=None):
     accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes")
 
     model = RQTransformer(config)
+    training.init_weights(model, args)
     loader = DataLoader(TensorDataset(codes, labels), batch_size=args.train_batch_size, shuffle=True,
                         drop_last=len(codes) >= args.train_batch_size,
                         generator=torch.Generator().manual_seed(args.seed))

@@ -188,16 +188,16 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
 
 
 def config_from_arg(config_class, presets: dict, value: str, **overrides):
-    """`--config` value: a preset name or a JSON file; `overrides` (not None) replace fields."""
+    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields."""
     if value in presets:
         data = dict(presets[value])
-    elif value.endswith(".json"):
-        path = Path(value)
+    elif Path(value).is_dir() or value.endswith(".json"):
+        path = Path(value) / CONFIG_NAME if Path(value).is_dir() else Path(value)
         if not path.is_file():
-            raise ValueError(f"--config file {value} does not exist")
-        data = read_json(path, f"--config file {value}")
+            raise ValueError(f"--config {value}: {path} does not exist")
+        data = read_json(path, f"--config {value}")
     else:
-        raise ValueError(f"--config must be one of {sorted(presets)} or a .json file, got {value!r}")
+        raise ValueError(f"--config must be one of {sorted(presets)}, a .json file or a model folder, got {value!r}")
     if not isinstance(data, dict):
         raise ValueError(f"--config {value}: expected a JSON object")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -24,7 +24,8 @@ from .pretrained import config_from_arg
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="emoji-64", help=f"preset {sorted(PRESETS)} or a config .json")
+    p.add_argument("--config", default=None,
+                   help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
     p.add_argument("--resolution", type=training.positive_int, default=None, help="override the config's")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=training.positive_int, default=64)
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--disc_learning_rate", type=training.positive_float, default=None)
     training.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
     args = p.parse_args(argv)
+    args.config = args.config or args.init_from or "emoji-64"
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
@@ -86,6 +88,7 @@ def main(argv=None):
     accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
 
     model = RQVAE(config)
+    training.init_weights(model, args)
     criterion = RQVAELoss(args.reconstruction_loss, args.perceptual_weight, args.perceptual_weights,
                           args.disc_weight, args.disc_start,
                           # each layer halves the patch grid; keep at least 4x4 patches for the 4x4 kernels

@@ -18,6 +18,8 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .pretrained import WEIGHTS_NAME, load_weights
+
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 EMA_FILE = "ema.safetensors"
@@ -60,12 +62,22 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
     g.add_argument("--checkpointing_steps", type=positive_int, default=500)
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    g.add_argument("--init_from", default=None,
+                   help="start from the weights of a model folder (fine-tuning); its config.json is the default --config")
     g.add_argument("--validation_steps", type=positive_int, default=500, help="image grid every N steps")
     g.add_argument("--logging_steps", type=positive_int, default=10)
     g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
     g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+
+
+def init_weights(model: torch.nn.Module, args) -> None:
+    """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor)."""
+    if args.init_from:
+        if not Path(args.init_from).is_dir():
+            raise ValueError(f"--init_from {args.init_from} is not a model folder")
+        load_weights(model, Path(args.init_from) / WEIGHTS_NAME)
 
 
 def setup(args, project: str) -> Accelerator:

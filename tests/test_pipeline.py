@@ -65,6 +65,19 @@ def test_save_load_round_trip_reproduces_images(pipe, tmp_path):
     torch.testing.assert_close(a.images, b.images)
 
 
+def test_bfloat16_transformer_keeps_a_float32_rqvae(pipe, tmp_path):
+    """dtype is the transformer's (the GPU option); sampling and decoding still work, here on CPU."""
+    pipe.save_pretrained(tmp_path / "p")
+    half = RQPipeline.from_pretrained(tmp_path / "p", device="cpu", dtype=torch.bfloat16)
+    assert half.transformer.head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in half.rqvae.parameters())
+    out = half("squares", num_images=2, generator=gen(0), guidance_scale=2.0, output_type="pt")
+    assert out.codes.shape == (2, 4, 4, 2) and 0 <= int(out.codes.min()) and int(out.codes.max()) < 32
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="dtype"):
+        RQPipeline.from_pretrained(tmp_path / "p", device="cpu", dtype=torch.int8)
+
+
 def test_stream_yields_previews_then_the_same_final_images(pipe):
     items = list(pipe.stream("squares", num_images=2, generator=gen(3), guidance_scale=1.5, output_type="pt"))
     final = pipe("squares", num_images=2, generator=gen(3), guidance_scale=1.5, output_type="pt")

@@ -255,7 +255,8 @@ SAVED_CASES = [
     ("vae_negative_codebook", "codebook_size must be >= 1, got -5"),
     ("transformer_code_shape_2d", r"code_shape must be 3 positive integers \(h, w, D\)"),
     ("transformer_names_count", "class_names has 2 entries but num_classes is 3"),
-    ("pipeline_json_max_images_0", "max_images must be a positive integer, got 0"),
+    ("pipeline_json_max_images_0", "max_images must be a positive integer <= 64, got 0"),
+    ("pipeline_json_max_images_huge", "max_images must be a positive integer <= 64, got 1000000000"),
     ("pipeline_json_guidance_negative", "default_guidance_scale must be a number >= 0"),
     ("pipeline_json_guidance_text", "default_guidance_scale must be a number >= 0"),
     ("pipeline_json_list", "expected a JSON object"),
@@ -278,7 +279,8 @@ def test_saved_pipeline_with_bad_files(saved, case, message):
     elif case == "transformer_names_count":
         edit_json(tf / "config.json", class_names=["a", "b"])
     elif case.startswith("pipeline_json"):
-        value = {"max_images_0": {"max_images": 0}, "guidance_negative": {"default_guidance_scale": -1},
+        value = {"max_images_0": {"max_images": 0}, "max_images_huge": {"max_images": 10**9},
+                 "guidance_negative": {"default_guidance_scale": -1},
                  "guidance_text": {"default_guidance_scale": "high"}, "list": [1, 2]}[case[len("pipeline_json_"):]]
         (saved / "pipeline.json").write_text(json.dumps(value))
     elif case == "vae_weights_missing":

@@ -353,3 +353,28 @@ def test_unconditional_model_rejects_labels():
 def test_forward_rejects_bad_inputs(model, codes, labels, match):
     with pytest.raises(ValueError, match=match):
         model(codes, labels)
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(None, None, 1.0), (3, None, 1.0), (None, 0.6, 1.0),
+                                                       (4, 0.8, 0.7), (6, None, 2.0)])
+def test_sample_logits_draws_from_the_filtered_softmax(top_k, top_p, temperature):
+    """Frequencies of 20k draws match softmax(logits / T) restricted to the top-k, then to the nucleus."""
+    from rqtransformer import sample_logits
+
+    logits = torch.tensor([2.0, 0.5, 1.5, -1.0, 1.0, 0.0])
+    probs = (logits / temperature).softmax(-1)
+    allowed = torch.ones(6, dtype=torch.bool)
+    order = probs.argsort(descending=True)
+    if top_k is not None:
+        allowed[order[top_k:]] = False
+    if top_p is not None:  # the nucleus of what top-k left, renormalised
+        kept = torch.where(allowed, probs, 0.0)[order] / probs[allowed].sum()
+        before = kept.cumsum(0) - kept  # mass of strictly better codes
+        allowed[order[before >= top_p]] = False
+    expected = torch.where(allowed, probs, 0.0)
+    expected /= expected.sum()
+    n = 20_000
+    draws = sample_logits(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / n
+    assert (freq[~allowed] == 0).all()
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)

@@ -87,3 +87,25 @@ def test_bad_numbers(vae_dir, image_dir, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path), flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_a_saved_transformer(vae_dir, image_dir, tmp_path):
+    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST[2:], "--ema_decay", "0"]
+    main([*base, "--config", "tiny", "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
+    main([*base, "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"), "--max_train_steps", "1",
+          "--learning_rate", "1e-12"])
+    a, b = (RQTransformer.from_pretrained(tmp_path / n) for n in "ab")
+    assert b.config == a.config
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, msg=key)
+
+
+def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_path, capsys):
+    from conftest import make_image_folder
+    base = ["--rqvae", str(vae_dir), *FAST, "--max_train_steps", "1"]
+    main([*base, "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "a")])
+    three = make_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main([*base, "--data_dir", str(three), "--output_dir", str(tmp_path / "b"),
+                              "--init_from", str(tmp_path / "a")]))
+    assert e.value.code == 2 and "class_emb.weight" in capsys.readouterr().err

@@ -141,3 +141,32 @@ def test_ema_warms_up_then_averages():
     with ema.swapped(model):
         model.weight.data.zero_()  # changes inside the context are discarded
     assert model.weight[0, 0].item() == 1.0
+
+
+def test_init_from_fine_tunes_a_saved_model(tmp_path, image_dir):
+    """--init_from starts from a saved model's weights and takes its config when --config is not given."""
+    base = ["--data_dir", str(image_dir), *FAST[2:], "--validation_steps", "100", "--ema_decay", "0"]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"resolution": 16, "codebook_size": 8, "code_depth": 3, "downsample": 8,
+                               "channels": 8, "latent_dim": 8, "mid_attention": False}))
+    main([*base, "--config", str(cfg), "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
+    start = RQVAE.from_pretrained(tmp_path / "a")
+    main([*base, "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"),
+          "--max_train_steps", "1", "--learning_rate", "1e-12"])
+    tuned = RQVAE.from_pretrained(tmp_path / "b")
+    assert tuned.config == start.config  # not the emoji-64 default
+    torch.testing.assert_close(tuned.encoder.net[0].weight, start.encoder.net[0].weight)
+    fresh = RQVAE(start.config)
+    assert not torch.allclose(fresh.encoder.net[0].weight, start.encoder.net[0].weight)
+
+
+@pytest.mark.parametrize("target, message", [("missing", "is not a model folder"),
+                                             ("other_config", "has shape")])
+def test_init_from_bad_folder(tmp_path, capsys, image_dir, target, message):
+    folder = tmp_path / "nothing"
+    if target == "other_config":  # a tiny model with a different codebook, loaded into the tiny preset
+        from rqvae import PRESETS, RQVAEConfig
+        RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "codebook_size": 8})).save_pretrained(folder)
+    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST,
+                     "--init_from", str(folder)], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
