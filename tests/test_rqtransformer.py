@@ -378,3 +378,15 @@ def test_sample_logits_draws_from_the_filtered_softmax(top_k, top_p, temperature
     freq = torch.bincount(draws, minlength=6).float() / n
     assert (freq[~allowed] == 0).all()
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_compiled_steps_sample_the_same_codes():
+    """compile_steps (the GPU option), exercised on CPU with the smallest model: same codes as eager."""
+    torch.manual_seed(0)
+    config = RQTransformerConfig(codebook_size=8, code_shape=(2, 2, 2), dim=16, heads=2, spatial_layers=1,
+                                 depth_layers=1, num_classes=2, dropout=0.0)
+    model = RQTransformer(config).eval()
+    kwargs = dict(class_labels=[0, 1], guidance_scale=2.0, top_k=1)  # greedy: robust to rounding
+    eager = model.generate(**kwargs, generator=torch.Generator().manual_seed(3))
+    compiled = model.compile_steps().generate(**kwargs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(compiled, eager)
