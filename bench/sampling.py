@@ -7,6 +7,9 @@
 Ours samples with top_k = the reference's filter_thres=0.9 filter (51 of 512 codes), temperature 1.
 The reference runs as shipped (`generate()` re-runs the full forward for each of the h*w*D tokens),
 but under torch.inference_mode like ours, which only makes it faster (the ratio is conservative).
+Both run in one process with the same torch thread setting; ours samples on one intra-op thread, its
+`generate()` default (measured faster for these tiny sequential steps: the `sampling_threads` figure
+gives ours with the process setting too).
 When the reference would take too long (batch 64), its time is estimated: one sampling step is
 timed at evenly spaced prefix lengths (midpoints of equal strata) and summed over all steps; the
 batch-1 figure reports the same estimate beside the full measurement as a check.
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 from bench.common import (REPEATS, build_ours, build_reference, emit, median_time, parse_args, random_codes,
                           reference_top_k, rnd, run_main, sizes, timed_or_skip, with_goal)
 import torch
+from rqtransformer.sampling import SAMPLING_THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDUP_GOALS = (10.0, 30.0, None)  # issue 7, per batch (1, 16, 64): >= 10x the reference, >= 30x
@@ -35,11 +38,12 @@ def batches(quick: bool) -> tuple[int, int, int]:
     return (1, 4, 8) if quick else (1, 16, 64)
 
 
-def ours_fn(model, batch: int, top_k: int, use_cache: bool = True, labels=None, guidance: float = 1.0):
+def ours_fn(model, batch: int, top_k: int, use_cache: bool = True, labels=None, guidance: float = 1.0,
+            num_threads: int | None = SAMPLING_THREADS):
     def run():
         g = torch.Generator().manual_seed(0)
         return model.generate(class_labels=labels, num_samples=None if labels else batch, top_k=top_k,
-                              guidance_scale=guidance, generator=g, use_cache=use_cache)
+                              guidance_scale=guidance, generator=g, use_cache=use_cache, num_threads=num_threads)
     return run
 
 
@@ -83,7 +87,8 @@ def reference_sampling(ref, batch: int, total: int, quick: bool) -> dict:
 
 
 def ours_record(m: dict, batch: int, cache: bool, top_k: int, **extra) -> dict:
-    rec = {"figure": "sampling", "impl": "ours", "cache": cache, "batch": batch, "top_k": top_k}
+    rec = {"figure": "sampling", "impl": "ours", "cache": cache, "batch": batch, "top_k": top_k,
+           "sampling_threads": min(SAMPLING_THREADS, torch.get_num_threads())}
     if "skipped" in m:
         return {**rec, **m, **extra}
     return {**rec, "seconds": rnd(m["seconds"]), "images_per_s": rnd(batch / m["seconds"]), "runs": m["runs"],
@@ -118,6 +123,14 @@ def figures(quick: bool = False) -> list[dict]:
         m = timed_or_skip(ours_fn(model, b, k, use_cache=False), limit)
         extra = {} if "skipped" in m else {"cache_speedup": rnd(m["seconds"] / ours_s[b], 3)}
         out.append(emit(ours_record(m, b, False, k, **extra)))
+
+    # 1b. generate()'s default of one intra-op thread vs the process setting (what the reference uses)
+    for b in bs:
+        m = median_time(ours_fn(model, b, k, num_threads=None))
+        out.append(emit({"figure": "sampling_threads", "batch": b, "process_threads": torch.get_num_threads(),
+                         "process_threads_seconds": rnd(m["seconds"]), "runs": m["runs"],
+                         "default_seconds": rnd(ours_s[b]), "default_threads": SAMPLING_THREADS,
+                         "speedup": rnd(m["seconds"] / ours_s[b], 3)}))
 
     # 2. limit ratio: sampling time / one teacher-forced forward over the same batch (same FLOPs, no steps)
     for b in bs[1:]:
@@ -161,7 +174,10 @@ def peak_rss_sampling(batch: int, quick: bool) -> dict:
 
 
 def rss_child(batch: int, quick: bool) -> None:
-    """Fresh process: import, build the model, sample once; print peak RSS (includes torch itself)."""
+    """Fresh process: import, build the model, sample once; print peak RSS (includes torch itself).
+
+    Peak = VmHWM of this process image. Not ru_maxrss: Linux carries that across exec, so a child
+    forked from the (large) benchmark process would report the parent's size."""
     def vm(field):  # MiB from /proc/self/status
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) / 1024 for l in f if l.startswith(field))
@@ -169,7 +185,7 @@ def rss_child(batch: int, quick: bool) -> None:
     model = build_ours(cfg)
     before = vm("VmRSS:")
     ours_fn(model, batch, reference_top_k(cfg["codebook_size"]))()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak = vm("VmHWM:")
     print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_before_sampling_mib": round(before, 1),
                       "sampling_added_mib": round(peak - before, 1)}))
 

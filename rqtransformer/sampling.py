@@ -6,10 +6,14 @@ so for the same generator seed they return the same codes.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from einops import rearrange
+
+SAMPLING_THREADS = 1  # default intra-op threads for sampling on CPU (see _intra_op_threads)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -32,7 +36,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return index.gather(-1, choice).squeeze(-1)
 
 
-def _check_options(model, temperature, top_k, top_p, guidance_scale, callback) -> None:
+def _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads) -> None:
     K = model.config.codebook_size
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < float("inf"):
@@ -46,6 +50,43 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, callback) -
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable as callback(step, codes_so_far), got {callback!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be None (keep torch's setting) or a positive integer, "
+                         f"got {num_threads!r}")
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0   # generate() calls inside _intra_op_threads right now (any thread)
+_threads_saved = 0   # torch's setting before the first of them, restored by the last
+
+
+@contextmanager
+def _intra_op_threads(num_threads: int | None, device: torch.device):
+    """Run CPU sampling on `num_threads` intra-op threads, then restore torch's setting.
+
+    Each sampling step is a few hundred tiny ops; splitting them across cores costs more in thread
+    wake-ups than it saves (2-core CPU, reference sizes: batch 1 0.29 -> 0.19 s, batch 16 0.72 -> 0.54 s
+    on 1 thread; equal at batch 64). torch's setting is partly per thread (OpenMP) and partly global
+    (MKL), so concurrent calls remember the setting from before the first of them, and every call
+    restores it on its own thread when it ends.
+    """
+    global _threads_users, _threads_saved
+    if num_threads is None or device.type != "cpu":
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+        _threads_users += 1
+        saved = _threads_saved
+    torch.set_num_threads(min(num_threads, saved))
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+        torch.set_num_threads(saved)
 
 
 def _label_list(model, class_labels) -> list[int]:
@@ -136,7 +177,8 @@ def _parse_prefix(model, prefix):
 def generate(model, class_labels=None, num_samples: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, guidance_scale: float = 1.0,
              generator: torch.Generator | None = None, use_cache: bool = True, prefix=None,
-             callback: Callable[[int, torch.Tensor], object] | None = None) -> torch.Tensor:
+             callback: Callable[[int, torch.Tensor], object] | None = None,
+             num_threads: int | None = SAMPLING_THREADS) -> torch.Tensor:
     """Sample code stacks `LongTensor [B, h, w, D]`.
 
     class_labels: None (null class / unconditional model), an int or class name, a list, or a 1-D tensor.
@@ -149,8 +191,10 @@ def generate(model, class_labels=None, num_samples: int | None = None, temperatu
     callback(step, codes_so_far): called after each position, step = positions done (1..h*w);
     codes_so_far [B, h, w, D] is a copy in which positions not generated yet are -1, except
     forced (prefix) positions, which hold their codes from the start. Its return value is ignored.
+    num_threads: torch intra-op threads while sampling on CPU (default 1, faster for these tiny
+    sequential steps; never more than torch's setting, restored afterwards); None = torch's setting.
     """
-    _check_options(model, temperature, top_k, top_p, guidance_scale, callback)
+    _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -181,7 +225,7 @@ def generate(model, class_labels=None, num_samples: int | None = None, temperatu
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _intra_op_threads(num_threads, device):
             run = _sample_cached if use_cache else _sample_uncached
             codes = run(model, rows, B, cfg, float(guidance_scale), float(temperature), top_k, top_p,
                         generator, forced, keep, callback)

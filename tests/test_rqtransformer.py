@@ -1,5 +1,6 @@
 """RQ-Transformer: causality, KV-cached vs recomputed sampling, CFG, prefixes, overfitting, save/load."""
 import json
+import threading
 
 import pytest
 import torch
@@ -241,6 +242,44 @@ def test_batch_resolution_and_mode_restored():
     assert torch.equal(a, model.generate(class_labels=[2, 0], generator=gen(4), use_cache=False))
 
 
+def test_sampling_threads_are_set_and_restored(model):
+    torch.set_num_threads(3)
+    try:
+        seen = []
+
+        def record(step, codes):
+            seen.append(torch.get_num_threads())
+
+        default = model.generate(class_labels=[0, 1], generator=gen(5), callback=record)
+        assert set(seen) == {1} and torch.get_num_threads() == 3
+        seen.clear()
+        same = model.generate(class_labels=[0, 1], generator=gen(5), callback=record, num_threads=None)
+        assert set(seen) == {3} and torch.equal(default, same)  # the thread count does not change the codes
+        seen.clear()
+        model.generate(class_labels=0, callback=record, num_threads=8)  # never more than torch's setting
+        assert set(seen) == {3}
+
+        def fail(step, codes):
+            raise RuntimeError("stop")
+        with pytest.raises(RuntimeError, match="stop"):
+            model.generate(callback=fail)
+        assert torch.get_num_threads() == 3
+
+        after = []  # concurrent calls (as in the app's worker threads) each end with the setting restored
+
+        def work():
+            model.generate(class_labels=[0, 1, 2], generator=gen(6))
+            after.append(torch.get_num_threads())
+        workers = [threading.Thread(target=work) for _ in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert after == [3] * 4 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)
+
+
 # ---- training, save/load -------------------------------------------------------------------------
 
 def test_overfits_tiny_code_set():
@@ -316,6 +355,8 @@ BAD_GENERATE = [
     (dict(top_p=1.5), "top_p"),
     (dict(guidance_scale=-0.5), "guidance_scale"),
     (dict(callback=3), "callback"),
+    (dict(num_threads=0), "num_threads"),
+    (dict(num_threads=1.5), "num_threads"),
     (dict(prefix=torch.zeros(2, 3, SHAPE[2] + 1, dtype=torch.long)), "prefix codes must have shape"),
     (dict(prefix=torch.zeros(2, 10, SHAPE[2], dtype=torch.long)), "prefix codes must have shape"),
     (dict(prefix=torch.zeros(2, 3, SHAPE[2])), "integer tensor"),
