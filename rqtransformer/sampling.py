@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from einops import rearrange
 
-SAMPLING_THREADS = 1  # default intra-op threads for sampling on CPU (see _intra_op_threads)
+ONE_THREAD_MAX_ROWS = 32  # num_threads="auto": one intra-op thread up to this many rows (see auto_threads)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -50,10 +50,21 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, callback, n
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable as callback(step, codes_so_far), got {callback!r}")
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or num_threads < 1):
-        raise ValueError(f"num_threads must be None (keep torch's setting) or a positive integer, "
+    if num_threads not in (None, "auto") and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                              or num_threads < 1):
+        raise ValueError(f"num_threads must be 'auto', None (keep torch's setting) or a positive integer, "
                          f"got {num_threads!r}")
+
+
+def auto_threads(rows: int, use_cache: bool) -> int | None:
+    """num_threads="auto": 1 for cached sampling of <= ONE_THREAD_MAX_ROWS rows, else torch's setting.
+
+    Each cached step is a few hundred tiny ops; splitting them across cores costs more in thread
+    wake-ups than it saves. Measured on 2 cores, reference sizes: batch 1 0.32 -> 0.20 s and batch 16
+    0.75 -> 0.55 s on one thread, but batch 64 1.35 -> 1.50 s, and the uncached path (full forwards)
+    is 1.8x slower on one thread.
+    """
+    return 1 if use_cache and rows <= ONE_THREAD_MAX_ROWS else None
 
 
 _threads_lock = threading.Lock()
@@ -65,9 +76,7 @@ _threads_saved = 0   # torch's setting before the first of them, restored by the
 def _intra_op_threads(num_threads: int | None, device: torch.device):
     """Run CPU sampling on `num_threads` intra-op threads, then restore torch's setting.
 
-    Each sampling step is a few hundred tiny ops; splitting them across cores costs more in thread
-    wake-ups than it saves (2-core CPU, reference sizes: batch 1 0.29 -> 0.19 s, batch 16 0.72 -> 0.54 s
-    on 1 thread; equal at batch 64). torch's setting is partly per thread (OpenMP) and partly global
+    torch's setting is partly per thread (OpenMP) and partly global
     (MKL), so concurrent calls remember the setting from before the first of them, and every call
     restores it on its own thread when it ends.
     """
@@ -178,7 +187,7 @@ def generate(model, class_labels=None, num_samples: int | None = None, temperatu
              top_k: int | None = None, top_p: float | None = None, guidance_scale: float = 1.0,
              generator: torch.Generator | None = None, use_cache: bool = True, prefix=None,
              callback: Callable[[int, torch.Tensor], object] | None = None,
-             num_threads: int | None = SAMPLING_THREADS) -> torch.Tensor:
+             num_threads: int | str | None = "auto") -> torch.Tensor:
     """Sample code stacks `LongTensor [B, h, w, D]`.
 
     class_labels: None (null class / unconditional model), an int or class name, a list, or a 1-D tensor.
@@ -191,8 +200,9 @@ def generate(model, class_labels=None, num_samples: int | None = None, temperatu
     callback(step, codes_so_far): called after each position, step = positions done (1..h*w);
     codes_so_far [B, h, w, D] is a copy in which positions not generated yet are -1, except
     forced (prefix) positions, which hold their codes from the start. Its return value is ignored.
-    num_threads: torch intra-op threads while sampling on CPU (default 1, faster for these tiny
-    sequential steps; never more than torch's setting, restored afterwards); None = torch's setting.
+    num_threads: torch intra-op threads while sampling on CPU, never more than torch's setting, which
+    is restored afterwards. "auto" (default): 1 for cached sampling of up to 32 rows (faster for these
+    tiny sequential steps), else torch's setting; None: torch's setting.
     """
     _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
@@ -225,6 +235,8 @@ def generate(model, class_labels=None, num_samples: int | None = None, temperatu
     was_training = model.training
     model.eval()
     try:
+        if num_threads == "auto":
+            num_threads = auto_threads(rows.shape[0], use_cache)
         with torch.inference_mode(), _intra_op_threads(num_threads, device):
             run = _sample_cached if use_cache else _sample_uncached
             codes = run(model, rows, B, cfg, float(guidance_scale), float(temperature), top_k, top_p,

@@ -258,6 +258,14 @@ def test_sampling_threads_are_set_and_restored(model):
         seen.clear()
         model.generate(class_labels=0, callback=record, num_threads=8)  # never more than torch's setting
         assert set(seen) == {3}
+        for kwargs in (dict(num_samples=33), dict(num_samples=17, class_labels=0, guidance_scale=2.0),
+                       dict(use_cache=False)):  # "auto": large batches and full forwards keep all threads
+            seen.clear()
+            model.generate(callback=record, **kwargs)
+            assert set(seen) == {3}, kwargs
+        seen.clear()
+        model.generate(num_samples=32, callback=record, num_threads=2)
+        assert set(seen) == {2}
 
         def fail(step, codes):
             raise RuntimeError("stop")
@@ -357,6 +365,7 @@ BAD_GENERATE = [
     (dict(callback=3), "callback"),
     (dict(num_threads=0), "num_threads"),
     (dict(num_threads=1.5), "num_threads"),
+    (dict(num_threads="all"), "num_threads"),
     (dict(prefix=torch.zeros(2, 3, SHAPE[2] + 1, dtype=torch.long)), "prefix codes must have shape"),
     (dict(prefix=torch.zeros(2, 10, SHAPE[2], dtype=torch.long)), "prefix codes must have shape"),
     (dict(prefix=torch.zeros(2, 3, SHAPE[2])), "integer tensor"),
