@@ -76,9 +76,9 @@ _threads_saved = 0   # torch's setting before the first of them, restored by the
 def _intra_op_threads(num_threads: int | None, device: torch.device):
     """Run CPU sampling on `num_threads` intra-op threads, then restore torch's setting.
 
-    torch's setting is partly per thread (OpenMP) and partly global
-    (MKL), so concurrent calls remember the setting from before the first of them, and every call
-    restores it on its own thread when it ends.
+    torch's setting is partly per thread (OpenMP) and partly global (MKL), so concurrent calls
+    remember the setting from before the first of them, and every call restores it on its own
+    thread when it ends.
     """
     global _threads_users, _threads_saved
     if num_threads is None or device.type != "cpu":
