@@ -85,6 +85,11 @@ def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     return float((preds == labels).float().mean())
 
 
+def per_class_accuracy(classifier: nn.Module, images, labels, names: list[str]) -> dict[str, float]:
+    return {name: round(accuracy(classifier, images[labels == c], labels[labels == c]), 3)
+            for c, name in enumerate(names) if bool((labels == c).any())}
+
+
 def judge(args, classes: list[str], resolution: int) -> SmallClassifier:
     """The class judge: loaded from --classifier when that file exists, else trained (and saved there)."""
     path = Path(args.classifier) if args.classifier else None
@@ -139,6 +144,8 @@ def main(argv=None) -> dict:
     if conditional and args.train_dir:
         classifier = judge(args, pipe.class_names, vae.config.resolution)
         report["classifier_test_accuracy"] = accuracy(classifier, images, labels)
+        report["classifier_test_accuracy_per_class"] = per_class_accuracy(classifier, images, labels,
+                                                                          pipe.class_names)
         report["classifier_accuracy_on_reconstructions"] = accuracy(
             classifier, torch.cat([vae.decode(c) for c in codes.split(64)]), labels)
         g = torch.Generator().manual_seed(args.seed)
@@ -150,14 +157,10 @@ def main(argv=None) -> dict:
                            top_k=args.top_k, generator=g, output_type="pt")
                 samples.append(out.images * 2 - 1)
                 sample_labels += [c] * k
-        samples = torch.cat(samples)
-        per_class = {}
-        sample_labels = torch.tensor(sample_labels)
+        samples, sample_labels = torch.cat(samples), torch.tensor(sample_labels)
         report["sample_class_consistency"] = accuracy(classifier, samples, sample_labels)
-        for c, name in enumerate(pipe.class_names):
-            sel = sample_labels == c
-            per_class[name] = round(accuracy(classifier, samples[sel], sample_labels[sel]), 3)
-        report["sample_class_consistency_per_class"] = per_class
+        report["sample_class_consistency_per_class"] = per_class_accuracy(classifier, samples, sample_labels,
+                                                                          pipe.class_names)
         report["guidance_scale"] = pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -80,6 +82,23 @@ def init_weights(model: torch.nn.Module, args) -> None:
         load_weights(model, Path(args.init_from) / WEIGHTS_NAME)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS.
+
+    By default blocks of 32 MB and more are unmapped on free, so each training step page-faults its
+    large activations back in: 115,000 faults and 0.17 s of a 0.93 s stage-2 step (reference sizes,
+    2 cores). The cost is that the process keeps its peak memory. Returns whether it applied.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def setup(args, project: str) -> Accelerator:
     """Accelerator with seedable sampler (data order resumes exactly), trackers and seed."""
     if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
@@ -93,6 +112,7 @@ def setup(args, project: str) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    keep_freed_memory()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file save chatter drowns the progress bar
     set_seed(args.seed)

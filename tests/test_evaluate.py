@@ -28,6 +28,8 @@ def test_evaluate_reports_every_metric(weights, image_dir, tmp_path, capsys):
                            "perplexity_depth1", "classifier_test_accuracy", "sample_class_consistency"}
     assert report["psnr_depth2"] > report["psnr_depth1"]
     assert 0 <= report["sample_class_consistency"] <= 1 and 0 < report["codebook_usage"] <= 1
+    for key in ("classifier_test_accuracy_per_class", "sample_class_consistency_per_class"):
+        assert set(report[key]) == {"circles", "squares"} and all(0 <= v <= 1 for v in report[key].values())
     # an untrained prior is about as uncertain as a uniform one over 16 codes
     assert 8 < report["perplexity_depth1"] < 32
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report

@@ -440,3 +440,27 @@ def test_compiled_steps_sample_the_same_codes():
     eager = model.generate(**kwargs, generator=torch.Generator().manual_seed(3))
     compiled = model.compile_steps().generate(**kwargs, generator=torch.Generator().manual_seed(3))
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("n", [1, 4, 64, 65])
+def test_causal_attention_matches_fused_kernel(n):
+    # the short-sequence CPU path (matmul + softmax) must give the fused kernel's values and gradients
+    from rqtransformer.model import causal_attention
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(3, 2, n, 8, generator=g, requires_grad=True) for _ in range(3))
+    out = causal_attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_dropout_drops_weights():
+    from rqtransformer.model import causal_attention
+    q, k, v = torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), torch.ones(1, 1, 4, 2)
+    torch.manual_seed(0)
+    out = causal_attention(q, k, v, dropout_p=0.5)  # uniform weights, some zeroed, the rest doubled
+    assert not torch.allclose(out, torch.ones_like(out))
+    torch.testing.assert_close(causal_attention(q, k, v), torch.ones(1, 1, 4, 2))

@@ -63,6 +63,21 @@ def test_resume_is_exact(vae_dir, image_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+def test_bf16_mixed_precision_trains_and_saves_float32(vae_dir, image_dir, tmp_path):
+    # bf16 autocast on CPU (2.8x faster steps where the CPU has bf16 matmul); subprocess: accelerate's
+    # precision setting is process-wide
+    out = tmp_path / "bf16"
+    run = subprocess.run([sys.executable, "-m", "rqtransformer.train", "--rqvae", str(vae_dir), "--data_dir",
+                          str(image_dir), "--validation_dir", str(image_dir), "--output_dir", str(out), *FAST,
+                          "--max_train_steps", "3", "--mixed_precision", "bf16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["step"] == 3 and 0 < summary["val/loss"] < 10
+    model = RQTransformer.from_pretrained(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_unconditional(vae_dir, image_dir, tmp_path):
     main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "u"), *FAST,
           "--max_train_steps", "1", "--unconditional"])
