@@ -28,7 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import REPEATS, emit, parse_args, rnd, run_main, with_goal
+from bench.common import REPEATS, emit, parse_args, proc_status_mib, rnd, run_main, with_goal
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +56,6 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, t0: float) -> fl
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"app did not answer on {url} within {timeout:.0f} s")
-
-
-def vm_hwm_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
 
 
 def file_urls(output) -> list[str]:
@@ -138,7 +133,7 @@ def serve_and_measure(weights: Path, tmp: Path, quick: bool, o: dict) -> list[di
                          + o["weights"], "goal": None, "met": None}))
         client = Client(url, verbose=False, analytics_enabled=False, download_files=False)  # fetched like a browser
         cold = one_generation(client, o["api_name"], o["app_kwargs"])
-        out.append(emit({"figure": "peak_rss_app", "peak_rss_mib": round(vm_hwm_mib(proc.pid), 1),
+        out.append(emit({"figure": "peak_rss_app", "peak_rss_mib": round(proc_status_mib("VmHWM", proc.pid), 1),
                          "after": "first generation", "goal": None, "met": None}))
         runs = [one_generation(client, o["api_name"], o["app_kwargs"]) for _ in range(1 if quick else REPEATS)]
         first = statistics.median(r["first"] for r in runs)

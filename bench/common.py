@@ -40,6 +40,12 @@ def parse_args(description: str, argv=None, extra=None) -> argparse.Namespace:
     return args
 
 
+def proc_status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/<pid>/status in MiB (Linux), e.g. "VmHWM": the peak RSS of the process image."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
 def set_threads(threads: int | None) -> int:
     if threads:
         torch.set_num_threads(threads)

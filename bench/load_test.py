@@ -34,8 +34,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.app_latency import free_port, vm_hwm_mib, wait_http
-from bench.common import emit, parse_args, rnd, run_main, with_goal
+from bench.app_latency import free_port, wait_http
+from bench.common import emit, parse_args, proc_status_mib, rnd, run_main, with_goal
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def load_figure(weights: Path, label: str, tmp: Path, o: dict, kwargs: dict, ima
         cold = warm_up(server, kwargs, deadline)
         rss_warm = server.rss_mib()
         run = run_users(server, o["users"], o["requests"], kwargs, images, deadline)
-        peak = vm_hwm_mib(server.proc.pid)
+        peak = proc_status_mib("VmHWM", server.proc.pid)
         record = {"figure": "app_load", "weights": label, "server": "python " + " ".join(server.command),
                   "queue": APP_QUEUE, "users": o["users"], "requests_per_user": o["requests"],
                   "app_kwargs": kwargs, "images_per_request": images,
@@ -299,7 +299,7 @@ def overflow_figure(weights: Path, label: str, tmp: Path, o: dict, kwargs: dict,
                   "queue": {"default_concurrency_limit": 1, "max_size": size}, "users": o["users"],
                   "requests_per_user": 1, **summarize(run, o["users"]),
                   "served_after_overflow": after["outcome"] == "answered",
-                  "peak_rss_mib": round(vm_hwm_mib(server.proc.pid), 1)}
+                  "peak_rss_mib": round(proc_status_mib("VmHWM", server.proc.pid), 1)}
         ok = (record["dropped_without_queue_full_message"] == 0 and record["rejected_queue_full"] > 0
               and record["served_after_overflow"])
         return emit(with_goal(record, "only explicit queue-full rejections (>= 1), none lost, served afterwards",

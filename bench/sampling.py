@@ -22,8 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import (REPEATS, build_ours, build_reference, emit, median_time, parse_args, random_codes,
-                          reference_top_k, rnd, run_main, sizes, timed_or_skip, with_goal)
+from bench.common import (REPEATS, build_ours, build_reference, emit, median_time, parse_args, proc_status_mib,
+                          random_codes, reference_top_k, rnd, run_main, sizes, timed_or_skip, with_goal)
 import torch
 from rqtransformer.sampling import auto_threads
 
@@ -185,14 +185,11 @@ def rss_child(batch: int, quick: bool) -> None:
 
     Peak = VmHWM of this process image. Not ru_maxrss: Linux carries that across exec, so a child
     forked from the (large) benchmark process would report the parent's size."""
-    def vm(field):  # MiB from /proc/self/status
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) / 1024 for l in f if l.startswith(field))
     cfg = sizes(quick)
     model = build_ours(cfg)
-    before = vm("VmRSS:")
+    before = proc_status_mib("VmRSS")
     ours_fn(model, batch, reference_top_k(cfg["codebook_size"]))()
-    peak = vm("VmHWM:")
+    peak = proc_status_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": round(peak, 1), "rss_before_sampling_mib": round(before, 1),
                       "sampling_added_mib": round(peak - before, 1)}))
 
