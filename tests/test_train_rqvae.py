@@ -173,7 +173,7 @@ def test_init_from_bad_folder(tmp_path, capsys, image_dir, target, message):
 
 
 # A fresh process so the heap's state does not depend on the tests before; mallinfo2 says where a
-# block lives (page-fault counts vary with the machine, so they are measured in bench/, not here).
+# block lives. (Page-fault counts vary with the machine and the allocating thread: not asserted.)
 MALLOC_CHILD = """
 import ctypes, sys, torch
 from rqvae.training import keep_freed_memory
