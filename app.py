@@ -168,7 +168,11 @@ def editor_mask(editor: dict, box) -> Image.Image:
         x0, y0, x1, y1 = box
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
             raise gr.Error(f"Box: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box}")
-        mask[round(y0 * image.height):round(y1 * image.height), round(x0 * image.width):round(x1 * image.width)] = 1
+        rows = slice(round(y0 * image.height), round(y1 * image.height))
+        cols = slice(round(x0 * image.width), round(x1 * image.width))
+        if rows.start == rows.stop or cols.start == cols.stop:
+            raise gr.Error(f"Box: covers no pixel of this {image.width}x{image.height} image; make it larger")
+        mask[rows, cols] = 1
     if not mask.any():
         raise gr.Error("the mask is empty: paint over the region to regenerate, or tick 'Use a box mask'")
     return Image.fromarray(mask.astype(np.uint8) * 255, "L")
@@ -250,12 +254,13 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         background = image["background"]
         with user_errors():
             background.load()
+            model_input = pipe.preprocess(background)  # checks the image (size, mode) before the mask
             mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
             keep = pipe.mask_to_keep(mask).cpu()  # [h,w] True = kept code position
             labels = pick_labels(pipe, class_name, num_images, seed)
             out = pipe.complete(background, mask, labels, num_images=int(num_images),
                                 generator=torch.Generator(pipe.device).manual_seed(seed))
-        shown = upscale(to_pil(pipe.preprocess(background))[0])
+        shown = upscale(to_pil(model_input)[0])
         shade = Image.fromarray((~keep).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)
         shown.paste(Image.new("RGB", shown.size, (255, 0, 255)), mask=shade)  # magenta over regenerated cells
         names = labels or [None] * int(num_images)

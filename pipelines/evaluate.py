@@ -23,11 +23,9 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from safetensors.torch import save_file
-
 from rqtransformer.model import per_depth_nll
 from rqvae.data import image_folder
-from rqvae.pretrained import load_weights
+from rqvae.pretrained import load_weights, write_safetensors
 from rqvae.train import evaluate_depths
 from rqvae.training import positive_int, run_cli
 
@@ -100,7 +98,7 @@ def judge(args, classes: list[str], resolution: int) -> SmallClassifier:
     model = train_classifier(args.train_dir, classes, resolution, args.classifier_steps, args.seed)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return model
 
 

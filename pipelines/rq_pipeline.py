@@ -74,7 +74,8 @@ class RQPipeline:
     def from_pretrained(cls, path, device=None, dtype=None) -> "RQPipeline":
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"pipeline folder {path} does not exist (expected rqvae/ and rqtransformer/ inside)")
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise ValueError(f"pipeline folder {path} {what} (expected rqvae/ and rqtransformer/ inside)")
         for sub in ("rqvae", "rqtransformer"):
             if not (path / sub).is_dir():
                 raise ValueError(f"{path} has no {sub}/ folder: not a saved RQPipeline")
@@ -131,8 +132,10 @@ class RQPipeline:
     # ---- input checks -------------------------------------------------------------------------
 
     def _labels(self, class_labels, num_images: int) -> list[int] | None:
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= self.max_images:
+        if (isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer))
+                or not 1 <= num_images <= self.max_images):
             raise ValueError(f"num_images must be a whole number from 1 to {self.max_images}, got {num_images!r}")
+        num_images = int(num_images)
         if class_labels is None:
             return None
         names = self.class_names
@@ -180,6 +183,8 @@ class RQPipeline:
             x = images[None] if images.ndim == 3 else images
             if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
                 raise ValueError(f"image tensors must be float [B,3,H,W] in [-1,1], got {tuple(x.shape)} {x.dtype}")
+            if x.numel() == 0:
+                raise ValueError(f"image tensor is empty: {tuple(x.shape)}")
             if x.shape[-2:] != (self.resolution, self.resolution):
                 x = F.interpolate(x.float(), size=(self.resolution,) * 2, mode="bicubic", antialias=True,
                                   align_corners=False)
@@ -325,13 +330,16 @@ class RQPipeline:
         """Pixel mask (white = regenerate) -> keep-mask over code positions [h,w] (True = keep)."""
         if torch.is_tensor(mask):
             mask = mask.detach().cpu().float().numpy()
-            mask = (mask * 255 if mask.max() <= 1 else mask).astype(np.uint8)
         if isinstance(mask, np.ndarray):
+            if mask.size == 0:
+                raise ValueError(f"mask is empty: shape {mask.shape}")
+            mask = mask.astype(np.float32)
+            mask = mask * 255 if mask.max() <= 1 else mask  # 0/1 (or bool) masks: 1 = regenerate
             if mask.ndim == 3:
                 mask = mask.max(-1) if mask.shape[-1] in (1, 3, 4) else mask[0]
             if mask.ndim != 2:
                 raise ValueError(f"mask must be a single-channel image [H,W], got shape {mask.shape}")
-            mask = Image.fromarray(mask.astype(np.uint8))
+            mask = Image.fromarray(mask.clip(0, 255).astype(np.uint8))
         if not isinstance(mask, Image.Image):
             raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
         if mask.width * mask.height > MAX_IMAGE_PIXELS:  # before any decoding, as for images
@@ -341,11 +349,16 @@ class RQPipeline:
             alpha = mask.convert("RGBA").getchannel("A")
             # strokes painted on a transparent layer: the alpha is the mask; an opaque image: its brightness
             mask = alpha if alpha.getextrema()[0] < 255 else mask.convert("RGB")
-        grey = image_transform(self.resolution)(mask.convert("L").convert("RGB"))[:1]  # [1,R,R] in [-1,1]
+        mask = mask.convert("L")
+        grey = image_transform(self.resolution)(mask.convert("RGB"))[:1]  # [1,R,R] in [-1,1]
         f = self.rqvae.config.downsample
         # a low threshold: thin anti-aliased strokes get faint once resized, and still mean "regenerate"
         touched = F.max_pool2d((grey > -0.8).float()[None], f)[0, 0] > 0  # [h,w]: any painted pixel in the patch
         if not touched.any():
+            if mask.getextrema()[1] > 25:  # painted, but lost to the crop (or too thin after resizing)
+                raise ValueError(f"the painted region disappears when the image is resized and center-cropped "
+                                 f"to {self.resolution}x{self.resolution}: it lies outside the centre square "
+                                 f"or is too thin; paint a larger region nearer the centre")
             raise ValueError("the mask is empty: paint (white) the region to regenerate")
         return ~touched
 

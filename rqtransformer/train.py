@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from rqvae import RQVAE
 from rqvae import training
 from rqvae.data import image_folder
-from rqvae.pretrained import WEIGHTS_NAME, config_from_arg
+from rqvae.pretrained import WEIGHTS_NAME, config_from_arg, write_safetensors
 
 from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
 
@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--samples_per_class", type=training.positive_int, default=4)
     training.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
     args = p.parse_args(argv)
+    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
     args.config = args.config or args.init_from or "emoji-64"
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
@@ -61,20 +62,19 @@ def cache_key(vae_dir: Path, dataset, hflip: bool) -> str:
 
 
 @torch.no_grad()
-def encode_dataset(vae: RQVAE, vae_dir: Path, data_dir: str, cache_dir: Path, hflip: bool, show: bool):
-    """codes [N,h,w,D] (int64), labels [N], class names — from the cache when it is current."""
-    dataset = image_folder(data_dir, vae.config.resolution)
+def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, show: bool):
+    """An image_folder dataset -> codes [N,h,w,D] (int64), labels [N]; from the cache when it is current."""
     file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip)}.safetensors"
     if file.is_file():
         try:
             data = load_file(str(file))
-            return data["codes"].long(), data["labels"].long(), dataset.classes
+            return data["codes"].long(), data["labels"].long()
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable cache: encode again
     loader = DataLoader(dataset, batch_size=64, num_workers=0)
     codes, labels = [], []
     device = next(vae.parameters()).device
-    for images, y in tqdm(loader, desc=f"encoding {Path(data_dir).name}", disable=not show):
+    for images, y in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not show):
         images = images.to(device)
         views = [images, images.flip(-1)] if hflip else [images]
         for view in views:
@@ -83,34 +83,43 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, data_dir: str, cache_dir: Path, hf
     codes, labels = torch.cat(codes), torch.cat(labels)
     if show:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
         dtype = torch.int16 if vae.config.codebook_size <= 32767 else torch.int32
-        save_file({"codes": codes.to(dtype).contiguous(), "labels": labels}, str(tmp),
-                  metadata={"classes": json.dumps(dataset.classes), "data_dir": str(data_dir)})
-        tmp.replace(file)
-    return codes, labels, dataset.classes
+        write_safetensors({"codes": codes.to(dtype).contiguous(), "labels": labels}, file,
+                          metadata={"classes": json.dumps(dataset.classes), "data_dir": str(dataset.root)})
+    return codes, labels
 
 
 def main(argv=None):
     args = parse_args(argv)
     vae_dir = Path(args.rqvae)
     vae = RQVAE.from_pretrained(vae_dir).requires_grad_(False)
+    # every input is checked before the encoding, which takes minutes on a large folder
+    train_set = image_folder(args.data_dir, vae.config.resolution)
+    val_set = image_folder(args.validation_dir, vae.config.resolution) if args.validation_dir else None
+    classes = [] if args.unconditional else train_set.classes
+    if val_set is not None and classes and set(val_set.classes) - set(classes):
+        raise ValueError(f"--validation_dir has class folders that --data_dir lacks: "
+                         f"{sorted(set(val_set.classes) - set(classes))}")
+    if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
+        saved = config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
+        if saved.num_classes != len(classes):
+            raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes {saved.class_names}, "
+                             f"the data has {len(classes)} {classes}: fine-tuning needs as many classes")
+    config = config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
+                             codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
+                             num_classes=len(classes), class_names=classes)
     accelerator = training.setup(args, "rqtransformer")
+    model = RQTransformer(config)
+    training.init_weights(model, args)
     vae.to(accelerator.device)
     out = Path(args.output_dir)
     show = accelerator.is_main_process
     with accelerator.main_process_first():
-        codes, labels, classes = encode_dataset(vae, vae_dir, args.data_dir, out, args.hflip, show)
-        val = (encode_dataset(vae, vae_dir, args.validation_dir, out, False, show)
-               if args.validation_dir else None)
-    if args.unconditional:
-        classes = []
-    config = config_from_arg(RQTransformerConfig, PRESETS, args.config, codebook_size=vae.config.codebook_size,
-                             code_shape=vae.config.code_shape, num_classes=len(classes), class_names=classes)
+        codes, labels = encode_dataset(vae, vae_dir, train_set, out, args.hflip, show)
+        val = encode_dataset(vae, vae_dir, val_set, out, False, show) if val_set is not None else None
+    if val is not None and classes:  # the test folder's class indices -> the model's, by name
+        val = (val[0], torch.tensor([classes.index(c) for c in val_set.classes])[val[1]])
     accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes")
-
-    model = RQTransformer(config)
-    training.init_weights(model, args)
     loader = DataLoader(TensorDataset(codes, labels), batch_size=args.train_batch_size, shuffle=True,
                         drop_last=len(codes) >= args.train_batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -141,7 +150,7 @@ def main(argv=None):
 
     def validation_loss():
         """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
-        v_codes, v_labels, _ = val
+        v_codes, v_labels = val
         per_depth = per_depth_nll(raw, v_codes, v_labels if classes else torch.full_like(v_labels, null))
         out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
         out["val/loss"] = float(per_depth.mean())

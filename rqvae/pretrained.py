@@ -20,6 +20,23 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def write_safetensors(tensors: dict, file: str | os.PathLike, metadata: dict | None = None) -> None:
+    """save_file, atomically (temp file, then rename) and with the permissions of any new file.
+
+    safetensors creates its files 0600; a model saved for an app or a Space run by another user
+    must be readable like config.json beside it (0644 under the usual umask)."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    probe = file.with_name(file.name + ".mode")
+    probe.touch()  # created with 0666 & ~umask, the mode every ordinary file here gets
+    try:
+        os.chmod(tmp, probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
+    os.replace(tmp, file)
+
+
 def config_from_dict(config_class, data: dict, source: str = "config"):
     """Build a flat config dataclass from JSON data, checking names and types."""
     if not isinstance(data, dict):
@@ -126,9 +143,7 @@ class PretrainedMixin:
                 t = t.to(dtype)
             tensors[key] = t.contiguous()
         config = dataclasses.asdict(self.config)
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path / WEIGHTS_NAME)
+        write_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -187,18 +202,27 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def config_from_arg(config_class, presets: dict, value: str, **overrides):
-    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields."""
+def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):
+    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields.
+    `flag` names the option the value came from in messages (--init_from's folder is the default config)."""
+    kind = config_class.__name__.removesuffix("Config")
     if value in presets:
         data = dict(presets[value])
     elif Path(value).is_dir() or value.endswith(".json"):
-        path = Path(value) / CONFIG_NAME if Path(value).is_dir() else Path(value)
+        folder = Path(value)
+        if folder.is_dir() and (folder / "rqvae").is_dir() and not (folder / CONFIG_NAME).is_file():
+            raise ValueError(f"{flag} {value} is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder")
+        path = folder / CONFIG_NAME if folder.is_dir() else folder
         if not path.is_file():
-            raise ValueError(f"--config {value}: {path} does not exist")
-        data = read_json(path, f"--config {value}")
+            raise ValueError(f"{flag} {value}: {path} does not exist")
+        data = read_json(path, f"{flag} {value}")
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        shared = {"codebook_size", "resolution"}  # fields both models' configs may have
+        if folder.is_dir() and isinstance(data, dict) and set(data) - fields and set(data) & fields <= shared:
+            raise ValueError(f"{flag} {value} is not a saved {kind}: its {CONFIG_NAME} is another model's")
     else:
-        raise ValueError(f"--config must be one of {sorted(presets)}, a .json file or a model folder, got {value!r}")
+        raise ValueError(f"{flag} must be one of {sorted(presets)}, a .json file or a model folder, got {value!r}")
     if not isinstance(data, dict):
-        raise ValueError(f"--config {value}: expected a JSON object")
+        raise ValueError(f"{flag} {value}: expected a JSON object")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(config_class, data, source=f"--config {value}")
+    return config_from_dict(config_class, data, source=f"{flag} {value}")

@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--disc_learning_rate", type=training.positive_float, default=None)
     training.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
     args = p.parse_args(argv)
+    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
     args.config = args.config or args.init_from or "emoji-64"
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
         if getattr(args, name) < 0:
@@ -76,7 +77,7 @@ def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) ->
 
 def main(argv=None):
     args = parse_args(argv)
-    config = config_from_arg(RQVAEConfig, PRESETS, args.config, resolution=args.resolution)
+    config = config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
     dataset = image_folder(args.data_dir, config.resolution)
     val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images)
     accelerator = training.setup(args, "rqvae")

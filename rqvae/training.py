@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .pretrained import WEIGHTS_NAME, load_weights
+from .pretrained import WEIGHTS_NAME, load_weights, write_safetensors
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -101,12 +101,29 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def check_output_dir(args) -> None:
+    """Create --output_dir; refuse one that holds another run's checkpoints unless resuming it
+    (a new run there would overwrite its model and lose its newest checkpoints to the limit)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output_dir {out}: cannot create it ({e.strerror})") from None
+    found = list_checkpoints(out)
+    if found and not args.resume_from_checkpoint:
+        raise ValueError(f"--output_dir {out} already holds {found[-1].name} of an earlier run: pass "
+                         f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
+
+
 def setup(args, project: str) -> Accelerator:
     """Accelerator with seedable sampler (data order resumes exactly), trackers and seed."""
     if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in (0, 1) or 0 to disable, got {args.ema_decay}")
     if args.lr_warmup_steps < 0:
         raise ValueError("--lr_warmup_steps must be >= 0")
+    check_output_dir(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -117,12 +134,16 @@ def setup(args, project: str) -> Accelerator:
     keep_freed_memory()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file save chatter drowns the progress bar
+    if args.lr_warmup_steps >= args.max_train_steps:
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps {args.max_train_steps}: "
+                       f"the learning rate never reaches --learning_rate; lower --lr_warmup_steps")
+    if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("--mixed_precision fp16 has no effect on CPU: training runs in fp32 "
+                       "(use bf16 where the CPU supports it)")
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        if args.report_to != "none":
-            accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
-                                                        if isinstance(v, (int, float, str, bool))})
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
+                                                    if isinstance(v, (int, float, str, bool))})
     return accelerator
 
 
@@ -207,7 +228,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     if accelerator.is_main_process:
         state = {"step": step}
         if ema is not None:
-            save_file(ema.shadow, str(tmp / EMA_FILE))  # shadow tensors are contiguous clones
+            write_safetensors(ema.shadow, tmp / EMA_FILE)  # shadow tensors are contiguous clones
             state.update(ema_decay=ema.decay, ema_updates=ema.updates)
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         if final.exists():
@@ -244,7 +265,12 @@ def resume(accelerator: Accelerator, args, ema: EMA | None = None) -> int:
         if args.resume_from_checkpoint:
             accelerator.print(f"no checkpoint in {args.output_dir}; starting a new run")
         return 0
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as e:  # load_state_dict: another config, RQ-VAE or class count than this run's
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"cannot resume from {path}: it holds a model that does not match this run's "
+                         f"(another --config, --rqvae or number of classes?): {detail}") from None
     state = json.loads((path / STATE_FILE).read_text())
     step = state["step"]
     if ema is not None:
@@ -308,7 +334,8 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
             accelerator.log(logs, step=step)
             progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
         if evaluate is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
-            evaluate(step)
+            with tqdm.external_write_mode():  # its printed line goes above the bar, not into it
+                evaluate(step)
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
         if step >= args.max_train_steps:

@@ -50,12 +50,14 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(served):
-    """A good PNG (RGBA, transparent corner), a white-on-black mask, a truncated PNG and a non-image."""
+    """A good PNG (RGBA, transparent corner), a wide PNG, a white-on-black mask, a truncated PNG and a non-image."""
     _, weights, root = served
     good, mask = root / "good.png", root / "mask.png"
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[..., 0], rgba[4:36, 4:36, 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(good)
+    wide = root / "wide.png"
+    Image.new("RGB", (80, 40), (30, 60, 200)).save(wide)  # the model sees its centre 40x40 square
     m = np.zeros((40, 40), np.uint8)
     m[20:, :] = 255  # bottom half = regenerate
     Image.fromarray(m, "L").save(mask)
@@ -63,7 +65,7 @@ def files(served):
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:2000])
     garbage.write_bytes(b"this is not an image" * 10)
-    return dict(good=good, mask=mask, truncated=truncated, garbage=garbage)
+    return dict(good=good, wide=wide, mask=mask, truncated=truncated, garbage=garbage)
 
 
 def editor(background, *layers):
@@ -143,6 +145,10 @@ def test_complete_with_mask_and_with_box(served, files):
     (dict(image="garbage", api_name="/reconstruct"), "Image: could not read the uploaded image"),
     (dict(editor="good", api_name="/complete"), "the mask is empty: paint over the region to regenerate"),
     (dict(editor="good", use_box=True, x0=0.6, x1=0.4, api_name="/complete"), "Box: need 0 <= x0 < x1 <= 1"),
+    (dict(editor="good", use_box=True, x0=0.5, y0=0.5, x1=0.51, y1=0.51, api_name="/complete"),
+     "Box: covers no pixel of this 40x40 image; make it larger"),
+    (dict(editor="wide", use_box=True, x0=0, y0=0, x1=0.2, y1=1, api_name="/complete"),
+     "the painted region disappears when the image is resized and center-cropped to 32x32"),
     (dict(editor="garbage", api_name="/complete"), "Image: could not read the uploaded image"),
 ])
 def test_bad_inputs_give_clear_messages_and_the_server_stays_up(served, files, call, message):

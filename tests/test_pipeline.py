@@ -156,6 +156,7 @@ def test_mask_maps_any_touched_position(pipe):
     (dict(num_images=0), "num_images must be"),
     (dict(num_images=7), "num_images must be"),
     (dict(num_images=2.0), "num_images must be"),
+    (dict(num_images=np.int64(9)), "num_images must be"),
     (dict(class_labels=[0, 1, 2], num_images=2), "one per image"),
     (dict(temperature=0), "temperature"),
     (dict(top_k=0), "top_k"),
@@ -176,6 +177,8 @@ def test_bad_generation_arguments(pipe, kwargs, message):
     ("not an image", "PIL image"),
     (np.zeros((4, 4), np.float32), "uint8"),
     (torch.zeros(1, 4, 32, 32), "float"),
+    (torch.zeros(0, 3, 32, 32), "image tensor is empty"),
+    (torch.zeros(1, 3, 0, 0), "image tensor is empty"),
 ])
 def test_bad_images(pipe, image, message):
     with pytest.raises(ValueError, match=message):
@@ -186,6 +189,27 @@ def test_bad_images(pipe, image, message):
 def test_any_image_mode_is_converted(pipe, mode):
     image = Image.new("RGB", (50, 30), (200, 30, 30)).convert(mode)
     assert pipe.reconstruct(image)[0].mode == "RGB"
+
+
+def test_numpy_integers_and_zero_one_masks_are_accepted(pipe):
+    assert len(pipe(0, num_images=np.int64(2)).images) == 2
+    for mask in (np.ones((32, 32), bool), np.ones((32, 32), np.uint8), np.ones((32, 32), np.float32),
+                 torch.ones(32, 32), np.full((32, 32), 255, np.uint8)):
+        assert not pipe.mask_to_keep(mask).any(), mask.dtype  # 1 (or 255) = regenerate everything
+    half = np.zeros((32, 32), bool)
+    half[16:] = True
+    assert pipe.mask_to_keep(half).sum() == 8
+
+
+def test_mask_outside_the_centre_crop_is_explained(pipe):
+    image = Image.new("RGB", (64, 32), (10, 200, 10))
+    mask = np.zeros((32, 64), np.uint8)
+    mask[:, :12] = 255  # left edge: cropped away with the image's sides
+    with pytest.raises(ValueError, match="disappears when the image is resized and center-cropped"):
+        pipe.complete(image, mask)
+    mask[:, 16:20] = 255  # now also inside the centre square: its left code column is regenerated
+    keep = pipe.mask_to_keep(mask)
+    assert not keep[:, 0].any() and keep[:, 1:].all()
 
 
 def test_empty_or_malformed_mask(pipe):
@@ -206,6 +230,9 @@ def test_mismatched_models_and_bad_folders(tmp_path, pipe):
         RQPipeline(pipe.rqvae, other)
     with pytest.raises(ValueError, match="does not exist"):
         RQPipeline.from_pretrained(tmp_path / "missing")
+    (tmp_path / "cat.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        RQPipeline.from_pretrained(tmp_path / "cat.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no rqvae/"):
         RQPipeline.from_pretrained(tmp_path / "empty")

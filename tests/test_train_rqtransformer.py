@@ -123,4 +123,51 @@ def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_p
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main([*base, "--data_dir", str(three), "--output_dir", str(tmp_path / "b"),
                               "--init_from", str(tmp_path / "a")]))
-    assert e.value.code == 2 and "class_emb.weight" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has 2 classes ['circles', 'squares'], the data has 3 ['a', 'b', 'c']" in err
+
+
+def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, capsys):
+    """A test folder with only some of the classes: its labels are the model's, by folder name."""
+    from conftest import make_image_folder
+    from rqvae.data import image_folder
+    squares = make_image_folder(tmp_path / "sq", classes=("circles", "squares"), per_class=2)
+    for png in (squares / "circles").iterdir():
+        png.unlink()
+    (squares / "circles").rmdir()  # only "squares", which is index 1 in training, 0 in its own folder
+    out = tmp_path / "o"
+    main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(squares),
+          "--output_dir", str(out), *FAST, "--max_train_steps", "1"])
+    model = RQTransformer.from_pretrained(out)
+    from rqtransformer.model import per_depth_nll
+    from rqtransformer.train import encode_dataset
+    codes, _ = encode_dataset(RQVAE.from_pretrained(vae_dir), vae_dir, image_folder(squares, 16), tmp_path / "c",
+                              False, False)
+    expected = per_depth_nll(model, codes, torch.ones(len(codes), dtype=torch.long)).mean()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["val/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+    extra = make_image_folder(tmp_path / "extra", classes=("squares", "zebras"), per_class=1)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(extra),
+                              "--output_dir", str(tmp_path / "o2"), *FAST]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--validation_dir has class folders that --data_dir lacks: ['zebras']" in err
+    assert not list((tmp_path / "o2").glob("codes-*"))  # refused before any encoding
+
+
+@pytest.mark.parametrize("which, message", [
+    ("pipeline", "is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder"),
+    ("rqvae", "is not a saved RQTransformer: its config.json is another model's"),
+])
+def test_init_from_the_wrong_kind_of_folder(vae_dir, image_dir, tmp_path, capsys, which, message):
+    folder = vae_dir
+    if which == "pipeline":
+        folder = tmp_path / "pipe"
+        (folder / "rqvae").mkdir(parents=True)
+        (folder / "rqtransformer").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir",
+                              str(tmp_path / "o"), *FAST[2:], "--init_from", str(folder)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--init_from {folder} {message}" in err

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rqvae import RQVAE
+from rqvae import PRESETS, RQVAE
 from rqvae.train import main
 from rqvae.training import list_checkpoints, run_cli
 
@@ -57,6 +57,31 @@ def test_resume_restores_exact_state(image_dir, tmp_path):
     a, b = RQVAE.from_pretrained(straight), RQVAE.from_pretrained(split)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, msg=name, atol=1e-6, rtol=1e-5)
+
+
+def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    base = ["--data_dir", str(image_dir), *FAST, "--validation_steps", "100"]
+    main([*base, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"])
+    assert "never reaches --learning_rate" in caplog.text  # warm-up 2 >= 2 steps
+    weights = (out / "model.safetensors").read_bytes()
+    # safetensors creates 0600 files; ours are readable like config.json (an app run by another user)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+    code, err = run([*base, "--output_dir", str(out), "--max_train_steps", "1"], capsys)
+    assert code == 2 and "already holds checkpoint-2 of an earlier run: pass --resume_from_checkpoint latest" in err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    # resuming it with another config: one line naming what differs
+    cfg = tmp_path / "wider.json"
+    cfg.write_text(json.dumps({**PRESETS["tiny"], "channels": 8}))
+    code, err = run([*base, "--output_dir", str(out), "--max_train_steps", "3", "--config", str(cfg),
+                     "--resume_from_checkpoint", "latest"], capsys)
+    assert code == 2 and "cannot resume from" in err and "size mismatch for" in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = run([*base, "--output_dir", str(afile)], capsys)
+    assert code == 2 and "--output_dir " + str(afile) + " is a file, not a folder" in err
 
 
 def test_partial_checkpoint_is_never_resumed(image_dir, tmp_path):

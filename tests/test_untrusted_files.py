@@ -21,6 +21,7 @@ from PIL import Image
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqvae import PRESETS, RQVAE, RQVAEConfig
+from rqvae.data import image_folder
 from rqvae.training import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,10 +209,11 @@ def test_pickled_perceptual_weights_and_code_cache_are_refused(tmp_path, image_d
     vae_dir = tmp_path / "vae"
     tiny_vae().eval().save_pretrained(vae_dir)
     vae = RQVAE.from_pretrained(vae_dir)
-    codes, labels, _ = encode_dataset(vae, vae_dir, str(image_dir), tmp_path / "cache", False, True)
+    dataset = image_folder(image_dir, vae.config.resolution)
+    codes, labels = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False, True)
     (cache,) = (tmp_path / "cache").glob("codes-*.safetensors")
     cache.write_bytes(evil_bytes(marker, "torch_zip"))  # a planted cache file is re-made, not unpickled
-    again, _, _ = encode_dataset(vae, vae_dir, str(image_dir), tmp_path / "cache", False, True)
+    again, _ = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False, True)
     assert torch.equal(again, codes) and not marker.exists()
 
 
