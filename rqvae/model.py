@@ -218,15 +218,28 @@ class RQVAE(PretrainedMixin, nn.Module):
         """codes [B,h,w,D] -> images [B,3,H,W] in [-1,1]; `depth=k` uses only the first k codes."""
         return self.decoder(self.embed_codes(codes, depth)).clamp(-1, 1)
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, frozen_codes: bool = False):
         """Training forward: returns (reconstruction [B,3,H,W], terms).
 
         terms: "commitment" (weighted, differentiable), "codes" [B,h,w,D] (-1 where quantize dropout
         truncated the stack) for usage statistics.
+        frozen_codes: train the decoder alone on the codes `encode` gives (no codebook update), so the
+        codes a stage-2 model learned stay valid. Half the batch is decoded from all D codes (the final
+        images), the other half from a random depth 1..D (the coarse previews).
         """
         self._check_images(images)
-        quantized, codes, commit = self.quantize(self.encoder(images))
-        return self.decoder(quantized), {"commitment": commit, "codes": codes}
+        if not frozen_codes:
+            quantized, codes, commit = self.quantize(self.encoder(images))
+            return self.decoder(quantized), {"commitment": commit, "codes": codes}
+        codes = self.encode(images)  # [B,h,w,D], no grad
+        B, D = codes.shape[0], self.config.code_depth
+        depth = torch.randint(1, D + 1, (B,), device=codes.device)
+        depth[: B // 2] = D
+        with torch.no_grad():
+            prefixes = torch.stack([self.embed_codes(codes, k) for k in range(1, D + 1)])  # [D,B,C,h,w]
+        latent = prefixes[depth - 1, torch.arange(B, device=codes.device)]  # [B,C,h,w]
+        codes = torch.where(torch.arange(D, device=codes.device) < depth[:, None, None, None], codes, -1)
+        return self.decoder(latent), {"commitment": images.new_zeros(()), "codes": codes}
 
 
 PRESETS = {

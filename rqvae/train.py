@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=training.positive_int, default=64)
     p.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
+    p.add_argument("--decoder_only", action="store_true",
+                   help="with --init_from: train only the decoder; encoder and codebook stay frozen, so the "
+                        "codes (and a stage-2 model trained on them) stay valid")
     p.add_argument("--perceptual_weight", type=float, default=0.0, help="VGG16 perceptual loss; 0 = off")
     p.add_argument("--perceptual_weights", default="imagenet",
                    help="'imagenet' (downloads torchvision weights) or a local VGG16 .safetensors")
@@ -39,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--disc_learning_rate", type=training.positive_float, default=None)
     training.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
     args = p.parse_args(argv)
+    if args.decoder_only and not args.init_from:
+        p.error("--decoder_only needs --init_from: a trained encoder and codebook to keep")
     args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
     args.config = args.config or args.init_from or "emoji-64"
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
@@ -95,7 +100,11 @@ def main(argv=None):
                           # each layer halves the patch grid; keep at least 4x4 patches for the 4x4 kernels
                           disc_layers=max(1, min(args.disc_layers, config.resolution.bit_length() - 5)),
                           ).to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.99),
+    if args.decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, betas=(0.9, 0.99),
                                   weight_decay=args.adam_weight_decay)
     scheduler = training.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -114,12 +123,12 @@ def main(argv=None):
         if args.hflip:  # flipped here, not in the loader: the loader prefetches, which would break exact resume
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        recon, terms = model(images)
+        recon, terms = model(images, frozen_codes=args.decoder_only)
         if criterion.discriminator is not None:
             criterion.discriminator.requires_grad_(False)  # the G step must not move D
         loss, logs = criterion.generator_loss(images, recon, terms["commitment"], step,
                                               last_layer=raw.decoder.conv_out.weight)
-        training.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
+        training.optimizer_step(accelerator, loss, trained, optimizer, scheduler, args.max_grad_norm)
         if criterion.uses_gan(step):
             criterion.discriminator.requires_grad_(True)
             d_loss = criterion.discriminator_loss(images, recon)

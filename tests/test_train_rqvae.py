@@ -84,6 +84,22 @@ def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, cap
     assert code == 2 and "--output_dir " + str(afile) + " is a file, not a folder" in err
 
 
+def test_decoder_only_keeps_the_codes(image_dir, tmp_path, capsys):
+    """--decoder_only: encoder and codebook come out bit-identical (a stage-2 model stays valid)."""
+    base = ["--data_dir", str(image_dir), *FAST, "--validation_steps", "100", "--ema_decay", "0"]
+    main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
+    main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "3", "--init_from", str(tmp_path / "a"),
+          "--decoder_only", "--learning_rate", "1e-2", "--reconstruction_loss", "l2"])
+    a, b = RQVAE.from_pretrained(tmp_path / "a"), RQVAE.from_pretrained(tmp_path / "b")
+    changed = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed), sorted(changed)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.equal(a.encode(images), b.encode(images))
+    with pytest.raises(SystemExit):
+        main([*base, "--output_dir", str(tmp_path / "c"), "--decoder_only"])
+    assert "--decoder_only needs --init_from" in capsys.readouterr().err
+
+
 def test_partial_checkpoint_is_never_resumed(image_dir, tmp_path):
     out = tmp_path / "run"
     main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--max_train_steps", "2",
