@@ -243,7 +243,7 @@ class RQPipeline:
         every = every or w
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        kwargs = dict(class_labels=labels, num_samples=num_images if labels is None else len(labels),
+        kwargs = dict(class_labels=labels, num_samples=int(num_images) if labels is None else len(labels),
                       temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
                       generator=generator, prefix=prefix)
         if not previews:

@@ -103,8 +103,10 @@ def main(argv=None):
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
         if saved.num_classes != len(classes):
+            data = "--unconditional" if args.unconditional else f"the data has {len(classes)} {classes}"
             raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes {saved.class_names}, "
-                             f"the data has {len(classes)} {classes}: fine-tuning needs as many classes")
+                             f"{data}: fine-tuning needs as many classes"
+                             + ("; add --unconditional" if not saved.num_classes else ""))
     config = config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
                              codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                              num_classes=len(classes), class_names=classes)

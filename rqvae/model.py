@@ -231,7 +231,8 @@ class RQVAE(PretrainedMixin, nn.Module):
         if not frozen_codes:
             quantized, codes, commit = self.quantize(self.encoder(images))
             return self.decoder(quantized), {"commitment": commit, "codes": codes}
-        codes = self.encode(images)  # [B,h,w,D], no grad
+        with torch.autocast(images.device.type, enabled=False):  # fp32, as stage 2 and inference encode
+            codes = self.encode(images.float())  # [B,h,w,D], no grad
         B, D = codes.shape[0], self.config.code_depth
         depth = torch.randint(1, D + 1, (B,), device=codes.device)
         depth[: B // 2] = D

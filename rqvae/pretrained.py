@@ -29,11 +29,13 @@ def write_safetensors(tensors: dict, file: str | os.PathLike, metadata: dict | N
     tmp = file.with_name(file.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     probe = file.with_name(file.name + ".mode")
-    probe.touch()  # created with 0666 & ~umask, the mode every ordinary file here gets
     try:
+        probe.touch()  # created with 0666 & ~umask, the mode every ordinary file here gets
         os.chmod(tmp, probe.stat().st_mode & 0o777)
+    except OSError:
+        pass  # a file system without POSIX modes: keep what safetensors made
     finally:
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     os.replace(tmp, file)
 
 

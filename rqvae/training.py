@@ -134,8 +134,8 @@ def setup(args, project: str) -> Accelerator:
     keep_freed_memory()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-file save chatter drowns the progress bar
-    if args.lr_warmup_steps >= args.max_train_steps:
-        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps {args.max_train_steps}: "
+    if args.lr_warmup_steps > args.max_train_steps:
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} > --max_train_steps {args.max_train_steps}: "
                        f"the learning rate never reaches --learning_rate; lower --lr_warmup_steps")
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no effect on CPU: training runs in fp32 "
@@ -267,10 +267,11 @@ def resume(accelerator: Accelerator, args, ema: EMA | None = None) -> int:
         return 0
     try:
         accelerator.load_state(str(path))
-    except RuntimeError as e:  # load_state_dict: another config, RQ-VAE or class count than this run's
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise ValueError(f"cannot resume from {path}: it holds a model that does not match this run's "
-                         f"(another --config, --rqvae or number of classes?): {detail}") from None
+    except (RuntimeError, ValueError) as e:  # load_state_dict / optimizer groups / unreadable files
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise ValueError(f"cannot resume from {path}: {detail} (was it saved by a run with other options, "
+                         f"e.g. --config, --rqvae, the classes or --decoder_only?)") from None
     state = json.loads((path / STATE_FILE).read_text())
     step = state["step"]
     if ema is not None:

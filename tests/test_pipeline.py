@@ -193,6 +193,7 @@ def test_any_image_mode_is_converted(pipe, mode):
 
 def test_numpy_integers_and_zero_one_masks_are_accepted(pipe):
     assert len(pipe(0, num_images=np.int64(2)).images) == 2
+    assert len(pipe(num_images=np.int64(2)).images) == 2  # no label: the count goes to the sampler
     for mask in (np.ones((32, 32), bool), np.ones((32, 32), np.uint8), np.ones((32, 32), np.float32),
                  torch.ones(32, 32), np.full((32, 32), 255, np.uint8)):
         assert not pipe.mask_to_keep(mask).any(), mask.dtype  # 1 (or 255) = regenerate everything

@@ -62,8 +62,9 @@ def test_resume_restores_exact_state(image_dir, tmp_path):
 def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     base = ["--data_dir", str(image_dir), *FAST, "--validation_steps", "100"]
-    main([*base, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"])
-    assert "never reaches --learning_rate" in caplog.text  # warm-up 2 >= 2 steps
+    main([*base, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+          "--lr_warmup_steps", "3"])
+    assert "never reaches --learning_rate" in caplog.text  # warm-up 3 > 2 steps
     weights = (out / "model.safetensors").read_bytes()
     # safetensors creates 0600 files; ours are readable like config.json (an app run by another user)
     assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
@@ -76,7 +77,7 @@ def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, cap
     cfg.write_text(json.dumps({**PRESETS["tiny"], "channels": 8}))
     code, err = run([*base, "--output_dir", str(out), "--max_train_steps", "3", "--config", str(cfg),
                      "--resume_from_checkpoint", "latest"], capsys)
-    assert code == 2 and "cannot resume from" in err and "size mismatch for" in err
+    assert code == 2 and "cannot resume from" in err and "size mismatch for" in err and "--config" in err
     assert err.strip().count("\n") == 0 and "Traceback" not in err
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -95,6 +96,9 @@ def test_decoder_only_keeps_the_codes(image_dir, tmp_path, capsys):
     assert changed and all(k.startswith("decoder.") for k in changed), sorted(changed)
     images = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(a.encode(images), b.encode(images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --mixed_precision bf16 still trains on fp32 codes
+        _, terms = b.train()(images, frozen_codes=True)
+    assert torch.equal(terms["codes"][:2], b.encode(images)[:2])  # the first half: all D codes
     with pytest.raises(SystemExit):
         main([*base, "--output_dir", str(tmp_path / "c"), "--decoder_only"])
     assert "--decoder_only needs --init_from" in capsys.readouterr().err
