@@ -254,11 +254,11 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         background = image["background"]
         with user_errors():
             background.load()
-            model_input = pipe.preprocess(background)  # checks the image (size, mode) before the mask
+            model_input = pipe.preprocess(background)  # once: checked before the mask, then completed and shown
             mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
             keep = pipe.mask_to_keep(mask).cpu()  # [h,w] True = kept code position
             labels = pick_labels(pipe, class_name, num_images, seed)
-            out = pipe.complete(background, mask, labels, num_images=int(num_images),
+            out = pipe.complete(model_input, mask, labels, num_images=int(num_images),
                                 generator=torch.Generator(pipe.device).manual_seed(seed))
         shown = upscale(to_pil(model_input)[0])
         shade = Image.fromarray((~keep).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)

@@ -135,7 +135,6 @@ class RQPipeline:
         if (isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer))
                 or not 1 <= num_images <= self.max_images):
             raise ValueError(f"num_images must be a whole number from 1 to {self.max_images}, got {num_images!r}")
-        num_images = int(num_images)
         if class_labels is None:
             return None
         names = self.class_names

@@ -40,8 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--samples_per_class", type=training.positive_int, default=4)
     training.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
     args = p.parse_args(argv)
-    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
-    args.config = args.config or args.init_from or "emoji-64"
+    training.default_config(args)
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.sample_guidance_scale < 0:
@@ -97,9 +96,9 @@ def main(argv=None):
     train_set = image_folder(args.data_dir, vae.config.resolution)
     val_set = image_folder(args.validation_dir, vae.config.resolution) if args.validation_dir else None
     classes = [] if args.unconditional else train_set.classes
-    if val_set is not None and classes and set(val_set.classes) - set(classes):
-        raise ValueError(f"--validation_dir has class folders that --data_dir lacks: "
-                         f"{sorted(set(val_set.classes) - set(classes))}")
+    unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
+    if unknown:
+        raise ValueError(f"--validation_dir has class folders that --data_dir lacks: {unknown}")
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
         if saved.num_classes != len(classes):

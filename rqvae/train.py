@@ -44,8 +44,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.decoder_only and not args.init_from:
         p.error("--decoder_only needs --init_from: a trained encoder and codebook to keep")
-    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
-    args.config = args.config or args.init_from or "emoji-64"
+    training.default_config(args)
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")

@@ -74,6 +74,13 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
     g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
 
 
+def default_config(args) -> None:
+    """--config defaults to --init_from's folder, else the emoji-64 preset; config_flag names the
+    option the value came from, for messages."""
+    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
+    args.config = args.config or args.init_from or "emoji-64"
+
+
 def init_weights(model: torch.nn.Module, args) -> None:
     """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor)."""
     if args.init_from:
