@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import RQPipeline
-from rqvae.data import MAX_IMAGE_PIXELS, to_pil
+from rqcore.images import MAX_IMAGE_PIXELS, to_pil
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces
@@ -377,8 +377,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-else:
-    try:
-        demo = build_demo(os.environ.get("RQ_WEIGHTS") or DEFAULT_WEIGHTS)
-    except Exception as e:  # noqa: BLE001 - show why in the page instead of crashing the Space
-        demo = error_demo(str(e))

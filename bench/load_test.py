@@ -45,8 +45,7 @@ OPTIONS = {"weights": "weights/emoji-64", "users": 16, "requests": 4, "overflow_
            "num_images": None}
 QUICK = {"users": 4, "requests": 1, "overflow_max_size": 1, "deadline": 240.0}
 RSS_SLACK_MIB = 100  # "bounded": peak RSS under load <= 1.5 x RSS after warm-up + this
-# The app with another queue size. RQ_WEIGHTS points nowhere so that `import app` (which builds the Space's
-# demo at import time) only builds its cheap error page instead of loading the model a second time.
+# The app with another queue size (importing app loads nothing; build_demo loads the weights).
 LAUNCHER = ("import sys, app\n"
             "demo = app.build_demo(sys.argv[1])\n"
             "demo.queue(default_concurrency_limit=1, max_size=int(sys.argv[2]))\n"
@@ -86,7 +85,6 @@ class Server:
         if max_size is None:
             self.command = ["app.py", "--weights", str(weights)]
         else:
-            env["RQ_WEIGHTS"] = os.devnull
             self.command = ["-c", LAUNCHER, str(weights), str(max_size)]
         self.log_path = tmp / f"server-{port}.log"
         with open(self.log_path, "w") as log:

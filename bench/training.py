@@ -144,7 +144,7 @@ def stage1(quick: bool) -> list[dict]:
 
 
 def figures(quick: bool = False) -> list[dict]:
-    from rqvae.training import keep_freed_memory
+    from training.trainer import keep_freed_memory
 
     keep_freed_memory()  # as the training scripts do (and for the reference alike: same process)
     return stage2(quick) + stage1(quick)

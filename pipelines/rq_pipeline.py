@@ -21,7 +21,7 @@ from PIL import Image
 
 from rqtransformer import RQTransformer
 from rqvae import RQVAE
-from rqvae.data import MAX_IMAGE_PIXELS, image_transform, to_pil, to_rgb
+from rqcore.images import MAX_IMAGE_PIXELS, image_transform, to_pil, to_rgb
 
 PIPELINE_FILE = "pipeline.json"
 OUTPUT_TYPES = ("pil", "pt", "np")

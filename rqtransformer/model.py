@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from rqvae.pretrained import PretrainedMixin
+from rqcore.pretrained import PretrainedMixin
 
 from .sampling import generate as _generate
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from vector_quantize_pytorch import ResidualVQ
 
-from .pretrained import PretrainedMixin
+from rqcore.pretrained import PretrainedMixin
 
 
 @dataclass

@@ -1,12 +1,18 @@
-"""Shared fixtures: tiny ImageFolder trees made on disk, tiny configs."""
+"""Shared fixtures and helpers: tiny ImageFolder trees on disk, tiny models and pipelines, the app served
+on 127.0.0.1, the fast flags of both training scripts."""
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from pipelines import RQPipeline
+from rqtransformer import RQTransformer, RQTransformerConfig
+from rqvae import PRESETS, RQVAE, RQVAEConfig
 
 if "OMP_NUM_THREADS" not in os.environ:  # let a developer share the cores with a training run
     torch.set_num_threads(2)
@@ -38,8 +44,7 @@ def image_dir(tmp_path):
 
 def train_tiny_vae(image_dir, code_depth=2, codebook_size=16, steps=150):
     """A tiny RQ-VAE fitted on the fixture images: enough for the second depth to matter."""
-    from rqvae import PRESETS, RQVAE, RQVAEConfig
-    from rqvae.data import image_folder
+    from training.data import image_folder
 
     torch.manual_seed(0)
     ds = image_folder(image_dir, 16)
@@ -60,3 +65,108 @@ def train_tiny_vae(image_dir, code_depth=2, codebook_size=16, steps=150):
 @pytest.fixture(scope="session")
 def trained_tiny_vae(tmp_path_factory):
     return train_tiny_vae(make_image_folder(tmp_path_factory.mktemp("vae") / "images"))
+
+
+# ---- training scripts ----------------------------------------------------------------------------
+
+# stage 1 (training.train_rqvae) and stage 2 (training.train_rqtransformer): tiny configs, few steps
+FAST1 = ["--config", "tiny", "--train_batch_size", "4", "--num_workers", "0", "--lr_warmup_steps", "2",
+         "--report_to", "none", "--num_validation_images", "8"]
+FAST2 = ["--config", "tiny", "--train_batch_size", "8", "--lr_warmup_steps", "2", "--report_to", "none",
+         "--samples_per_class", "2", "--validation_steps", "100"]
+
+
+@pytest.fixture
+def vae_dir(tmp_path):
+    torch.manual_seed(0)
+    vae = RQVAE(RQVAEConfig(**PRESETS["tiny"]))
+    vae(torch.rand(8, 3, 16, 16) * 2 - 1)  # k-means init
+    vae.eval().save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+# ---- a tiny pipeline ------------------------------------------------------------------------------
+
+CLASSES = ["circles", "squares", "stars"]
+
+
+def tiny_pipeline(seed=0, code_depth=2) -> RQPipeline:
+    torch.manual_seed(seed)
+    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "resolution": 32, "code_depth": code_depth}))
+    vae.train()
+    vae(torch.rand(8, 3, 32, 32) * 2 - 1)  # k-means init of the codebook
+    tf = RQTransformer(RQTransformerConfig(codebook_size=32, code_shape=(4, 4, code_depth), dim=32, heads=2,
+                                           spatial_layers=2, depth_layers=1, num_classes=3, dropout=0.0,
+                                           class_names=CLASSES))
+    return RQPipeline(vae, tf, max_images=6)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the app served over HTTP --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixels(item) -> np.ndarray:
+    return np.asarray(Image.open(item["image"]).convert("RGB"))
+
+
+def editor(background, *layers):
+    from gradio_client import handle_file
+
+    return {"background": handle_file(background), "layers": [handle_file(p) for p in layers], "composite": None}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, weights dir, files dir): the app around a saved tiny pipeline, with an example image."""
+    import app
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("app")
+    weights = root / "weights"
+    tiny_pipeline().save_pretrained(weights)
+    (weights / "examples").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(weights / "examples" / "a.png")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "CACHE_ROOT", root / "cache")
+        demo = app.build_demo(weights)
+        demo.queue(default_concurrency_limit=1, max_size=32)
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                    **app.LAUNCH_KWARGS)
+    try:
+        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), weights, root
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def files(served):
+    """A good PNG (RGBA, transparent corner), a wide PNG, a white-on-black mask, a truncated PNG and a non-image."""
+    _, weights, root = served
+    good, mask = root / "good.png", root / "mask.png"
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0], rgba[4:36, 4:36, 3] = 200, 255
+    Image.fromarray(rgba, "RGBA").save(good)
+    wide = root / "wide.png"
+    Image.new("RGB", (80, 40), (30, 60, 200)).save(wide)  # the model sees its centre 40x40 square
+    m = np.zeros((40, 40), np.uint8)
+    m[20:, :] = 255  # bottom half = regenerate
+    Image.fromarray(m, "L").save(mask)
+    truncated, garbage = root / "truncated.png", root / "garbage.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    garbage.write_bytes(b"this is not an image" * 10)
+    return dict(good=good, wide=wide, mask=mask, truncated=truncated, garbage=garbage)

@@ -1,7 +1,6 @@
 """The Gradio app served on 127.0.0.1 around a tiny untrained pipeline, called through gradio_client."""
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -9,67 +8,12 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 
-from test_pipeline import CLASSES, tiny_pipeline  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pixels(item) -> np.ndarray:
-    return np.asarray(Image.open(item["image"]).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(client, weights dir, files dir): the app around a saved tiny pipeline, with an example image."""
-    root = tmp_path_factory.mktemp("app")
-    weights = root / "weights"
-    tiny_pipeline().save_pretrained(weights)
-    (weights / "examples").mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(weights / "examples" / "a.png")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app, "CACHE_ROOT", root / "cache")
-        demo = app.build_demo(weights)
-        demo.queue(default_concurrency_limit=1, max_size=32)
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                    **app.LAUNCH_KWARGS)
-    try:
-        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), weights, root
-    finally:
-        demo.close()
-
-
-@pytest.fixture(scope="module")
-def files(served):
-    """A good PNG (RGBA, transparent corner), a wide PNG, a white-on-black mask, a truncated PNG and a non-image."""
-    _, weights, root = served
-    good, mask = root / "good.png", root / "mask.png"
-    rgba = np.zeros((40, 40, 4), np.uint8)
-    rgba[..., 0], rgba[4:36, 4:36, 3] = 200, 255
-    Image.fromarray(rgba, "RGBA").save(good)
-    wide = root / "wide.png"
-    Image.new("RGB", (80, 40), (30, 60, 200)).save(wide)  # the model sees its centre 40x40 square
-    m = np.zeros((40, 40), np.uint8)
-    m[20:, :] = 255  # bottom half = regenerate
-    Image.fromarray(m, "L").save(mask)
-    truncated, garbage = root / "truncated.png", root / "garbage.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:2000])
-    garbage.write_bytes(b"this is not an image" * 10)
-    return dict(good=good, wide=wide, mask=mask, truncated=truncated, garbage=garbage)
-
-
-def editor(background, *layers):
-    return {"background": handle_file(background), "layers": [handle_file(p) for p in layers], "composite": None}
+from conftest import CLASSES, editor, pixels  # noqa: E402
 
 
 def test_only_the_three_endpoints_are_public(served):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_app import served  # noqa: F401 - the module-scoped server fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

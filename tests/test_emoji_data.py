@@ -1,4 +1,4 @@
-"""rqvae.emoji on tiny fake emoji-datasource packages (no network; a fake `npm` where one is needed)."""
+"""training.emoji on tiny fake emoji-datasource packages (no network; a fake `npm` where one is needed)."""
 from __future__ import annotations
 
 import io
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from rqvae import emoji
+from training import emoji
 
 STYLES = ("google", "twitter")
 

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from pipelines import RQPipeline
-from pipelines.evaluate import main
+from training.evaluate import main
 from rqtransformer import RQTransformer, RQTransformerConfig
-from rqvae.training import run_cli
+from training.cli import run_cli
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_evaluate_refuses_other_classes(weights, tmp_path, capsys):
 def test_figures_script_writes_the_readme_pictures(weights, image_dir, tmp_path):
     from PIL import Image
 
-    from pipelines.figures import main as figures
+    from training.figures import main as figures
 
     figures(["--weights", str(weights), "--data_dir", str(image_dir), "--out", str(tmp_path / "docs"),
              "--per_class", "3"])

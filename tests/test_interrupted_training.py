@@ -24,10 +24,9 @@ import torch
 
 from rqtransformer import RQTransformer
 from rqvae import RQVAE
-from rqvae.training import STATE_FILE, list_checkpoints
+from training.trainer import STATE_FILE, list_checkpoints
 
-from test_train_rqtransformer import FAST as FAST2, vae_dir  # noqa: F401  (fixture: a tiny saved RQ-VAE)
-from test_train_rqvae import FAST as FAST1
+from conftest import FAST1, FAST2
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # unbuffered: a killed run keeps its log
@@ -143,12 +142,12 @@ def test_stage1_killed_between_and_during_checkpoints_resumes(image_dir, tmp_pat
     out = tmp_path / "run"
     argv = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--max_train_steps", str(STEPS),
             "--checkpointing_steps", str(EVERY), "--checkpoints_total_limit", "2", "--validation_steps", "1000"]
-    first = kill_between_checkpoints(Run("rqvae.train", argv, tmp_path / "run1.log"), out, at_least=2 * EVERY)
+    first = kill_between_checkpoints(Run("training.train_rqvae", argv, tmp_path / "run1.log"), out, at_least=2 * EVERY)
     assert first["code"] == -signal.SIGKILL and first["complete"][-1] == first["killed_after"]
 
     resume = [*argv, "--resume_from_checkpoint", "latest"]
-    during = kill_while_writing(out, lambda i: Run("rqvae.train", resume, tmp_path / f"run2-{i}.log"))
-    summary = finish(Run("rqvae.train", resume, tmp_path / "run3.log"), out, during["complete"][-1])
+    during = kill_while_writing(out, lambda i: Run("training.train_rqvae", resume, tmp_path / f"run2-{i}.log"))
+    summary = finish(Run("training.train_rqvae", resume, tmp_path / "run3.log"), out, during["complete"][-1])
 
     model = RQVAE.from_pretrained(out)
     assert model.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 2, 2, 2)
@@ -160,10 +159,10 @@ def test_stage2_killed_while_writing_a_checkpoint_resumes(vae_dir, image_dir, tm
     argv = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(out), *FAST2,
             "--max_train_steps", str(STEPS), "--checkpointing_steps", str(EVERY), "--checkpoints_total_limit", "2",
             "--resume_from_checkpoint", "latest"]
-    first = Run("rqtransformer.train", argv, tmp_path / "run1.log")  # a new run (nothing to resume yet)
+    first = Run("training.train_rqtransformer", argv, tmp_path / "run1.log")  # a new run (nothing to resume yet)
     assert first.poll_until(lambda: assert_complete(out)), first.text()[-2000:]  # one complete checkpoint
-    during = kill_while_writing(out, lambda i: Run("rqtransformer.train", argv, tmp_path / f"run1-{i}.log"), first)
-    summary = finish(Run("rqtransformer.train", argv, tmp_path / "run2.log"), out, during["complete"][-1])
+    during = kill_while_writing(out, lambda i: Run("training.train_rqtransformer", argv, tmp_path / f"run1-{i}.log"), first)
+    summary = finish(Run("training.train_rqtransformer", argv, tmp_path / "run2.log"), out, during["complete"][-1])
     model = RQTransformer.from_pretrained(out)
     assert model.config.class_names == ["circles", "squares"]
     print(json.dumps({"stage": 2, "during": during, "final_step": summary["step"]}))
@@ -173,7 +172,7 @@ def test_stage2_killed_while_writing_a_checkpoint_resumes(vae_dir, image_dir, tm
 
 def test_checkpoint_deletion_killed_half_way_is_never_listed(image_dir, tmp_path, monkeypatch):
     """Pruning old checkpoints (--checkpoints_total_limit) killed in the middle of the deletion."""
-    from rqvae.train import main
+    from training.train_rqvae import main
 
     out = tmp_path / "run"
     argv = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--checkpointing_steps", "1",
@@ -198,7 +197,7 @@ def test_checkpoint_deletion_killed_half_way_is_never_listed(image_dir, tmp_path
 
 
 def test_stale_temp_folders_are_removed_on_resume(image_dir, tmp_path, capsys):
-    from rqvae.train import main
+    from training.train_rqvae import main
 
     out = tmp_path / "run"
     argv = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--checkpointing_steps", "2",

@@ -10,30 +10,8 @@ from PIL import Image
 
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
-from rqvae import PRESETS, RQVAE, RQVAEConfig
 
-CLASSES = ["circles", "squares", "stars"]
-
-
-def tiny_pipeline(seed=0, code_depth=2) -> RQPipeline:
-    torch.manual_seed(seed)
-    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "resolution": 32, "code_depth": code_depth}))
-    vae.train()
-    vae(torch.rand(8, 3, 32, 32) * 2 - 1)  # k-means init of the codebook
-    tf = RQTransformer(RQTransformerConfig(codebook_size=32, code_shape=(4, 4, code_depth), dim=32, heads=2,
-                                           spatial_layers=2, depth_layers=1, num_classes=3, dropout=0.0,
-                                           class_names=CLASSES))
-    return RQPipeline(vae, tf, max_images=6)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
+from conftest import CLASSES, gen, tiny_pipeline
 
 def test_generate_outputs(pipe):
     out = pipe("squares", num_images=3, generator=gen(0))

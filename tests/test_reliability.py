@@ -28,16 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
-from rqvae.training import run_cli
+from training.cli import run_cli
 
 gr = pytest.importorskip("gradio")
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from test_app import editor, files, pixels, served  # noqa: E402,F401  (fixtures: the app on 127.0.0.1)
-from test_pipeline import gen, pipe  # noqa: E402,F401  (fixture: a tiny pipeline)
-from test_train_rqtransformer import FAST as FAST2, vae_dir  # noqa: E402,F401
-from test_train_rqvae import FAST as FAST1  # noqa: E402
+from conftest import FAST1, FAST2, editor, gen, pixels  # noqa: E402
 
 LIMIT = "the limit is 40,000,000 pixels"
 
@@ -345,7 +342,7 @@ STAGE1_CASES = [
 
 @pytest.mark.parametrize("case, message", STAGE1_CASES, ids=[c for c, _ in STAGE1_CASES])
 def test_stage1_cli_bad_input(tmp_path, capsys, image_dir, odd, case, message):
-    from rqvae.train import main
+    from training.train_rqvae import main
 
     data, extra = image_dir, []
     if case in ("bomb", "big", "empty_file"):
@@ -393,7 +390,7 @@ STAGE2_CASES = [
 
 @pytest.mark.parametrize("case, message", STAGE2_CASES, ids=[c for c, _ in STAGE2_CASES])
 def test_stage2_cli_bad_input(tmp_path, capsys, image_dir, vae_dir, odd, case, message):
-    from rqtransformer.train import main
+    from training.train_rqtransformer import main
 
     data, rqvae, extra = image_dir, vae_dir, []
     if case in ("no_images", "corrupt", "bomb"):

@@ -10,29 +10,19 @@ import pytest
 import torch
 
 from rqtransformer import RQTransformer
-from rqtransformer.train import main
-from rqvae import PRESETS, RQVAE, RQVAEConfig
-from rqvae.training import list_checkpoints, run_cli
+from training.train_rqtransformer import main
+from rqvae import RQVAE
+from training.cli import run_cli
+from training.trainer import list_checkpoints
+
+from conftest import FAST2
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--config", "tiny", "--train_batch_size", "8", "--lr_warmup_steps", "2", "--report_to", "none",
-        "--samples_per_class", "2", "--validation_steps", "100"]
-
-
-@pytest.fixture
-def vae_dir(tmp_path):
-    torch.manual_seed(0)
-    vae = RQVAE(RQVAEConfig(**PRESETS["tiny"]))
-    vae(torch.rand(8, 3, 16, 16) * 2 - 1)  # k-means init
-    vae.eval().save_pretrained(tmp_path / "vae")
-    return tmp_path / "vae"
-
-
 def test_train_resume_and_code_cache(vae_dir, image_dir, tmp_path):
     out = tmp_path / "tf"
     common = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(image_dir),
-              "--output_dir", str(out), *FAST, "--checkpointing_steps", "2", "--hflip"]
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "rqtransformer.train", *common, *extra], cwd=ROOT,
+              "--output_dir", str(out), *FAST2, "--checkpointing_steps", "2", "--hflip"]
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "training.train_rqtransformer", *common, *extra], cwd=ROOT,
                                         capture_output=True, text=True, timeout=300)
     first = run("--max_train_steps", "2", "--validation_steps", "2")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -54,7 +44,7 @@ def test_train_resume_and_code_cache(vae_dir, image_dir, tmp_path):
 
 
 def test_resume_is_exact(vae_dir, image_dir, tmp_path):
-    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST, "--checkpointing_steps", "2"]
+    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST2, "--checkpointing_steps", "2"]
     main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "4"])
     main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "2"])
     main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
@@ -67,8 +57,8 @@ def test_bf16_mixed_precision_trains_and_saves_float32(vae_dir, image_dir, tmp_p
     # bf16 autocast on CPU (2.8x faster steps where the CPU has bf16 matmul); subprocess: accelerate's
     # precision setting is process-wide
     out = tmp_path / "bf16"
-    run = subprocess.run([sys.executable, "-m", "rqtransformer.train", "--rqvae", str(vae_dir), "--data_dir",
-                          str(image_dir), "--validation_dir", str(image_dir), "--output_dir", str(out), *FAST,
+    run = subprocess.run([sys.executable, "-m", "training.train_rqtransformer", "--rqvae", str(vae_dir), "--data_dir",
+                          str(image_dir), "--validation_dir", str(image_dir), "--output_dir", str(out), *FAST2,
                           "--max_train_steps", "3", "--mixed_precision", "bf16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -79,7 +69,7 @@ def test_bf16_mixed_precision_trains_and_saves_float32(vae_dir, image_dir, tmp_p
 
 
 def test_unconditional(vae_dir, image_dir, tmp_path):
-    main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "u"), *FAST,
+    main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "u"), *FAST2,
           "--max_train_steps", "1", "--unconditional"])
     assert RQTransformer.from_pretrained(tmp_path / "u").config.num_classes == 0
 
@@ -90,7 +80,7 @@ def test_unconditional(vae_dir, image_dir, tmp_path):
     (["--config", "big"], "--config must be one of"),
 ])
 def test_bad_paths_and_options(vae_dir, image_dir, tmp_path, capsys, extra, message):
-    argv = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST, *extra]
+    argv = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST2, *extra]
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main(argv))
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -105,7 +95,7 @@ def test_bad_numbers(vae_dir, image_dir, tmp_path, capsys, flag, value):
 
 
 def test_init_from_fine_tunes_a_saved_transformer(vae_dir, image_dir, tmp_path):
-    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST[2:], "--ema_decay", "0"]
+    base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST2[2:], "--ema_decay", "0"]
     main([*base, "--config", "tiny", "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
     main([*base, "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"), "--max_train_steps", "1",
           "--learning_rate", "1e-12"])
@@ -117,7 +107,7 @@ def test_init_from_fine_tunes_a_saved_transformer(vae_dir, image_dir, tmp_path):
 
 def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_path, capsys):
     from conftest import make_image_folder
-    base = ["--rqvae", str(vae_dir), *FAST, "--max_train_steps", "1"]
+    base = ["--rqvae", str(vae_dir), *FAST2, "--max_train_steps", "1"]
     main([*base, "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "a")])
     three = make_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
     with pytest.raises(SystemExit) as e:
@@ -130,17 +120,17 @@ def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_p
 def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, capsys):
     """A test folder with only some of the classes: its labels are the model's, by folder name."""
     from conftest import make_image_folder
-    from rqvae.data import image_folder
+    from training.data import image_folder
     squares = make_image_folder(tmp_path / "sq", classes=("circles", "squares"), per_class=2)
     for png in (squares / "circles").iterdir():
         png.unlink()
     (squares / "circles").rmdir()  # only "squares", which is index 1 in training, 0 in its own folder
     out = tmp_path / "o"
     main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(squares),
-          "--output_dir", str(out), *FAST, "--max_train_steps", "1"])
+          "--output_dir", str(out), *FAST2, "--max_train_steps", "1"])
     model = RQTransformer.from_pretrained(out)
     from rqtransformer.model import per_depth_nll
-    from rqtransformer.train import encode_dataset
+    from training.train_rqtransformer import encode_dataset
     codes, _ = encode_dataset(RQVAE.from_pretrained(vae_dir), vae_dir, image_folder(squares, 16), tmp_path / "c",
                               False, False)
     expected = per_depth_nll(model, codes, torch.ones(len(codes), dtype=torch.long)).mean()
@@ -150,7 +140,7 @@ def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, ca
     extra = make_image_folder(tmp_path / "extra", classes=("squares", "zebras"), per_class=1)
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(extra),
-                              "--output_dir", str(tmp_path / "o2"), *FAST]))
+                              "--output_dir", str(tmp_path / "o2"), *FAST2]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--validation_dir has class folders that --data_dir lacks: ['zebras']" in err
     assert not list((tmp_path / "o2").glob("codes-*"))  # refused before any encoding
@@ -168,6 +158,6 @@ def test_init_from_the_wrong_kind_of_folder(vae_dir, image_dir, tmp_path, capsys
         (folder / "rqtransformer").mkdir()
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir",
-                              str(tmp_path / "o"), *FAST[2:], "--init_from", str(folder)]))
+                              str(tmp_path / "o"), *FAST2[2:], "--init_from", str(folder)]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--init_from {folder} {message}" in err

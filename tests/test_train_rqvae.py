@@ -11,22 +11,21 @@ import torch
 from PIL import Image
 
 from rqvae import PRESETS, RQVAE
-from rqvae.train import main
-from rqvae.training import list_checkpoints, run_cli
+from training.train_rqvae import main
+from training.cli import run_cli
+from training.trainer import list_checkpoints
+
+from conftest import FAST1
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--config", "tiny", "--train_batch_size", "4", "--num_workers", "0", "--lr_warmup_steps", "2",
-        "--report_to", "none", "--num_validation_images", "8"]
-
-
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rqvae.train", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "training.train_rqvae", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
 def test_train_checkpoint_resume_end_to_end(image_dir, tmp_path):
     out = tmp_path / "run"
-    common = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--checkpointing_steps", "2",
+    common = ["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--checkpointing_steps", "2",
               "--validation_steps", "3", "--checkpoints_total_limit", "2", "--report_to", "tensorboard"]
     first = cli(*common, "--max_train_steps", "4")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -49,7 +48,7 @@ def test_train_checkpoint_resume_end_to_end(image_dir, tmp_path):
 def test_resume_restores_exact_state(image_dir, tmp_path):
     """Training 4 steps straight equals 2 steps + resume + 2 steps (model, optimizer, EMA, data order)."""
     straight, split = tmp_path / "a", tmp_path / "b"
-    base = ["--data_dir", str(image_dir), *FAST, "--checkpointing_steps", "2", "--validation_steps", "100",
+    base = ["--data_dir", str(image_dir), *FAST1, "--checkpointing_steps", "2", "--validation_steps", "100",
             "--hflip"]
     main([*base, "--output_dir", str(straight), "--max_train_steps", "4"])
     main([*base, "--output_dir", str(split), "--max_train_steps", "2"])
@@ -61,7 +60,7 @@ def test_resume_restores_exact_state(image_dir, tmp_path):
 
 def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    base = ["--data_dir", str(image_dir), *FAST, "--validation_steps", "100"]
+    base = ["--data_dir", str(image_dir), *FAST1, "--validation_steps", "100"]
     main([*base, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
           "--lr_warmup_steps", "3"])
     assert "never reaches --learning_rate" in caplog.text  # warm-up 3 > 2 steps
@@ -87,7 +86,7 @@ def test_output_dir_of_another_run_is_kept_safe(image_dir, tmp_path, capsys, cap
 
 def test_decoder_only_keeps_the_codes(image_dir, tmp_path, capsys):
     """--decoder_only: encoder and codebook come out bit-identical (a stage-2 model stays valid)."""
-    base = ["--data_dir", str(image_dir), *FAST, "--validation_steps", "100", "--ema_decay", "0"]
+    base = ["--data_dir", str(image_dir), *FAST1, "--validation_steps", "100", "--ema_decay", "0"]
     main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
     main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "3", "--init_from", str(tmp_path / "a"),
           "--decoder_only", "--learning_rate", "1e-2", "--reconstruction_loss", "l2"])
@@ -106,7 +105,7 @@ def test_decoder_only_keeps_the_codes(image_dir, tmp_path, capsys):
 
 def test_partial_checkpoint_is_never_resumed(image_dir, tmp_path):
     out = tmp_path / "run"
-    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--max_train_steps", "2",
+    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--max_train_steps", "2",
           "--checkpointing_steps", "2", "--validation_steps", "100"])
     # a save killed half-way leaves a temp folder, and a checkpoint folder without its state file
     (out / ".tmp-checkpoint-3").mkdir()
@@ -137,7 +136,7 @@ def test_bad_data_dirs_give_one_clear_line(tmp_path, capsys, image_dir, setup, m
     elif setup == "corrupt":
         data = image_dir
         (image_dir / "circles" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, err = run(["--data_dir", str(data), "--output_dir", str(tmp_path / "o"), *FAST], capsys)
+    code, err = run(["--data_dir", str(data), "--output_dir", str(tmp_path / "o"), *FAST1], capsys)
     assert code == 2 and message in err
     assert err.strip().count("\n") == 0 and "Traceback" not in err
 
@@ -149,7 +148,7 @@ def test_bad_data_dirs_give_one_clear_line(tmp_path, capsys, image_dir, setup, m
     (["--ema_decay", "1.5"], "--ema_decay"),
 ])
 def test_bad_options(tmp_path, capsys, image_dir, extra, message):
-    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST, *extra], capsys)
+    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST1, *extra], capsys)
     assert code == 2 and message in err
 
 
@@ -157,7 +156,7 @@ def test_bad_options(tmp_path, capsys, image_dir, extra, message):
                                          ("--train_batch_size", "two"), ("--mixed_precision", "fp8")])
 def test_bad_numbers_are_rejected_by_argparse(tmp_path, capsys, image_dir, flag, value):
     with pytest.raises(SystemExit) as e:
-        main(["--data_dir", str(image_dir), "--output_dir", str(tmp_path), *FAST, flag, value])
+        main(["--data_dir", str(image_dir), "--output_dir", str(tmp_path), *FAST1, flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
@@ -166,13 +165,13 @@ def test_config_json_file(tmp_path, image_dir):
     cfg.write_text(json.dumps({"resolution": 16, "codebook_size": 8, "code_depth": 3, "downsample": 8,
                                "channels": 8, "latent_dim": 8, "mid_attention": False}))
     out = tmp_path / "o"
-    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST, "--config", str(cfg),
+    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--config", str(cfg),
           "--max_train_steps", "1", "--validation_steps", "100"])
     assert RQVAE.from_pretrained(out).config.code_shape == (2, 2, 3)
 
 
 def test_ema_warms_up_then_averages():
-    from rqvae.training import EMA
+    from training.trainer import EMA
 
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -190,7 +189,7 @@ def test_ema_warms_up_then_averages():
 
 def test_init_from_fine_tunes_a_saved_model(tmp_path, image_dir):
     """--init_from starts from a saved model's weights and takes its config when --config is not given."""
-    base = ["--data_dir", str(image_dir), *FAST[2:], "--validation_steps", "100", "--ema_decay", "0"]
+    base = ["--data_dir", str(image_dir), *FAST1[2:], "--validation_steps", "100", "--ema_decay", "0"]
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"resolution": 16, "codebook_size": 8, "code_depth": 3, "downsample": 8,
                                "channels": 8, "latent_dim": 8, "mid_attention": False}))
@@ -212,7 +211,7 @@ def test_init_from_bad_folder(tmp_path, capsys, image_dir, target, message):
     if target == "other_config":  # a tiny model with a different codebook, loaded into the tiny preset
         from rqvae import PRESETS, RQVAEConfig
         RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "codebook_size": 8})).save_pretrained(folder)
-    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST,
+    code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST1,
                      "--init_from", str(folder)], capsys)
     assert code == 2 and message in err and "Traceback" not in err
 
@@ -221,7 +220,7 @@ def test_init_from_bad_folder(tmp_path, capsys, image_dir, target, message):
 # block lives. (Page-fault counts vary with the machine and the allocating thread: not asserted.)
 MALLOC_CHILD = """
 import ctypes, sys, torch
-from rqvae.training import keep_freed_memory
+from training.trainer import keep_freed_memory
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

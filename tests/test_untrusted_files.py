@@ -21,8 +21,8 @@ from PIL import Image
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqvae import PRESETS, RQVAE, RQVAEConfig
-from rqvae.data import image_folder
-from rqvae.training import run_cli
+from training.data import image_folder
+from training.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"tests", "__pycache__", "node_modules", "build", "dist", "weights", "data"}
@@ -110,7 +110,7 @@ torch.jit.load(f)
 def test_shipped_code_never_unpickles_or_evaluates():
     files = shipped_python_files()
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    assert {"app.py", "rqvae/pretrained.py", "rqtransformer/train.py", "pipelines/rq_pipeline.py"} <= names
+    assert {"app.py", "rqcore/pretrained.py", "training/train_rqtransformer.py", "pipelines/rq_pipeline.py"} <= names
     assert not any(n.startswith(("tests/", ".venv/")) for n in names)
     found = [hit for p in files for hit in unsafe_uses(p.read_text(), p.relative_to(ROOT).as_posix())]
     assert found == [], "\n".join(found)
@@ -192,8 +192,8 @@ def test_pipeline_and_app_refuse_a_pickled_pipeline(tmp_path):
 
 def test_pickled_perceptual_weights_and_code_cache_are_refused(tmp_path, image_dir, capsys):
     """The other two files the training scripts read: --perceptual_weights and stage 2's code cache."""
-    from rqtransformer.train import encode_dataset
-    from rqvae.train import main
+    from training.train_rqtransformer import encode_dataset
+    from training.train_rqvae import main
 
     marker = tmp_path / "pwned"
     vgg = tmp_path / "vgg16.safetensors"
@@ -218,7 +218,7 @@ def test_pickled_perceptual_weights_and_code_cache_are_refused(tmp_path, image_d
 
 
 def test_resuming_a_strangers_checkpoint_runs_no_code(tmp_path, image_dir):
-    from rqvae.train import main
+    from training.train_rqvae import main
 
     out, marker = tmp_path / "run", tmp_path / "pwned"
     argv = ["--data_dir", str(image_dir), "--output_dir", str(out), "--config", "tiny", "--report_to", "none",
@@ -242,8 +242,6 @@ def test_resuming_a_strangers_checkpoint_runs_no_code(tmp_path, image_dir):
 gr = pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 from gradio_client import Client, handle_file  # noqa: E402
-
-from test_app import files, served  # noqa: E402,F401  (fixtures: the app on 127.0.0.1)
 
 
 def upload_folder() -> Path:

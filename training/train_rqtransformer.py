@@ -1,6 +1,6 @@
 """Train the RQ-Transformer (stage 2) on the codes of a trained RQ-VAE.
 
-    python -m rqtransformer.train --rqvae runs/rqvae --data_dir data/emoji/train --output_dir runs/rqtransformer
+    python -m training.train_rqtransformer --rqvae runs/rqvae --data_dir data/emoji/train --output_dir runs/rqtransformer
 
 Classes come from the ImageFolder sub-folder names and are saved with the model. The data set is
 encoded once with the frozen RQ-VAE and cached in --output_dir, keyed by the RQ-VAE weights and the
@@ -20,27 +20,27 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
+from rqtransformer.model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
 from rqvae import RQVAE
-from rqvae import training
-from rqvae.data import image_folder
-from rqvae.pretrained import WEIGHTS_NAME, config_from_arg, write_safetensors
 
-from .model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
+from . import cli, trainer
+from .data import image_folder
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rqvae", required=True, help="folder of a trained RQ-VAE (rqvae.train's --output_dir)")
+    p.add_argument("--rqvae", required=True, help="folder of a trained RQ-VAE (training.train_rqvae's --output_dir), or a pipeline folder")
     p.add_argument("--config", default=None,
                    help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder: test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
     p.add_argument("--sample_guidance_scale", type=float, default=3.0)
-    p.add_argument("--samples_per_class", type=training.positive_int, default=4)
-    training.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
+    p.add_argument("--samples_per_class", type=cli.positive_int, default=4)
+    cli.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
     args = p.parse_args(argv)
-    training.default_config(args)
+    args.config, args.config_flag = cli.config_source(args)
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.sample_guidance_scale < 0:
@@ -100,18 +100,18 @@ def main(argv=None):
     if unknown:
         raise ValueError(f"--validation_dir has class folders that --data_dir lacks: {unknown}")
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
-        saved = config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
+        saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
         if saved.num_classes != len(classes):
             data = "--unconditional" if args.unconditional else f"the data has {len(classes)} {classes}"
             raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes {saved.class_names}, "
                              f"{data}: fine-tuning needs as many classes"
                              + ("; add --unconditional" if not saved.num_classes else ""))
-    config = config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
+    config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
                              codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                              num_classes=len(classes), class_names=classes)
-    accelerator = training.setup(args, "rqtransformer")
+    accelerator = trainer.setup(args, "rqtransformer")
     model = RQTransformer(config)
-    training.init_weights(model, args)
+    cli.load_init_from(model, args.init_from)
     vae.to(accelerator.device)
     out = Path(args.output_dir)
     show = accelerator.is_main_process
@@ -130,11 +130,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.adam_weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(0.9, 0.95))
-    scheduler = training.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+    scheduler = trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw = accelerator.unwrap_model(model)
-    ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
-    start = training.resume(accelerator, args, ema)
+    ema = trainer.EMA(raw, args.ema_decay) if args.ema_decay else None
+    start = trainer.resume(accelerator, args, ema)
     null = raw.null_class
 
     def train_step(batch, step):
@@ -144,7 +144,7 @@ def main(argv=None):
         elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
             y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
         loss, acc = code_loss(model(stacks, y), stacks)
-        training.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
+        trainer.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
         logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
         return logs
@@ -161,7 +161,7 @@ def main(argv=None):
     def evaluate(step):
         if not accelerator.is_main_process:
             return
-        with training.evaluation(ema, raw):
+        with trainer.evaluation(ema, raw):
             metrics = validation_loss() if val is not None else {}
             wanted = list(range(len(classes))) if classes else [None]
             rows = []
@@ -177,11 +177,11 @@ def main(argv=None):
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
-    step = training.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
+    step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with training.evaluation(ema, raw):
+        with trainer.evaluation(ema, raw):
             raw.save_pretrained(out)
             summary = {"step": step, **(validation_loss() if val is not None else {})}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -190,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.run_cli(main)
+    cli.run_cli(main)

@@ -1,6 +1,6 @@
 """Make the README pictures from a saved pipeline.
 
-    python -m pipelines.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
+    python -m training.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
 
 Writes samples.png (one row per class), depths.png (test images, then their reconstruction at
 depth 1..D, one column each) and completion.png (image, masked region, completions).
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from rqvae.data import image_folder
-from rqvae.training import positive_int, run_cli
+from pipelines import RQPipeline
 
-from .rq_pipeline import RQPipeline
+from .cli import positive_int, run_cli
+from .data import image_folder
 
 
 def upscale(x: torch.Tensor, factor: int) -> torch.Tensor:

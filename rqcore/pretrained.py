@@ -202,29 +202,3 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike) -> None:
     state = {k: tensors[k].to(expected[k].dtype) for k in wanted}
     state.update({k: state[v] for k, v in alias.items()})
     model.load_state_dict(state, strict=True)
-
-
-def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):
-    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields.
-    `flag` names the option the value came from in messages (--init_from's folder is the default config)."""
-    kind = config_class.__name__.removesuffix("Config")
-    if value in presets:
-        data = dict(presets[value])
-    elif Path(value).is_dir() or value.endswith(".json"):
-        folder = Path(value)
-        if folder.is_dir() and (folder / "rqvae").is_dir() and not (folder / CONFIG_NAME).is_file():
-            raise ValueError(f"{flag} {value} is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder")
-        path = folder / CONFIG_NAME if folder.is_dir() else folder
-        if not path.is_file():
-            raise ValueError(f"{flag} {value}: {path} does not exist")
-        data = read_json(path, f"{flag} {value}")
-        fields = {f.name for f in dataclasses.fields(config_class)}
-        shared = {"codebook_size", "resolution"}  # fields both models' configs may have
-        if folder.is_dir() and isinstance(data, dict) and set(data) - fields and set(data) & fields <= shared:
-            raise ValueError(f"{flag} {value} is not a saved {kind}: its {CONFIG_NAME} is another model's")
-    else:
-        raise ValueError(f"{flag} must be one of {sorted(presets)}, a .json file or a model folder, got {value!r}")
-    if not isinstance(data, dict):
-        raise ValueError(f"{flag} {value}: expected a JSON object")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(config_class, data, source=f"{flag} {value}")

@@ -1,6 +1,6 @@
 """Build the emoji demo set: an ImageFolder tree of 64 px emoji, by category, with a fixed test split.
 
-    python -m rqvae.emoji --out data/emoji [--version 16.0.0] [--styles google,twitter]
+    python -m training.emoji --out data/emoji [--version 16.0.0] [--styles google,twitter]
                           [--skin_tones | --no-skin_tones] [--cache_dir DIR] [--overwrite]
 
 Fetches the npm packages emoji-datasource-<style> with `npm pack` (needs Node.js/npm), reads
@@ -206,7 +206,7 @@ def build(out: Path, version: str = DEFAULT_VERSION, styles=STYLES, skin_tones: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rqvae.emoji", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m training.emoji", description=__doc__.split("\n")[0],
                                 epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc "
                                        "and other contributors); emoji-datasource (MIT).")
     p.add_argument("--out", required=True, type=Path, help="output root (gets train/ and test/)")

@@ -1,8 +1,7 @@
-"""What both training scripts share: flags, accelerate setup, EMA, atomic checkpoints with resume,
-and the step loop. Each stage supplies only its own `train_step` and `evaluate`."""
+"""The accelerate trainer both stages share: setup, EMA, atomic checkpoints with exact resume, and the
+step loop. Each stage supplies only its own `train_step` and `evaluate`."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
@@ -20,73 +19,11 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .pretrained import WEIGHTS_NAME, load_weights, write_safetensors
+from rqcore.pretrained import write_safetensors
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 EMA_FILE = "ema.safetensors"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float) -> None:
-    """The accelerate-style flags both stages take."""
-    g = parser.add_argument_group("training")
-    g.add_argument("--data_dir", required=True, help="ImageFolder tree: <data_dir>/<class>/<image>")
-    g.add_argument("--output_dir", required=True, help="checkpoints, logs, samples and the final model")
-    g.add_argument("--train_batch_size", type=positive_int, default=batch_size)
-    g.add_argument("--max_train_steps", type=positive_int, default=steps)
-    g.add_argument("--learning_rate", type=positive_float, default=lr)
-    g.add_argument("--lr_warmup_steps", type=int, default=500)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of weights; 0 disables")
-    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
-    g.add_argument("--init_from", default=None,
-                   help="start from the weights of a model folder (fine-tuning); its config.json is the default --config")
-    g.add_argument("--validation_steps", type=positive_int, default=500, help="image grid every N steps")
-    g.add_argument("--logging_steps", type=positive_int, default=10)
-    g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
-    g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
-
-
-def default_config(args) -> None:
-    """--config defaults to --init_from's folder, else the emoji-64 preset; config_flag names the
-    option the value came from, for messages."""
-    args.config_flag = "--init_from" if args.init_from and not args.config else "--config"
-    args.config = args.config or args.init_from or "emoji-64"
-
-
-def init_weights(model: torch.nn.Module, args) -> None:
-    """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor)."""
-    if args.init_from:
-        if not Path(args.init_from).is_dir():
-            raise ValueError(f"--init_from {args.init_from} is not a model folder")
-        load_weights(model, Path(args.init_from) / WEIGHTS_NAME)
 
 
 def keep_freed_memory() -> bool:
@@ -350,15 +287,3 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
             break
     progress.close()
     return step
-
-
-def run_cli(main) -> None:
-    """Turn user errors into one clear line and exit code 2 instead of a traceback."""
-    try:
-        main()
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
-        raise SystemExit(130) from None

@@ -1,7 +1,7 @@
 """Train the RQ-VAE (stage 1) on an ImageFolder tree.
 
-    python -m rqvae.train --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
-    accelerate launch -m rqvae.train ...   # multi-GPU
+    python -m training.train_rqvae --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
+    accelerate launch -m training.train_rqvae ...   # multi-GPU
 
 The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)).
 """
@@ -15,20 +15,22 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
-from . import training
-from .data import image_folder
-from .losses import RQVAELoss
-from .model import PRESETS, RQVAE, RQVAEConfig
-from .pretrained import config_from_arg
+from rqcore.metrics import psnr
+from rqvae.losses import RQVAELoss
+from rqvae.model import PRESETS, RQVAE, RQVAEConfig
+
+from . import cli, trainer
+from .data import fixed_images, image_folder
+from .evaluate import evaluate_depths
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
                    help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
-    p.add_argument("--resolution", type=training.positive_int, default=None, help="override the config's")
+    p.add_argument("--resolution", type=cli.positive_int, default=None, help="override the config's")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
-    p.add_argument("--num_validation_images", type=training.positive_int, default=64)
+    p.add_argument("--num_validation_images", type=cli.positive_int, default=64)
     p.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
     p.add_argument("--decoder_only", action="store_true",
                    help="with --init_from: train only the decoder; encoder and codebook stay frozen, so the "
@@ -38,53 +40,25 @@ def parse_args(argv=None):
                    help="'imagenet' (downloads torchvision weights) or a local VGG16 .safetensors")
     p.add_argument("--disc_weight", type=float, default=0.0, help="patch-GAN loss weight; 0 = off")
     p.add_argument("--disc_start", type=int, default=10_000, help="step at which the GAN loss starts")
-    p.add_argument("--disc_layers", type=training.positive_int, default=3, help="patch discriminator depth")
-    p.add_argument("--disc_learning_rate", type=training.positive_float, default=None)
-    training.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
+    p.add_argument("--disc_layers", type=cli.positive_int, default=3, help="patch discriminator depth")
+    p.add_argument("--disc_learning_rate", type=cli.positive_float, default=None)
+    cli.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
     args = p.parse_args(argv)
     if args.decoder_only and not args.init_from:
         p.error("--decoder_only needs --init_from: a trained encoder and codebook to keep")
-    training.default_config(args)
+    args.config, args.config_flag = cli.config_source(args)
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
     return args
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak 2)."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-def fixed_images(data_dir: str, resolution: int, count: int) -> torch.Tensor:
-    """A deterministic, evenly spread set of images for validation grids and PSNR."""
-    ds = image_folder(data_dir, resolution, check=False)
-    idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).long().unique()
-    return torch.stack([ds[i][0] for i in idx.tolist()])
-
-
-@torch.no_grad()
-def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-    """PSNR at every depth 1..D and codebook usage of `images` (model in eval mode)."""
-    D, K = model.config.code_depth, model.config.codebook_size
-    sums, used = torch.zeros(D), torch.zeros(K, dtype=torch.bool)
-    for chunk in images.split(batch_size):
-        codes = model.encode(chunk)
-        used[codes.flatten().unique()] = True
-        for k in range(1, D + 1):
-            sums[k - 1] += psnr(model.decode(codes, depth=k), chunk).sum()
-    out = {f"psnr_depth{k}": float(sums[k - 1] / len(images)) for k in range(1, D + 1)}
-    out["codebook_usage"] = float(used.float().mean())
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
-    config = config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
+    config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
     dataset = image_folder(args.data_dir, config.resolution)
     val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images)
-    accelerator = training.setup(args, "rqvae")
+    accelerator = trainer.setup(args, "rqvae")
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=len(dataset) >= args.train_batch_size,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=args.num_workers > 0,
@@ -93,7 +67,7 @@ def main(argv=None):
     accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
 
     model = RQVAE(config)
-    training.init_weights(model, args)
+    cli.load_init_from(model, args.init_from)
     criterion = RQVAELoss(args.reconstruction_loss, args.perceptual_weight, args.perceptual_weights,
                           args.disc_weight, args.disc_start,
                           # each layer halves the patch grid; keep at least 4x4 patches for the 4x4 kernels
@@ -105,7 +79,7 @@ def main(argv=None):
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, betas=(0.9, 0.99),
                                   weight_decay=args.adam_weight_decay)
-    scheduler = training.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+    scheduler = trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     models = [model]
     if criterion.discriminator is not None:
@@ -114,8 +88,8 @@ def main(argv=None):
         criterion.discriminator, d_opt = accelerator.prepare(criterion.discriminator, d_opt)
         models.append(criterion.discriminator)
     raw = accelerator.unwrap_model(model)
-    ema = training.EMA(raw, args.ema_decay) if args.ema_decay else None
-    start = training.resume(accelerator, args, ema)
+    ema = trainer.EMA(raw, args.ema_decay) if args.ema_decay else None
+    start = trainer.resume(accelerator, args, ema)
 
     def train_step(batch, step):
         images = batch[0]
@@ -127,11 +101,11 @@ def main(argv=None):
             criterion.discriminator.requires_grad_(False)  # the G step must not move D
         loss, logs = criterion.generator_loss(images, recon, terms["commitment"], step,
                                               last_layer=raw.decoder.conv_out.weight)
-        training.optimizer_step(accelerator, loss, trained, optimizer, scheduler, args.max_grad_norm)
+        trainer.optimizer_step(accelerator, loss, trained, optimizer, scheduler, args.max_grad_norm)
         if criterion.uses_gan(step):
             criterion.discriminator.requires_grad_(True)
             d_loss = criterion.discriminator_loss(images, recon)
-            training.optimizer_step(accelerator, d_loss, criterion.discriminator.parameters(), d_opt, None,
+            trainer.optimizer_step(accelerator, d_loss, criterion.discriminator.parameters(), d_opt, None,
                                     args.max_grad_norm)
             logs["d_loss"] = d_loss.detach()
         codes = terms["codes"]
@@ -143,7 +117,7 @@ def main(argv=None):
     def evaluate(step):
         if not accelerator.is_main_process:
             return
-        with training.evaluation(ema, raw):
+        with trainer.evaluation(ema, raw):
             images = val_images.to(accelerator.device)
             metrics = evaluate_depths(raw, images)
             shown = images[:8]
@@ -155,11 +129,11 @@ def main(argv=None):
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
-    step = training.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
+    step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with training.evaluation(ema, raw):
+        with trainer.evaluation(ema, raw):
             raw.save_pretrained(args.output_dir)
             metrics = evaluate_depths(raw, val_images.to(accelerator.device))
         summary = {"step": step, **metrics}
@@ -169,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    training.run_cli(main)
+    cli.run_cli(main)

@@ -1,6 +1,6 @@
 """Evaluate a saved pipeline on held-out images; prints one JSON object and writes a report.
 
-    python -m pipelines.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
+    python -m training.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
         --train_dir data/emoji/train --out runs/eval
 
 Measures: reconstruction PSNR at each depth 1..D and codebook usage on the test images; stage-2 test
@@ -23,13 +23,29 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from pipelines import RQPipeline
+from rqcore.metrics import psnr
+from rqcore.pretrained import load_weights, write_safetensors
 from rqtransformer.model import per_depth_nll
-from rqvae.data import image_folder
-from rqvae.pretrained import load_weights, write_safetensors
-from rqvae.train import evaluate_depths
-from rqvae.training import positive_int, run_cli
+from rqvae import RQVAE
 
-from .rq_pipeline import RQPipeline
+from .cli import positive_int, run_cli
+from .data import image_folder
+
+
+@torch.no_grad()
+def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
+    """PSNR at every depth 1..D and codebook usage of `images` (model in eval mode)."""
+    D, K = model.config.code_depth, model.config.codebook_size
+    sums, used = torch.zeros(D), torch.zeros(K, dtype=torch.bool)
+    for chunk in images.split(batch_size):
+        codes = model.encode(chunk)
+        used[codes.flatten().unique()] = True
+        for k in range(1, D + 1):
+            sums[k - 1] += psnr(model.decode(codes, depth=k), chunk).sum()
+    out = {f"psnr_depth{k}": float(sums[k - 1] / len(images)) for k in range(1, D + 1)}
+    out["codebook_usage"] = float(used.float().mean())
+    return out
 
 
 class SmallClassifier(nn.Module):

@@ -1,0 +1,115 @@
+"""Command-line plumbing both training scripts share: the accelerate-style flags, --config / --init_from
+resolution, and turning user errors into one line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from rqcore.pretrained import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_weights, read_json
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float) -> None:
+    """The accelerate-style flags both stages take."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--data_dir", required=True, help="ImageFolder tree: <data_dir>/<class>/<image>")
+    g.add_argument("--output_dir", required=True, help="checkpoints, logs, samples and the final model")
+    g.add_argument("--train_batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--max_train_steps", type=positive_int, default=steps)
+    g.add_argument("--learning_rate", type=positive_float, default=lr)
+    g.add_argument("--lr_warmup_steps", type=int, default=500)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of weights; 0 disables")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    g.add_argument("--init_from", default=None,
+                   help="start from the weights of a model folder (fine-tuning); its config.json is the default --config")
+    g.add_argument("--validation_steps", type=positive_int, default=500, help="image grid every N steps")
+    g.add_argument("--logging_steps", type=positive_int, default=10)
+    g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
+    g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+
+
+def config_source(args) -> tuple[str, str]:
+    """(value, flag) of the config to build: --config, else --init_from's folder, else the emoji-64
+    preset; `flag` names the option the value came from, for messages."""
+    if args.config:
+        return args.config, "--config"
+    return (args.init_from, "--init_from") if args.init_from else ("emoji-64", "--config")
+
+
+def load_init_from(model: torch.nn.Module, init_from: str | None) -> None:
+    """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor)."""
+    if init_from:
+        if not Path(init_from).is_dir():
+            raise ValueError(f"--init_from {init_from} is not a model folder")
+        load_weights(model, Path(init_from) / WEIGHTS_NAME)
+
+
+def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):
+    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields.
+    `flag` names the option the value came from in messages (--init_from's folder is the default config)."""
+    kind = config_class.__name__.removesuffix("Config")
+    if value in presets:
+        data = dict(presets[value])
+    elif Path(value).is_dir() or value.endswith(".json"):
+        folder = Path(value)
+        if folder.is_dir() and (folder / "rqvae").is_dir() and not (folder / CONFIG_NAME).is_file():
+            raise ValueError(f"{flag} {value} is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder")
+        path = folder / CONFIG_NAME if folder.is_dir() else folder
+        if not path.is_file():
+            raise ValueError(f"{flag} {value}: {path} does not exist")
+        data = read_json(path, f"{flag} {value}")
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        shared = {"codebook_size", "resolution"}  # fields both models' configs may have
+        if folder.is_dir() and isinstance(data, dict) and set(data) - fields and set(data) & fields <= shared:
+            raise ValueError(f"{flag} {value} is not a saved {kind}: its {CONFIG_NAME} is another model's")
+    else:
+        raise ValueError(f"{flag} must be one of {sorted(presets)}, a .json file or a model folder, got {value!r}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {value}: expected a JSON object")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(config_class, data, source=f"{flag} {value}")
+
+
+def run_cli(main) -> None:
+    """Turn user errors into one clear line and exit code 2 instead of a traceback."""
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        raise SystemExit(130) from None
