@@ -85,13 +85,31 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides fp32 / bf16 speed here
+
+
+def cpu_flags() -> list[str]:
+    """The CPU_FLAGS this CPU has (from /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def cpu_tag() -> dict:
+    """Attached to every record: figures from CPUs with and without AVX-512 / native bf16 differ a lot."""
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch_cpu_capability": capability}
+
+
 def machine_info(quick: bool = False) -> dict:
     """Who measured what, where: call at start (the load average tells how busy the machine was)."""
     env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")}
     return {
         "figure": "machine",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -105,8 +123,15 @@ def machine_info(quick: bool = False) -> dict:
     }
 
 
+_CPU_TAG: dict | None = None
+
+
 def emit(record: dict) -> dict:
-    """One figure = one JSON line on stdout (flushed, so progress shows while the suite runs)."""
+    """One figure = one JSON line on stdout (flushed, so progress shows while the suite runs), tagged
+    with the CPU it was measured on."""
+    global _CPU_TAG
+    _CPU_TAG = _CPU_TAG or cpu_tag()
+    record.update({k: v for k, v in _CPU_TAG.items() if k not in record})
     print(json.dumps(record), flush=True)
     return record
 

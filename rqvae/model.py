@@ -185,8 +185,14 @@ class RQVAE(PretrainedMixin, nn.Module):
         return quantized, rearrange(codes, "b (h w) d -> b h w d", h=h, w=w), commit.sum()
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] in [-1,1] -> codes LongTensor [B,h,w,D]. Never updates the codebook."""
+    def encode(self, images: torch.Tensor, temperature: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] -> codes LongTensor [B,h,w,D]. Never updates the codebook.
+
+        temperature 0: the nearest code at every depth (deterministic). > 0: stochastic codes drawn from
+        Q_tau, see `quantize_latents`."""
+        if temperature:
+            return self.quantize_latents(self.encode_latents(images), temperature, generator)
         self._check_images(images)
         was_training = self.quantizer.training
         self.quantizer.eval()  # eval: no EMA update, no quantize dropout
@@ -195,6 +201,79 @@ class RQVAE(PretrainedMixin, nn.Module):
         finally:
             self.quantizer.train(was_training)
         return codes
+
+    # ---- stochastic codes and soft labels (paper section 3.3) -----------------------------------------
+    # Q_tau(k | r) = softmax_k(-||r - e(k)||^2 / tau) over the shared codebook, for the residual r left at a
+    # depth. Stage 2 caches the continuous latents and draws codes / soft targets from them every step.
+
+    @torch.no_grad()
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B,3,H,W] in [-1,1] -> continuous latents [B,h,w,C] (fp32), before quantization."""
+        self._check_images(images)
+        return rearrange(self.encoder(images).float(), "b c h w -> b h w c")
+
+    @torch.no_grad()
+    def quantize_latents(self, latents: torch.Tensor, temperature: float = 0.0,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """latents [B,h,w,C] -> codes [B,h,w,D]. temperature 0: nearest codes (exactly `encode`'s);
+        > 0: code d is drawn from Q_tau(. | r_d) and the next residual subtracts the drawn code."""
+        check_temperature(temperature, allow_zero=True)
+        if not temperature:
+            was_training = self.quantizer.training
+            self.quantizer.eval()
+            try:
+                _, codes, _ = self.quantize(rearrange(self._check_latents(latents), "b h w c -> b c h w"))
+            finally:
+                self.quantizer.train(was_training)
+            return codes
+        codes, _ = self._residual_walk(latents, temperature, generator=generator)
+        return codes
+
+    @torch.no_grad()
+    def soft_targets(self, latents: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Soft labels Q_tau(. | r_d) [B,h,w,D,K] (each row sums to 1) for latents [B,h,w,C], where r_d is
+        the residual left after the given codes [B,h,w,D] of depths < d (deterministic or sampled)."""
+        check_temperature(temperature)
+        _, probs = self._residual_walk(latents, temperature, codes=codes)
+        return probs
+
+    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        h, w, _ = self.code_shape
+        C = self.config.latent_dim
+        if not torch.is_tensor(latents) or not latents.is_floating_point() or latents.ndim != 4 \
+                or tuple(latents.shape[1:]) != (h, w, C):
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents must be a float tensor [B,{h},{w},{C}], got {got}")
+        return latents.float()
+
+    def _residual_walk(self, latents, temperature: float, generator=None, codes=None):
+        """Walk the D depths: logits -||r_d - e||^2 / tau [N,K]; take the given code at d, or draw one.
+        Returns (codes [B,h,w,D], probs [B,h,w,D,K] when codes were given, else None)."""
+        with torch.autocast(latents.device.type, enabled=False):  # distances in fp32, also under bf16 training
+            return self._residual_walk_fp32(latents, temperature, generator, codes)
+
+    def _residual_walk_fp32(self, latents, temperature: float, generator, codes):
+        B, h, w, _ = latents.shape
+        r = self.quantizer.project_in(rearrange(self._check_latents(latents), "b h w c -> (b h w) c"))  # [N,C]
+        embed = self.quantizer.codebooks[0].float()  # [K,C], shared by every depth
+        e2 = (embed ** 2).sum(-1)  # [K]
+        given = None if codes is None else rearrange(codes.long(), "b h w d -> (b h w) d")  # [N,D]
+        out, probs = [], []
+        for d in range(self.config.code_depth):
+            # the library's distance, expanded: ||r||^2 + ||e||^2 - 2 r.e
+            logits = -((r ** 2).sum(-1, keepdim=True) + e2 - 2 * r @ embed.T) / temperature  # [N,K]
+            if given is None:
+                u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
+                code = (logits - (-u.log()).log()).argmax(-1)  # Gumbel-max: a draw from softmax(logits)
+            else:
+                probs.append(logits.softmax(-1))
+                code = given[:, d]
+            out.append(code)
+            r = r - embed[code]
+        codes = rearrange(torch.stack(out, -1), "(b h w) d -> b h w d", b=B, h=h, w=w)
+        if given is None:
+            return codes, None
+        return codes, rearrange(torch.stack(probs, 1), "(b h w) d k -> b h w d k", b=B, h=h, w=w)
 
     def embed_codes(self, codes: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """codes [B,h,w,k] -> latent [B,C,h,w] summing the first `depth` code embeddings."""
@@ -241,6 +320,16 @@ class RQVAE(PretrainedMixin, nn.Module):
         latent = prefixes[depth - 1, torch.arange(B, device=codes.device)]  # [B,C,h,w]
         codes = torch.where(torch.arange(D, device=codes.device) < depth[:, None, None, None], codes, -1)
         return self.decoder(latent), {"commitment": images.new_zeros(()), "codes": codes}
+
+
+def check_temperature(temperature, allow_zero: bool = False) -> float:
+    """The code temperature tau: a finite number > 0 (or exactly 0 where deterministic codes are meant)."""
+    ok = not isinstance(temperature, bool) and isinstance(temperature, (int, float)) \
+        and math.isfinite(temperature) and (temperature > 0 or (allow_zero and temperature == 0))
+    if not ok:
+        wanted = "a finite number >= 0 (0 = nearest codes)" if allow_zero else "a finite number > 0"
+        raise ValueError(f"code temperature must be {wanted}, got {temperature!r}")
+    return float(temperature)
 
 
 PRESETS = {
