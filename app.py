@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines import RQPipeline
-from rqcore.images import MAX_IMAGE_PIXELS, to_pil
+from rqcore.images import MAX_IMAGE_PIXELS
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces
@@ -121,18 +121,26 @@ def check_whole(value, label: str, lo: int, hi: int) -> int:
     return int(value)
 
 
-def pick_labels(pipe: RQPipeline, choice: str, num_images: int, seed: int) -> list[str] | None:
-    """The dropdown value -> one class name per image ("Random class": drawn from the seed)."""
-    names = pipe.class_names
-    if not names:
-        return None  # unconditional model
-    if choice in (None, "", RANDOM_CLASS):
-        rng = random.Random(seed)
-        return [rng.choice(names) for _ in range(int(num_images))]
-    return [choice] * int(num_images)
+def pick_labels(class_names: list[str], choice: str | None, num_images: int, seed: int) -> str | list[str] | None:
+    """The dropdown value -> class_labels for the pipeline, which checks them: "Random class" draws one
+    name per image from the seed (None for an unconditional model); any other value is passed on."""
+    if choice not in (None, "", RANDOM_CLASS):
+        return choice  # the pipeline repeats it num_images times
+    if not class_names:
+        return None
+    rng = random.Random(seed)
+    return [rng.choice(class_names) for _ in range(num_images)]
 
 
-def sampling_args(top_k, top_p) -> dict:
+def captions(pipe: RQPipeline, out) -> list[str]:
+    """The class of each image of a pipeline output, for display."""
+    if not out.class_labels:
+        return [""] * len(out.images)
+    return [pretty(pipe.class_names[i]) for i in out.class_labels]
+
+
+def sampling_filters(top_k, top_p) -> dict:
+    """The sliders' "off" values (top-k 0, top-p 1) -> None, as the pipeline takes them."""
     return dict(top_k=int(top_k) if top_k else None, top_p=float(top_p) if top_p < 1 else None)
 
 
@@ -220,15 +228,14 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         seed = check_seed(seed)
         num_images = check_whole(num_images, "Number of images", 1, pipe.max_images)
         top_k = check_whole(top_k, "Top-k (0 = off)", 0, K)
-        labels = pick_labels(pipe, class_name, num_images, seed)
-        names = labels or [None] * int(num_images)
+        labels = pick_labels(pipe.class_names, class_name, num_images, seed)
         generator = torch.Generator(pipe.device).manual_seed(seed)
         progress(0, desc="Sampling")
         with user_errors():
-            for out in pipe.stream(labels, int(num_images), temperature, generator=generator,
-                                   guidance_scale=guidance_scale, **sampling_args(top_k, top_p)):
+            for out in pipe.stream(labels, num_images, temperature, generator=generator,
+                                   guidance_scale=guidance_scale, **sampling_filters(top_k, top_p)):
                 progress(out.done, desc="Sampling" if out.done < 1 else "Done")
-                yield [(upscale(im), pretty(n)) for im, n in zip(out.images, names)]
+                yield list(zip(map(upscale, out.images), captions(pipe, out)))
 
     @gpu
     @torch.inference_mode()
@@ -237,8 +244,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
             raise gr.Error("upload an image (or pick an example) to reconstruct")
         with user_errors():
             image.load()
-            rec = pipe.reconstruct_all_depths(image)
-        strip = [(upscale(rec.input), "input (resized)")]
+            rec = pipe.reconstruct(image)
+        strip = [(upscale(rec.input_image), "input (resized)")]
         strip += [(upscale(im), f"depth {k}: {p:.1f} dB") for k, (im, p) in enumerate(zip(rec.images, rec.psnr), 1)]
         return strip, code_map(rec.codes)
 
@@ -252,19 +259,16 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         if not image or image.get("background") is None:
             raise gr.Error("upload an image to complete")
         background = image["background"]
+        labels = pick_labels(pipe.class_names, class_name, num_images, seed)
         with user_errors():
             background.load()
-            model_input = pipe.preprocess(background)  # once: checked before the mask, then completed and shown
             mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
-            keep = pipe.mask_to_keep(mask).cpu()  # [h,w] True = kept code position
-            labels = pick_labels(pipe, class_name, num_images, seed)
-            out = pipe.complete(model_input, mask, labels, num_images=int(num_images),
+            out = pipe.complete(background, mask, labels, num_images=num_images,
                                 generator=torch.Generator(pipe.device).manual_seed(seed))
-        shown = upscale(to_pil(model_input)[0])
-        shade = Image.fromarray((~keep).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)
+        shown = upscale(out.input_image)  # the input as the model saw it
+        shade = Image.fromarray((~out.keep_mask).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)
         shown.paste(Image.new("RGB", shown.size, (255, 0, 255)), mask=shade)  # magenta over regenerated cells
-        names = labels or [None] * int(num_images)
-        return [(shown, "shaded = regenerated")] + [(upscale(im), pretty(n)) for im, n in zip(out.images, names)]
+        return [(shown, "shaded = regenerated")] + list(zip(map(upscale, out.images), captions(pipe, out)))
 
     def generate_final(class_name, num_images, seed):  # for the cached examples
         *_, last = generate(class_name, num_images, seed)

@@ -1,11 +1,14 @@
 """RQPipeline: class-conditional generation, streamed previews, per-depth reconstruction and masked
-completion over a trained RQ-VAE + RQ-Transformer pair.
+completion over a trained RQ-VAE + RQ-Transformer pair. The pipeline checks all user input (class names and
+indices, counts, images, masks, generator, output type); the transformer's generate() checks the sampling
+options and tensor invariants.
 
     pipe = RQPipeline.from_pretrained("weights/emoji-64")
     images = pipe("smileys_and_emotion", num_images=4, generator=torch.Generator().manual_seed(0)).images
 """
 from __future__ import annotations
 
+import difflib
 import json
 import queue
 import threading
@@ -19,13 +22,15 @@ import torch.nn.functional as F
 from einops import repeat
 from PIL import Image
 
+from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
+from rqcore.metrics import psnr
 from rqtransformer import RQTransformer
 from rqvae import RQVAE
-from rqcore.images import MAX_IMAGE_PIXELS, image_transform, to_pil, to_rgb
 
 PIPELINE_FILE = "pipeline.json"
 OUTPUT_TYPES = ("pil", "pt", "np")
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
+SAMPLING_THREAD = "RQPipeline.stream"  # the worker thread of stream(), named so that it can be found
 
 
 @dataclass
@@ -34,6 +39,8 @@ class RQPipelineOutput:
     codes: torch.Tensor              # LongTensor [B,h,w,D]
     class_labels: list[int] | None = None
     done: float = 1.0                # fraction of positions sampled (previews < 1)
+    keep_mask: torch.Tensor | None = None     # complete(): BoolTensor [h,w], True = code position kept
+    input_image: Image.Image | None = field(repr=False, default=None)  # complete(): the input as the model saw it
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Reconstruction:
     images: list[Image.Image]        # one per depth 1..D
     psnr: list[float]                # dB against the (resized) input, per depth
     codes: torch.Tensor              # LongTensor [h,w,D]
-    input: Image.Image = field(repr=False, default=None)
+    input_image: Image.Image = field(repr=False, default=None)  # the input as the model saw it
 
 
 class _Cancelled(Exception):
@@ -50,6 +57,10 @@ class _Cancelled(Exception):
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class RQPipeline:
@@ -131,44 +142,64 @@ class RQPipeline:
 
     # ---- input checks -------------------------------------------------------------------------
 
-    def _labels(self, class_labels, num_images: int) -> list[int] | None:
-        if (isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer))
-                or not 1 <= num_images <= self.max_images):
-            raise ValueError(f"num_images must be a whole number from 1 to {self.max_images}, got {num_images!r}")
-        if class_labels is None:
-            return None
-        names = self.class_names
-        items = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels]
-        if torch.is_tensor(class_labels):
-            items = class_labels.reshape(-1).tolist()
-        if not items or len(items) > self.max_images:
-            raise ValueError(f"give 1 to {self.max_images} class labels, got {len(items)}")
-        if self.transformer.config.num_classes == 0:
-            raise ValueError("this model is unconditional: leave class_labels empty")
-        labels = []
-        for item in items:
-            if isinstance(item, str):
-                if item not in names:
-                    raise ValueError(f"unknown class {item!r}; choose one of {names}")
-                labels.append(names.index(item))
-            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-                if not 0 <= item < len(names):
-                    raise ValueError(f"class index {item} is out of range 0..{len(names) - 1}")
-                labels.append(int(item))
-            else:
-                raise ValueError(f"class labels must be class names or indices, got {item!r}")
-        if len(labels) == 1:
-            labels = labels * num_images
-        elif len(labels) != num_images and num_images != 1:
-            raise ValueError(f"{len(labels)} class labels but num_images={num_images}: give one label or one per image")
-        return labels
+    def _class_labels(self, class_labels, num_images) -> tuple[torch.Tensor | None, int]:
+        """Class names/indices and num_images -> (labels LongTensor [B] or None for no class, B).
 
-    def _sampling(self, guidance_scale, generator) -> float:
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
+        One label is repeated num_images times (default 1); several labels make one image each, so
+        num_images must then be None or their count."""
+        m = self.max_images
+        if num_images is not None and not (_is_whole(num_images) and 1 <= num_images <= m):
+            raise ValueError(f"num_images must be a whole number from 1 to {m} (or None: one image per label), "
+                             f"got {num_images!r}")
+        if class_labels is None:
+            return None, int(num_images or 1)
+        if self.transformer.config.num_classes == 0:
+            raise ValueError("this model is unconditional: leave class_labels empty (None)")
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            if class_labels.ndim > 1:
+                raise ValueError(f"class labels must be one name or index per image (1-D), "
+                                 f"got shape {tuple(class_labels.shape)}")
+            items = class_labels.reshape(-1).tolist()
+        else:
+            items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if not 1 <= len(items) <= m:
+            raise ValueError(f"give 1 to {m} class labels, got {len(items)}")
+        indices = [self._class_index(item) for item in items]
+        if len(indices) == 1:
+            indices *= int(num_images or 1)
+        elif num_images is not None and num_images != len(indices):
+            raise ValueError(f"{len(indices)} class labels but num_images={num_images}: give one label to repeat, "
+                             f"or one per image (and leave num_images None)")
+        return torch.tensor(indices, dtype=torch.long, device=self.device), len(indices)
+
+    def _class_index(self, label) -> int:
+        names = self.class_names
+        if isinstance(label, str):
+            if label not in names:
+                close = difflib.get_close_matches(label, names, n=3)
+                hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+                shown = names if len(names) <= 20 else names[:20] + [f"... ({len(names)} classes in class_names)"]
+                raise ValueError(f"unknown class {label!r}; {hint}choose one of {shown}")
+            return names.index(label)
+        if not _is_whole(label):
+            raise ValueError(f"class labels must be class names or indices, got {label!r}")
+        if not 0 <= label < len(names):
+            raise ValueError(f"class index {label} is out of range 0..{len(names) - 1}")
+        return int(label)
+
+    def _generate_kwargs(self, class_labels, num_images, guidance_scale, generator, output_type,
+                         **options) -> dict:
+        """Checked user input -> keyword arguments for transformer.generate, which checks the sampling
+        `options` (temperature, top_k, top_p) and the guidance scale itself."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        return guidance_scale
+        labels, batch = self._class_labels(class_labels, num_images)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale  # without labels generate() ignores it (but checks it)
+        return dict(class_labels=labels, num_samples=batch, guidance_scale=guidance_scale, generator=generator,
+                    **options)
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL image(s), uint8 arrays [H,W,C] or float tensors [B,3,H,W] in [-1,1] -> [B,3,R,R] in [-1,1].
@@ -197,15 +228,19 @@ class RQPipeline:
                 item = Image.fromarray(item)
             if not isinstance(item, Image.Image):
                 raise ValueError(f"expected a PIL image, a uint8 array or a tensor, got {type(item).__name__}")
-            if item.width * item.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image is too large ({item.width}x{item.height}); the limit is "
-                                 f"{MAX_IMAGE_PIXELS:,} pixels")
+            check_pixels(item.width, item.height, "image")  # before decoding: a lazily opened file is not read yet
             if min(item.size) < 1:
                 raise ValueError("image is empty")
             out.append(transform(to_rgb(item)))
         return torch.stack(out).to(self.device)
 
-    def _output(self, images: torch.Tensor, output_type: str):
+    def _one_image(self, image, what: str) -> torch.Tensor:
+        x = self.preprocess(image)  # [B,3,R,R]
+        if x.shape[0] != 1:
+            raise ValueError(f"{what} takes one image, got {x.shape[0]}")
+        return x
+
+    def _as_output_type(self, images: torch.Tensor, output_type: str):
         if output_type == "pil":
             return to_pil(images)
         x = (images.float().clamp(-1, 1) * 0.5 + 0.5).cpu()
@@ -214,41 +249,37 @@ class RQPipeline:
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, class_labels=None, num_images: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, guidance_scale: float | None = None,
+    def __call__(self, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
-        """Sample `num_images` images (guidance_scale None = the pipeline's default, 1 = off)."""
-        *_, final = self._run(class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator,
-                              output_type, previews=False)
+        """Sample images of `class_labels` (a class name or index, or a list of them: one image each).
+        num_images repeats a single label (None: once), or sets the count without labels (unconditional).
+        guidance_scale None = the pipeline's default, 1 = off."""
+        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
+                                       temperature=temperature, top_k=top_k, top_p=top_p)
+        *_, final = self._sample(kwargs, output_type)
         return final
 
-    def stream(self, class_labels=None, num_images: int = 1, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, guidance_scale: float | None = None,
+    def stream(self, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
                generator: torch.Generator | None = None, output_type: str = "pil", every: int | None = None):
         """Like __call__, but yields a preview after every `every` positions (default: every code row):
-        sampled positions decoded, the rest grey. The last item is the final output (done == 1)."""
-        yield from self._run(class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator,
-                             output_type, previews=True, every=every)
+        sampled positions decoded, the rest grey. The last item is the final output (done == 1).
+        Closing the stream early stops the sampling."""
+        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
+                                       temperature=temperature, top_k=top_k, top_p=top_p)
+        w = self.rqvae.code_shape[1]
+        if every is not None and not (_is_whole(every) and every >= 1):
+            raise ValueError(f"every must be a positive whole number of positions (None: every code row, {w}), "
+                             f"got {every!r}")
+        yield from self._sample(kwargs, output_type, every=int(every or w))
 
-    def _run(self, class_labels, num_images, temperature, top_k, top_p, guidance_scale, generator, output_type,
-             previews: bool, every: int | None = None, prefix=None):
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        labels = self._labels(class_labels, num_images)
-        guidance_scale = self._sampling(guidance_scale, generator)
-        if labels is None:  # _labels refuses labels for an unconditional model
-            guidance_scale = 1.0  # nothing to guide towards
-        h, w, _ = self.rqvae.code_shape
-        every = every or w
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
-        kwargs = dict(class_labels=labels, num_samples=int(num_images) if labels is None else len(labels),
-                      temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                      generator=generator, prefix=prefix)
-        if not previews:
+    def _sample(self, kwargs: dict, output_type: str, every: int | None = None):
+        """generate(**kwargs), decoded; with `every`, previews first (sampling then runs in a thread)."""
+        labels = None if kwargs["class_labels"] is None else kwargs["class_labels"].tolist()
+        if every is None:
             codes = self.transformer.generate(**kwargs)
         else:
-            codes = None
             for step, partial in self._sample_in_thread(kwargs, every):
                 if step is None:
                     codes = partial
@@ -256,12 +287,15 @@ class RQPipeline:
                 yield self._preview(partial, step, labels, output_type)
         with torch.inference_mode():
             images = self.rqvae.decode(codes)
-        yield RQPipelineOutput(self._output(images, output_type), codes.cpu(), labels)
+        yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), labels)
 
     def _sample_in_thread(self, kwargs, every: int):
-        """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes)."""
+        """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes).
+
+        The queue holds one item, so the worker runs at most a preview ahead of the consumer: when the
+        consumer stops (closes the stream, or drops it), sampling stops within a preview."""
         h, w, _ = self.rqvae.code_shape
-        q: queue.Queue = queue.Queue()
+        q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
 
         def callback(step, codes):
@@ -276,7 +310,7 @@ class RQPipeline:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
                 q.put((e, None))
 
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=work, name=SAMPLING_THREAD, daemon=True)
         thread.start()
         try:
             while True:
@@ -288,6 +322,11 @@ class RQPipeline:
                     return
         finally:
             stop.set()
+            while thread.is_alive():  # take what the worker is waiting to hand over, so that it sees `stop`
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
             thread.join()
 
     @torch.inference_mode()
@@ -299,31 +338,19 @@ class RQPipeline:
         mask = repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f)
         images = torch.where(mask, images, torch.zeros_like(images))  # 0 = mid grey in [-1,1]
         h, w, _ = self.rqvae.code_shape
-        return RQPipelineOutput(self._output(images, output_type), codes.cpu(), labels, done=step / (h * w))
+        return RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), labels, done=step / (h * w))
 
     # ---- reconstruction and completion --------------------------------------------------------
 
     @torch.inference_mode()
-    def reconstruct(self, images, depth: int | None = None, output_type: str = "pil"):
-        """Encode and decode `images` using the first `depth` codes (None = all D)."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    def reconstruct(self, image) -> Reconstruction:
+        """One image -> its reconstructions from the first 1..D codes of each position, with the PSNR (dB)
+        of each against the input as the model saw it (resized and center-cropped)."""
+        x = self._one_image(image, "reconstruct")  # [1,3,R,R]
+        codes = self.rqvae.encode(x)  # [1,h,w,D]
         D = self.rqvae.config.code_depth
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= D):
-            raise ValueError(f"depth must be a whole number from 1 to {D}, got {depth!r}")
-        x = self.preprocess(images)
-        return self._output(self.rqvae.decode(self.rqvae.encode(x), depth=depth), output_type)
-
-    @torch.inference_mode()
-    def reconstruct_all_depths(self, image) -> Reconstruction:
-        """One image -> its reconstructions at depth 1..D with PSNR (dB) of each against the input."""
-        x = self.preprocess(image)[:1]
-        codes = self.rqvae.encode(x)
-        D = self.rqvae.config.code_depth
-        outs = torch.cat([self.rqvae.decode(codes, depth=k) for k in range(1, D + 1)])  # [D,3,H,W]
-        mse = ((outs.float() - x.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-        psnr = (10 * torch.log10(4.0 / mse)).tolist()
-        return Reconstruction(to_pil(outs), psnr, codes[0].cpu(), to_pil(x)[0])
+        outs = torch.cat([self.rqvae.decode(codes, depth=k) for k in range(1, D + 1)])  # [D,3,R,R]
+        return Reconstruction(to_pil(outs), psnr(outs, x).tolist(), codes[0].cpu(), to_pil(x)[0])
 
     def mask_to_keep(self, mask) -> torch.Tensor:
         """Pixel mask (white = regenerate) -> keep-mask over code positions [h,w] (True = keep)."""
@@ -341,9 +368,7 @@ class RQPipeline:
             mask = Image.fromarray(mask.clip(0, 255).astype(np.uint8))
         if not isinstance(mask, Image.Image):
             raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
-        if mask.width * mask.height > MAX_IMAGE_PIXELS:  # before any decoding, as for images
-            raise ValueError(f"mask is too large ({mask.width}x{mask.height}); the limit is "
-                             f"{MAX_IMAGE_PIXELS:,} pixels")
+        check_pixels(mask.width, mask.height, "mask")  # before any decoding, as for images
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             alpha = mask.convert("RGBA").getchannel("A")
             # strokes painted on a transparent layer: the alpha is the mask; an opaque image: its brightness
@@ -362,16 +387,18 @@ class RQPipeline:
         return ~touched
 
     @torch.inference_mode()
-    def complete(self, image, mask, class_label=None, num_images: int = 1, temperature: float = 1.0,
+    def complete(self, image, mask, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
-        """Regenerate the code positions under the white part of `mask`, keeping the others' codes."""
-        x = self.preprocess(image)[:1]
+        """Regenerate the code positions under the white (painted) part of `mask`, keeping the others' codes.
+
+        Checks the image, then the mask, then the rest (as __call__). The output also holds `keep_mask`
+        [h,w] (True = kept) and `input_image` (the input as the model saw it), e.g. to show the regenerated cells."""
+        x = self._one_image(image, "complete")  # [1,3,R,R]
         keep = self.mask_to_keep(mask).to(self.device)  # [h,w]
+        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
+                                       temperature=temperature, top_k=top_k, top_p=top_p)
         codes = self.rqvae.encode(x)  # [1,h,w,D]
-        prefix = (codes, keep[None])
-        *_, final = self._run(class_label, num_images, temperature, top_k, top_p, guidance_scale, generator,
-                              output_type, previews=False, prefix=prefix)
+        *_, final = self._sample({**kwargs, "prefix": (codes, keep[None])}, output_type)
+        final.keep_mask, final.input_image = keep.cpu(), to_pil(x)[0]
         return final
-
-

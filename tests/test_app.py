@@ -1,7 +1,6 @@
 """The Gradio app served on 127.0.0.1 around a tiny untrained pipeline, called through gradio_client."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,7 +12,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 
-from conftest import CLASSES, editor, pixels  # noqa: E402
+from conftest import CLASSES, editor, pixels, tiny_pipeline  # noqa: E402
 
 
 def test_only_the_three_endpoints_are_public(served):
@@ -122,3 +121,22 @@ def test_missing_weights_exit_2_with_one_line(tmp_path, capsys):
 def test_class_names_shown_nicely():
     assert app.pretty("smileys_and_emotion") == "Smileys & emotion"
     assert app.pretty("travel_and_places") == "Travel & places" and app.pretty("flags") == "Flags"
+
+
+def test_class_names_are_checked_by_the_pipeline_not_the_app(tmp_path, monkeypatch):
+    """Over HTTP the dropdown refuses unlisted names first (test above); past it, the app passes the
+    choice on unchecked and the user sees the pipeline's message."""
+    assert app.pick_labels(CLASSES, "starz", 2, 0) == "starz"  # the pipeline repeats it num_images times
+    assert app.pick_labels([], app.RANDOM_CLASS, 2, 0) is None  # unconditional
+    drawn = app.pick_labels(CLASSES, app.RANDOM_CLASS, 5, 7)
+    assert len(drawn) == 5 and set(drawn) <= set(CLASSES) and drawn == app.pick_labels(CLASSES, None, 5, 7)
+    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
+    demo = app.build_demo(tiny_pipeline())
+    endpoints = {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
+    with pytest.raises(gr.Error) as info:
+        list(endpoints["generate"]("starz", 2, 0))
+    assert info.value.message.startswith("unknown class 'starz'; did you mean 'stars'?")
+    background, mask = Image.new("RGBA", (40, 40), (200, 0, 0, 255)), Image.new("L", (40, 40), 255)
+    with pytest.raises(gr.Error) as info:
+        endpoints["complete"]({"background": background, "layers": [mask]}, "starz", 2, 0)
+    assert info.value.message.startswith("unknown class 'starz'")

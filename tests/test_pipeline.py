@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -9,15 +10,18 @@ import torch
 from PIL import Image
 
 from pipelines import RQPipeline
+from pipelines.rq_pipeline import SAMPLING_THREAD
+from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
 
 from conftest import CLASSES, gen, tiny_pipeline
+
 
 def test_generate_outputs(pipe):
     out = pipe("squares", num_images=3, generator=gen(0))
     assert len(out.images) == 3 and all(isinstance(im, Image.Image) and im.size == (32, 32) for im in out.images)
     assert out.codes.shape == (3, 4, 4, 2) and out.class_labels == [1, 1, 1]
-    pt = pipe(["circles", 2], num_images=2, generator=gen(0), output_type="pt").images
+    pt = pipe(["circles", 2], generator=gen(0), output_type="pt").images
     assert pt.shape == (2, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
     arr = pipe(0, generator=gen(0), output_type="np").images
     assert isinstance(arr, np.ndarray) and arr.shape == (1, 3, 32, 32)
@@ -72,11 +76,41 @@ def test_stream_yields_previews_then_the_same_final_images(pipe):
     assert torch.equal(previews[1].codes[:, :2], final.codes[:, :2])
 
 
-def test_stream_can_be_abandoned(pipe):
-    stream = pipe.stream("squares", num_images=1, generator=gen(0))
-    first = next(stream)
-    assert first.done < 1
-    stream.close()  # stops the sampling thread without hanging
+def test_num_images_repeats_one_label_and_must_match_several(pipe):
+    assert pipe("stars").class_labels == [2]  # default: one image per label
+    assert pipe("stars", num_images=3).class_labels == [2, 2, 2]
+    assert pipe(["stars", 0]).class_labels == [2, 0] == pipe(["stars", 0], num_images=2).class_labels
+    assert len(pipe().images) == 1 and len(pipe(num_images=3).images) == 3  # no label: unconditional
+    for n in (1, 3):  # num_images=1 with several labels is a mistake too, not "use the first"
+        with pytest.raises(ValueError, match=f"2 class labels but num_images={n}: give one label to repeat"):
+            pipe(["stars", 0], num_images=n)
+    with pytest.raises(ValueError, match="give 1 to 6 class labels, got 7"):
+        pipe(["stars"] * 7)  # max_images holds for labels as for num_images
+
+
+def test_labels_as_names_indices_arrays_and_tensors_sample_the_same(pipe):
+    a = pipe(["stars", "circles"], generator=gen(2)).codes
+    for labels in ([2, 0], np.array([2, 0]), torch.tensor([2, 0]), np.array(["stars", "circles"])):
+        assert torch.equal(pipe(labels, generator=gen(2)).codes, a), labels
+    with pytest.raises(ValueError, match=r"one name or index per image \(1-D\), got shape \(1, 2\)"):
+        pipe(torch.tensor([[2, 0]]))
+    with pytest.raises(ValueError, match="unknown class 'starz'; did you mean 'stars'"):
+        pipe("starz")
+
+
+def test_closing_a_stream_early_stops_the_sampling_thread(pipe):
+    g = gen(0)
+    stream = pipe.stream("squares", generator=g)
+    assert next(stream).done == 0.25  # the first of 4 code rows
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=120)  # generous: fails only if closing hangs
+    assert not closer.is_alive(), "closing the stream hangs"
+    assert SAMPLING_THREAD not in [t.name for t in threading.enumerate()]
+    full = gen(0)
+    pipe("squares", generator=full)
+    # the abandoned run drew fewer random numbers than a full one: sampling stopped before the last position
+    assert not torch.equal(g.get_state(), full.get_state())
 
 
 def test_reconstruction_error_falls_with_depth(image_dir, trained_tiny_vae):
@@ -86,29 +120,41 @@ def test_reconstruction_error_falls_with_depth(image_dir, trained_tiny_vae):
     p = RQPipeline(vae, tf)
     files = sorted(image_dir.rglob("*.png"))
     pil = Image.open(files[0])  # RGBA, 20x20: converted and resized
-    rec = p.reconstruct_all_depths(pil)
+    rec = p.reconstruct(pil)
     assert len(rec.images) == 2 and rec.codes.shape == (2, 2, 2) and len(rec.psnr) == 2
-    mean = np.mean([p.reconstruct_all_depths(Image.open(f)).psnr for f in files], axis=0)
+    assert rec.input_image.size == rec.images[0].size == (16, 16)
+    mean = np.mean([p.reconstruct(Image.open(f)).psnr for f in files], axis=0)
     assert mean[0] + 0.1 < mean[1], mean  # on average over the images the model was fitted to
-    assert p.reconstruct(pil, depth=1)[0].size == (16, 16)
-    with pytest.raises(ValueError, match="depth must be"):
-        p.reconstruct(pil, depth=3)
     # unconditional models generate without labels and refuse them
     assert len(p(num_images=2, generator=gen(0)).images) == 2
     with pytest.raises(ValueError, match="unconditional"):
         p("circles")
 
 
-def test_complete_keeps_unmasked_codes_exactly(pipe):
+def test_complete_keeps_unmasked_codes_exactly_and_returns_its_keep_mask_and_input(pipe):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     mask = np.zeros((40, 40), np.uint8)
     mask[:10, :10] = 255  # top-left quarter of the (resized) image -> code position (0, 0) only
-    out = pipe.complete(image, Image.fromarray(mask), class_label="stars", num_images=2, generator=gen(0))
-    original = pipe.rqvae.encode(pipe.preprocess(image))  # [1,4,4,2]
-    keep = pipe.mask_to_keep(Image.fromarray(mask))
-    assert keep.sum() == 15 and not keep[0, 0]
+    out = pipe.complete(image, Image.fromarray(mask), class_labels="stars", num_images=2, generator=gen(0))
+    keep = out.keep_mask  # [h,w], True = kept
+    assert keep.dtype == torch.bool and keep.shape == (4, 4) and keep.sum() == 15 and not keep[0, 0]
+    assert torch.equal(keep, pipe.mask_to_keep(Image.fromarray(mask)))
+    model_input = pipe.preprocess(image)  # [1,3,32,32]
+    assert np.array_equal(np.asarray(out.input_image), np.asarray(to_pil(model_input)[0]))
+    original = pipe.rqvae.encode(model_input)  # [1,4,4,2]
     assert torch.equal(out.codes[:, keep], original[:, keep].cpu().expand(2, -1, -1))
-    assert len(out.images) == 2
+    assert len(out.images) == 2 and out.class_labels == [2, 2]
+    assert pipe(num_images=1).keep_mask is None  # only completion has one
+
+
+def test_complete_checks_the_image_first_then_the_mask(pipe):
+    with pytest.raises(ValueError, match="expected a PIL image"):
+        pipe.complete("not an image", np.zeros((2, 3, 32, 32), np.uint8))  # both bad: the image is reported
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="single-channel"):
+        pipe.complete(image, np.zeros((2, 3, 32, 32), np.uint8), class_labels="unicorns")
+    with pytest.raises(ValueError, match="complete takes one image, got 2"):
+        pipe.complete([image, image], np.ones((32, 32)))
 
 
 def test_mask_maps_any_touched_position(pipe):
@@ -136,12 +182,14 @@ def test_mask_maps_any_touched_position(pipe):
     (dict(num_images=2.0), "num_images must be"),
     (dict(num_images=np.int64(9)), "num_images must be"),
     (dict(class_labels=[0, 1, 2], num_images=2), "one per image"),
+    (dict(class_labels=[0, 1], num_images=1), "2 class labels but num_images=1"),
     (dict(temperature=0), "temperature"),
     (dict(top_k=0), "top_k"),
     (dict(top_k=33), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(class_labels=0, guidance_scale=-1), "guidance_scale"),
+    (dict(guidance_scale=-1), "guidance_scale"),  # checked without labels too
     (dict(output_type="jpeg"), "output_type"),
     (dict(generator=42), "torch.Generator"),
 ])
@@ -157,6 +205,7 @@ def test_bad_generation_arguments(pipe, kwargs, message):
     (torch.zeros(1, 4, 32, 32), "float"),
     (torch.zeros(0, 3, 32, 32), "image tensor is empty"),
     (torch.zeros(1, 3, 0, 0), "image tensor is empty"),
+    (torch.zeros(2, 3, 32, 32), "reconstruct takes one image, got 2"),
 ])
 def test_bad_images(pipe, image, message):
     with pytest.raises(ValueError, match=message):
@@ -166,7 +215,8 @@ def test_bad_images(pipe, image, message):
 @pytest.mark.parametrize("mode", ["L", "P", "I;16", "CMYK", "RGBA", "LA", "1"])
 def test_any_image_mode_is_converted(pipe, mode):
     image = Image.new("RGB", (50, 30), (200, 30, 30)).convert(mode)
-    assert pipe.reconstruct(image)[0].mode == "RGB"
+    rec = pipe.reconstruct(image)
+    assert rec.input_image.mode == rec.images[0].mode == "RGB"
 
 
 def test_numpy_integers_and_zero_one_masks_are_accepted(pipe):

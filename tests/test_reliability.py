@@ -213,17 +213,19 @@ def test_pipeline_refuses_huge_images_before_decoding(pipe, odd, monkeypatch):
         pipe.reconstruct(big)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a caller who switched PIL's guard off
     with pytest.raises(ValueError, match=r"image is too large \(20000x20000\); the limit is 40,000,000"):
-        pipe.reconstruct_all_depths(lazy(odd["bomb"]))  # its pixel data is garbage: decoding would fail
+        pipe.reconstruct(lazy(odd["bomb"]))  # its pixel data is garbage: decoding would fail
     with pytest.raises(ValueError, match=r"mask is too large \(20000x20000\); the limit is 40,000,000"):
         pipe.complete(Image.new("RGB", (32, 32)), lazy(odd["bomb"]))
+    with pytest.raises(ValueError, match=r"image is too large \(7000x7000\)"):
+        pipe.complete(big, lazy(odd["bomb"]))  # both too large: the image is checked first
 
 
 def test_pipeline_odd_but_valid_images(pipe, odd):
-    assert pipe.reconstruct(lazy(odd["one"]))[0].size == (32, 32)
-    ramp = np.asarray(pipe.reconstruct_all_depths(lazy(odd["grey16"])).input)
+    assert pipe.reconstruct(lazy(odd["one"])).input_image.size == (32, 32)
+    ramp = np.asarray(pipe.reconstruct(lazy(odd["grey16"])).input_image)
     assert ramp.min() < 40 and ramp.max() > 215  # 16-bit scaled, not clipped
-    assert np.asarray(pipe.reconstruct_all_depths(lazy(odd["cmyk"])).input)[..., 0].mean() > 200
-    pal = np.asarray(pipe.reconstruct_all_depths(lazy(odd["palette"])).input)
+    assert np.asarray(pipe.reconstruct(lazy(odd["cmyk"])).input_image)[..., 0].mean() > 200
+    pal = np.asarray(pipe.reconstruct(lazy(odd["palette"])).input_image)
     assert (pal[:, :12] > 240).all() and (pal[:, 20:, 0] > 200).all()
 
 
