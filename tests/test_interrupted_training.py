@@ -163,7 +163,7 @@ def test_stage2_killed_while_writing_a_checkpoint_resumes(vae_dir, image_dir, tm
     assert first.poll_until(lambda: assert_complete(out)), first.text()[-2000:]  # one complete checkpoint
     during = kill_while_writing(out, lambda i: Run("training.train_rqtransformer", argv, tmp_path / f"run1-{i}.log"), first)
     summary = finish(Run("training.train_rqtransformer", argv, tmp_path / "run2.log"), out, during["complete"][-1])
-    model = RQTransformer.from_pretrained(out)
+    model = RQTransformer.from_pretrained(out / "rqtransformer")
     assert model.config.class_names == ["circles", "squares"]
     print(json.dumps({"stage": 2, "during": during, "final_step": summary["step"]}))
 

@@ -380,7 +380,7 @@ STAGE2_CASES = [
     ("no_images", ["contains no images"]),
     ("corrupt", ["unreadable image", "corrupt.png"]),
     ("bomb", ["bomb.png", "too large", "40,000,000 pixels"]),
-    ("rqvae_empty", ["no config.json found"]),
+    ("rqvae_empty", ["--rqvae", "is neither a model folder (no config.json) nor a pipeline folder"]),
     ("rqvae_garbage_weights", ["not a readable safetensors file"]),
     ("validation_missing", ["data folder", "does not exist"]),
     ("config_wrong_type", ["field 'dim' must be an integer"]),

@@ -1,4 +1,5 @@
-"""Stage-2 training CLI: code caching, class names, checkpoints/resume, bad input."""
+"""Stage-2 training CLI: the pipeline folder it ends with, code caching, class names, the validation batch,
+checkpoints/resume, bad input."""
 from __future__ import annotations
 
 import json
@@ -8,16 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from pipelines import RQPipeline
 from rqtransformer import RQTransformer
-from training.train_rqtransformer import main
 from rqvae import RQVAE
 from training.cli import run_cli
+from training.train_rqtransformer import main, validation_batch
 from training.trainer import list_checkpoints
 
-from conftest import FAST2
+from conftest import FAST2, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def test_train_resume_and_code_cache(vae_dir, image_dir, tmp_path):
     out = tmp_path / "tf"
     common = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(image_dir),
@@ -37,10 +42,58 @@ def test_train_resume_and_code_cache(vae_dir, image_dir, tmp_path):
     assert "at step 2" in second.stdout and "encoding" not in second.stderr  # cache reused
     assert [c.stat().st_mtime_ns for c in sorted(out.glob("codes-*.safetensors"))] == stamp
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
-    model = RQTransformer.from_pretrained(out)
+    model = RQTransformer.from_pretrained(out / "rqtransformer")
     assert model.config.class_names == ["circles", "squares"] and model.config.code_shape == (2, 2, 2)
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["step"] == 4 and {"val/loss_depth1", "val/loss_depth2", "val/perplexity"} <= set(summary)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["samples-0000002.png", "samples-0000004.png"]
+
+
+def test_output_is_a_pipeline_folder_the_app_serves(vae_dir, image_dir, tmp_path, monkeypatch):
+    """No assembly step: the output folder loads as an RQPipeline and builds the app; --rqvae takes it too."""
+    out = tmp_path / "tf"
+    main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(out), *FAST2,
+          "--max_train_steps", "2", "--sample_guidance_scale", "2"])
+    assert json.loads((out / "pipeline.json").read_text())["default_guidance_scale"] == 2.0
+    given = RQVAE.from_pretrained(vae_dir).state_dict()
+    for key, value in RQVAE.from_pretrained(out / "rqvae").state_dict().items():
+        assert torch.equal(value, given[key]), key
+    pipe = RQPipeline.from_pretrained(out, device="cpu")
+    images = pipe("squares", num_images=3, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 3 and images[0].size == (16, 16)
+
+    import app
+    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
+    assert app.build_demo(out) is not None  # built, not served
+
+    # a pipeline folder as --rqvae (its rqvae/) and as --init_from (its rqtransformer/)
+    again = tmp_path / "again"
+    main(["--rqvae", str(out), "--init_from", str(out), "--data_dir", str(image_dir), "--output_dir", str(again),
+          *FAST2[2:], "--max_train_steps", "1", "--learning_rate", "1e-12", "--ema_decay", "0"])
+    for key, value in RQVAE.from_pretrained(again / "rqvae").state_dict().items():
+        assert torch.equal(value, given[key]), key
+    tuned = RQTransformer.from_pretrained(again / "rqtransformer")
+    for key, value in RQTransformer.from_pretrained(out / "rqtransformer").state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[key], value, msg=key)
+
+
+def test_validation_samples_one_batch_of_at_most_16_classes(vae_dir, tmp_path):
+    """20 classes: the grid shows 16 of them, spread from the first class to the last, in one batch."""
+    data = make_image_folder(tmp_path / "many", classes=[f"c{i:02d}" for i in range(20)], per_class=1)
+    out = tmp_path / "o"
+    main(["--rqvae", str(vae_dir), "--data_dir", str(data), "--output_dir", str(out), *FAST2,
+          "--max_train_steps", "1"])
+    with Image.open(out / "samples" / "samples-0000001.png") as grid:  # 16 rows of --samples_per_class 2
+        assert grid.size == (2 + 2 * (16 + 2), 2 + 16 * (16 + 2))
+
+    labels, n, per_row = validation_batch(20, 2)
+    assert per_row == 2 and n == len(labels) == 32 and labels[::2] == sorted(set(labels))
+    assert len(set(labels)) == 16 and labels[0] == 0 and labels[-1] == 19
+    labels, n, per_row = validation_batch(1724, 4)  # the folder that made the old grid run half an hour
+    assert n == 64 and len(set(labels)) == 16 and labels[-1] == 1723
+    labels, n, per_row = validation_batch(3, 100)  # many per class: the batch stays within 64
+    assert per_row == 21 and n == 63 and sorted(set(labels)) == [0, 1, 2]
+    assert validation_batch(0, 4) == (None, 4, 4)  # unconditional: one row, no labels
 
 
 def test_resume_is_exact(vae_dir, image_dir, tmp_path):
@@ -48,7 +101,7 @@ def test_resume_is_exact(vae_dir, image_dir, tmp_path):
     main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "4"])
     main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "2"])
     main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
-    a, b = (RQTransformer.from_pretrained(tmp_path / n).state_dict() for n in "ab")
+    a, b = (RQTransformer.from_pretrained(tmp_path / n / "rqtransformer").state_dict() for n in "ab")
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
 
@@ -64,14 +117,16 @@ def test_bf16_mixed_precision_trains_and_saves_float32(vae_dir, image_dir, tmp_p
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["step"] == 3 and 0 < summary["val/loss"] < 10
-    model = RQTransformer.from_pretrained(out)
+    model = RQTransformer.from_pretrained(out / "rqtransformer")
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_unconditional(vae_dir, image_dir, tmp_path):
     main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "u"), *FAST2,
           "--max_train_steps", "1", "--unconditional"])
-    assert RQTransformer.from_pretrained(tmp_path / "u").config.num_classes == 0
+    assert RQTransformer.from_pretrained(tmp_path / "u" / "rqtransformer").config.num_classes == 0
+    with Image.open(tmp_path / "u" / "samples" / "samples-0000001.png") as grid:  # one row of 2, no labels
+        assert grid.size == (2 + 2 * (16 + 2), 2 + 16 + 2)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -97,16 +152,15 @@ def test_bad_numbers(vae_dir, image_dir, tmp_path, capsys, flag, value):
 def test_init_from_fine_tunes_a_saved_transformer(vae_dir, image_dir, tmp_path):
     base = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), *FAST2[2:], "--ema_decay", "0"]
     main([*base, "--config", "tiny", "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
-    main([*base, "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"), "--max_train_steps", "1",
-          "--learning_rate", "1e-12"])
-    a, b = (RQTransformer.from_pretrained(tmp_path / n) for n in "ab")
+    main([*base, "--init_from", str(tmp_path / "a" / "rqtransformer"), "--output_dir", str(tmp_path / "b"),
+          "--max_train_steps", "1", "--learning_rate", "1e-12"])  # a transformer folder (a pipeline folder: above)
+    a, b = (RQTransformer.from_pretrained(tmp_path / n / "rqtransformer") for n in "ab")
     assert b.config == a.config
     for key, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[key], value, msg=key)
 
 
 def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_path, capsys):
-    from conftest import make_image_folder
     base = ["--rqvae", str(vae_dir), *FAST2, "--max_train_steps", "1"]
     main([*base, "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "a")])
     three = make_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=3)
@@ -119,7 +173,6 @@ def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_p
 
 def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, capsys):
     """A test folder with only some of the classes: its labels are the model's, by folder name."""
-    from conftest import make_image_folder
     from training.data import image_folder
     squares = make_image_folder(tmp_path / "sq", classes=("circles", "squares"), per_class=2)
     for png in (squares / "circles").iterdir():
@@ -128,7 +181,7 @@ def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, ca
     out = tmp_path / "o"
     main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(squares),
           "--output_dir", str(out), *FAST2, "--max_train_steps", "1"])
-    model = RQTransformer.from_pretrained(out)
+    model = RQTransformer.from_pretrained(out / "rqtransformer")
     from rqtransformer.model import per_depth_nll
     from training.train_rqtransformer import encode_dataset
     codes, _ = encode_dataset(RQVAE.from_pretrained(vae_dir), vae_dir, image_folder(squares, 16), tmp_path / "c",
@@ -146,18 +199,20 @@ def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, ca
     assert not list((tmp_path / "o2").glob("codes-*"))  # refused before any encoding
 
 
-@pytest.mark.parametrize("which, message", [
-    ("pipeline", "is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder"),
-    ("rqvae", "is not a saved RQTransformer: its config.json is another model's"),
+@pytest.mark.parametrize("flag, which, message", [
+    ("--init_from", "neither",
+     "is neither a model folder (no config.json) nor a pipeline folder (no rqtransformer/ inside)"),
+    ("--init_from", "rqvae", "is not a saved RQTransformer: its config.json is another model's"),
+    ("--rqvae", "neither", "is neither a model folder (no config.json) nor a pipeline folder (no rqvae/ inside)"),
+    ("--rqvae", "transformer", "is not a saved RQVAE: its config.json is another model's"),
 ])
-def test_init_from_the_wrong_kind_of_folder(vae_dir, image_dir, tmp_path, capsys, which, message):
-    folder = vae_dir
-    if which == "pipeline":
-        folder = tmp_path / "pipe"
-        (folder / "rqvae").mkdir(parents=True)
-        (folder / "rqtransformer").mkdir()
+def test_the_wrong_kind_of_folder(vae_dir, image_dir, tmp_path, capsys, flag, which, message):
+    folder = {"neither": image_dir, "rqvae": vae_dir, "transformer": tmp_path / "tf"}[which]
+    if which == "transformer":
+        from conftest import tiny_pipeline
+        tiny_pipeline().transformer.save_pretrained(folder)  # a transformer where the RQ-VAE belongs
+    argv = ["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST2[2:]]
     with pytest.raises(SystemExit) as e:
-        run_cli(lambda: main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--output_dir",
-                              str(tmp_path / "o"), *FAST2[2:], "--init_from", str(folder)]))
+        run_cli(lambda: main([*argv, flag, str(folder)]))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"--init_from {folder} {message}" in err
+    assert e.value.code == 2 and err == f"error: {flag} {folder} {message}\n"

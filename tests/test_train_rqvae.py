@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from rqvae import PRESETS, RQVAE
-from training.train_rqvae import main
 from training.cli import run_cli
+from training.data import fixed_images
+from training.evaluate import evaluate_depths
+from training.train_rqvae import main
 from training.trainer import list_checkpoints
 
 from conftest import FAST1
@@ -40,9 +40,15 @@ def test_train_checkpoint_resume_end_to_end(image_dir, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-7"]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["step"] == 7 and {"psnr_depth1", "psnr_depth2", "codebook_usage"} <= set(summary)
+    # the saved model is the one the summary measured (the EMA weights), on real training images
     model = RQVAE.from_pretrained(out)
-    image = Image.open(next(image_dir.rglob("*.png")))
-    assert model.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 2, 2, 2) and image.size == (20, 20)
+    images = fixed_images(image_dir, 16, 8)  # the run's validation images (no --validation_dir)
+    codes = model.encode(images)
+    assert codes.shape == (8, 2, 2, 2) and 0 <= codes.min() and codes.max() < model.config.codebook_size
+    measured = evaluate_depths(model, images)
+    assert all(torch.isfinite(torch.tensor(v)) for v in measured.values())
+    for key in ("psnr_depth1", "psnr_depth2", "codebook_usage"):
+        assert measured[key] == pytest.approx(summary[key], rel=1e-4), key
 
 
 def test_resume_restores_exact_state(image_dir, tmp_path):
@@ -203,12 +209,29 @@ def test_init_from_fine_tunes_a_saved_model(tmp_path, image_dir):
     fresh = RQVAE(start.config)
     assert not torch.allclose(fresh.encoder.net[0].weight, start.encoder.net[0].weight)
 
+    # a pipeline folder (stage 2's --output_dir, weights/emoji-64) means its rqvae/
+    from pipelines import RQPipeline
+    from rqtransformer import RQTransformer, RQTransformerConfig
+    tf = RQTransformer(RQTransformerConfig(codebook_size=8, code_shape=(2, 2, 3), dim=16, heads=2, spatial_layers=1,
+                                           depth_layers=1, num_classes=0, dropout=0.0))
+    RQPipeline(start, tf).save_pretrained(tmp_path / "pipe")
+    main([*base, "--init_from", str(tmp_path / "pipe"), "--decoder_only", "--output_dir", str(tmp_path / "c"),
+          "--max_train_steps", "1", "--learning_rate", "1e-12"])
+    tuned = RQVAE.from_pretrained(tmp_path / "c")
+    assert tuned.config == start.config
+    torch.testing.assert_close(tuned.encoder.net[0].weight, start.encoder.net[0].weight)
 
-@pytest.mark.parametrize("target, message", [("missing", "is not a model folder"),
-                                             ("other_config", "has shape")])
+
+@pytest.mark.parametrize("target, message", [
+    ("missing", "does not exist"),
+    ("neither", "is neither a model folder (no config.json) nor a pipeline folder (no rqvae/ inside)"),
+    ("other_config", "has shape"),
+])
 def test_init_from_bad_folder(tmp_path, capsys, image_dir, target, message):
     folder = tmp_path / "nothing"
-    if target == "other_config":  # a tiny model with a different codebook, loaded into the tiny preset
+    if target == "neither":  # e.g. a folder of images
+        folder = image_dir
+    elif target == "other_config":  # a tiny model with a different codebook, loaded into the tiny preset
         from rqvae import PRESETS, RQVAEConfig
         RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "codebook_size": 8})).save_pretrained(folder)
     code, err = run(["--data_dir", str(image_dir), "--output_dir", str(tmp_path / "o"), *FAST1,

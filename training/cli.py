@@ -1,5 +1,6 @@
-"""Command-line plumbing both training scripts share: the accelerate-style flags, --config / --init_from
-resolution, and turning user errors into one line."""
+"""Command-line plumbing both training scripts share: the accelerate-style flags, --config / --init_from /
+--rqvae resolution (a model folder, or a pipeline folder's rqvae/ or rqtransformer/), and turning user
+errors into one line."""
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,13 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float) -> None:
-    """The accelerate-style flags both stages take."""
+def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float,
+                      output: str = "the final model", sub: str = "rqvae") -> None:
+    """The accelerate-style flags both stages take; `output` says what the run leaves in --output_dir,
+    `sub` which sub-folder of a pipeline folder --init_from takes."""
     g = parser.add_argument_group("training")
     g.add_argument("--data_dir", required=True, help="ImageFolder tree: <data_dir>/<class>/<image>")
-    g.add_argument("--output_dir", required=True, help="checkpoints, logs, samples and the final model")
+    g.add_argument("--output_dir", required=True, help=f"checkpoints, logs, samples and {output}")
     g.add_argument("--train_batch_size", type=positive_int, default=batch_size)
     g.add_argument("--max_train_steps", type=positive_int, default=steps)
     g.add_argument("--learning_rate", type=positive_float, default=lr)
@@ -52,13 +55,30 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     g.add_argument("--init_from", default=None,
-                   help="start from the weights of a model folder (fine-tuning); its config.json is the default --config")
-    g.add_argument("--validation_steps", type=positive_int, default=500, help="image grid every N steps")
+                   help=f"start from the weights of a model folder, or of a pipeline folder's {sub}/ (fine-tuning); "
+                        f"its config.json is the default --config")
+    g.add_argument("--validation_steps", type=positive_int, default=500,
+                   help="validation (image grid, held-out metrics) every N steps and after the last")
     g.add_argument("--logging_steps", type=positive_int, default=10)
     g.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
     g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+
+
+def model_folder(value: str, flag: str, sub: str) -> Path:
+    """The model folder `value` names: itself when it holds a config.json, else a pipeline folder's `sub`/
+    (e.g. weights/emoji-64 -> weights/emoji-64/rqtransformer)."""
+    path = Path(value)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ValueError(f"{flag} {value} {what}")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / sub).is_dir():
+        return path / sub
+    raise ValueError(f"{flag} {value} is neither a model folder (no {CONFIG_NAME}) nor a pipeline folder "
+                     f"(no {sub}/ inside)")
 
 
 def config_source(args) -> tuple[str, str]:
@@ -78,15 +98,14 @@ def load_init_from(model: torch.nn.Module, init_from: str | None) -> None:
 
 
 def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):
-    """`--config` value: a preset name, a JSON file or a model folder; `overrides` (not None) replace fields.
+    """`--config` value: a preset name, a JSON file, a model folder or a pipeline folder (its sub-folder of
+    this model); `overrides` (not None) replace fields.
     `flag` names the option the value came from in messages (--init_from's folder is the default config)."""
     kind = config_class.__name__.removesuffix("Config")
     if value in presets:
         data = dict(presets[value])
     elif Path(value).is_dir() or value.endswith(".json"):
-        folder = Path(value)
-        if folder.is_dir() and (folder / "rqvae").is_dir() and not (folder / CONFIG_NAME).is_file():
-            raise ValueError(f"{flag} {value} is a pipeline folder: pass its rqvae/ or rqtransformer/ sub-folder")
+        folder = model_folder(value, flag, kind.lower()) if Path(value).is_dir() else Path(value)
         path = folder / CONFIG_NAME if folder.is_dir() else folder
         if not path.is_file():
             raise ValueError(f"{flag} {value}: {path} does not exist")

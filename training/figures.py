@@ -56,7 +56,7 @@ def main(argv=None):
     half = pipe.resolution // 2
     mask[:, half:, :] = 1  # regenerate the bottom half
     label = ds.targets[picks[0]] if pipe.transformer.config.num_classes else None
-    done = pipe.complete(image, mask, class_label=label, num_images=4, generator=g, output_type="pt").images
+    done = pipe.complete(image, mask, class_labels=label, num_images=4, generator=g, output_type="pt").images
     shown = (image * 0.5 + 0.5).clone()
     masked = shown.clone()
     masked[:, :, half:, :] = 0.5

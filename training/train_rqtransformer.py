@@ -1,10 +1,17 @@
-"""Train the RQ-Transformer (stage 2) on the codes of a trained RQ-VAE.
+"""Train the RQ-Transformer (stage 2) on the codes of a trained RQ-VAE; the run ends with a complete
+pipeline folder.
 
-    python -m training.train_rqtransformer --rqvae runs/rqvae --data_dir data/emoji/train --output_dir runs/rqtransformer
+    python -m training.train_rqtransformer --rqvae runs/rqvae --data_dir data/emoji/train --output_dir runs/my-model
+    python app.py --weights runs/my-model          # or RQPipeline.from_pretrained("runs/my-model")
+
+--output_dir ends up holding rqvae/ (a copy of --rqvae), rqtransformer/ (the EMA transformer) and
+pipeline.json, beside training_summary.json, checkpoints, logs and samples/. --rqvae and --init_from
+also take a pipeline folder (its rqvae/ or rqtransformer/), e.g. --rqvae weights/emoji-64.
 
 Classes come from the ImageFolder sub-folder names and are saved with the model. The data set is
 encoded once with the frozen RQ-VAE and cached in --output_dir, keyed by the RQ-VAE weights and the
-image files, so re-runs and resumes skip it.
+image files, so re-runs and resumes skip it. Validation samples one fixed batch through RQPipeline: at
+most 16 classes spread evenly over all of them, one seed.
 """
 from __future__ import annotations
 
@@ -20,32 +27,58 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from pipelines import RQPipeline
 from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
 from rqtransformer.model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
-from rqvae import RQVAE
+from rqvae import RQVAE, RQVAEConfig
 
 from . import cli, trainer
 from .data import image_folder
 
 
+GRID_CLASSES, GRID_IMAGES = 16, 64  # the validation batch: however many classes the data has
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rqvae", required=True, help="folder of a trained RQ-VAE (training.train_rqvae's --output_dir), or a pipeline folder")
+    p.add_argument("--rqvae", required=True,
+                   help="a trained RQ-VAE (training.train_rqvae's --output_dir) or a pipeline folder (its rqvae/); "
+                        "copied into --output_dir")
     p.add_argument("--config", default=None,
-                   help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
+                   help=f"preset {sorted(PRESETS)}, a config .json, a model folder or a pipeline folder "
+                        f"(default: --init_from's, else emoji-64)")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder: test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
-    p.add_argument("--sample_guidance_scale", type=float, default=3.0)
-    p.add_argument("--samples_per_class", type=cli.positive_int, default=4)
-    cli.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4)
+    p.add_argument("--sample_guidance_scale", type=float, default=3.0,
+                   help="classifier-free guidance of the validation samples; also the saved pipeline's default")
+    p.add_argument("--samples_per_class", type=cli.positive_int, default=4,
+                   help=f"validation samples per class (up to {GRID_CLASSES} classes shown; fewer per class "
+                        f"when the grid would exceed {GRID_IMAGES} images)")
+    cli.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4, sub="rqtransformer",
+                          output="the final pipeline (rqvae/ + rqtransformer/ + pipeline.json)")
     args = p.parse_args(argv)
+    if args.init_from:  # a pipeline folder: its rqtransformer/
+        args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqtransformer"))
     args.config, args.config_flag = cli.config_source(args)
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.sample_guidance_scale < 0:
         p.error("--sample_guidance_scale must be >= 0")
     return args
+
+
+def validation_batch(num_classes: int, samples_per_class: int) -> tuple[list[int] | None, int, int]:
+    """The fixed validation batch: (labels or None, num_images, images per grid row). At most
+    GRID_CLASSES classes spread evenly over all, `samples_per_class` each while the batch stays within
+    GRID_IMAGES; an unconditional model gets one row without labels."""
+    if not num_classes:
+        n = min(samples_per_class, GRID_IMAGES)
+        return None, n, n
+    shown = torch.linspace(0, num_classes - 1, min(num_classes, GRID_CLASSES)).round().long().tolist()
+    per_class = max(1, min(samples_per_class, GRID_IMAGES // len(shown)))
+    labels = [c for c in shown for _ in range(per_class)]
+    return labels, len(labels), per_class
 
 
 def cache_key(vae_dir: Path, dataset, hflip: bool) -> str:
@@ -61,8 +94,10 @@ def cache_key(vae_dir: Path, dataset, hflip: bool) -> str:
 
 
 @torch.no_grad()
-def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, show: bool):
-    """An image_folder dataset -> codes [N,h,w,D] (int64), labels [N]; from the cache when it is current."""
+def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, is_main_process: bool):
+    """An image_folder dataset -> codes [N,h,w,D] (int64), labels [N]; from the cache when it is current.
+
+    Only the main process shows a progress bar and writes the cache (the others wait for it)."""
     file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip)}.safetensors"
     if file.is_file():
         try:
@@ -73,14 +108,14 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: b
     loader = DataLoader(dataset, batch_size=64, num_workers=0)
     codes, labels = [], []
     device = next(vae.parameters()).device
-    for images, y in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not show):
+    for images, y in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not is_main_process):
         images = images.to(device)
         views = [images, images.flip(-1)] if hflip else [images]
         for view in views:
             codes.append(vae.encode(view).cpu())
             labels.append(y)
     codes, labels = torch.cat(codes), torch.cat(labels)
-    if show:
+    if is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
         dtype = torch.int16 if vae.config.codebook_size <= 32767 else torch.int32
         write_safetensors({"codes": codes.to(dtype).contiguous(), "labels": labels}, file,
@@ -90,7 +125,8 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: b
 
 def main(argv=None):
     args = parse_args(argv)
-    vae_dir = Path(args.rqvae)
+    vae_dir = cli.model_folder(args.rqvae, "--rqvae", "rqvae")
+    cli.config_from_arg(RQVAEConfig, {}, str(vae_dir), "--rqvae")  # another model's folder: say so
     vae = RQVAE.from_pretrained(vae_dir).requires_grad_(False)
     # every input is checked before the encoding, which takes minutes on a large folder
     train_set = image_folder(args.data_dir, vae.config.resolution)
@@ -114,10 +150,10 @@ def main(argv=None):
     cli.load_init_from(model, args.init_from)
     vae.to(accelerator.device)
     out = Path(args.output_dir)
-    show = accelerator.is_main_process
+    main_process = accelerator.is_main_process
     with accelerator.main_process_first():
-        codes, labels = encode_dataset(vae, vae_dir, train_set, out, args.hflip, show)
-        val = encode_dataset(vae, vae_dir, val_set, out, False, show) if val_set is not None else None
+        codes, labels = encode_dataset(vae, vae_dir, train_set, out, args.hflip, main_process)
+        val = encode_dataset(vae, vae_dir, val_set, out, False, main_process) if val_set is not None else None
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
         val = (val[0], torch.tensor([classes.index(c) for c in val_set.classes])[val[1]])
     accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes")
@@ -125,7 +161,7 @@ def main(argv=None):
                         drop_last=len(codes) >= args.train_batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
     decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on norms, biases and embeddings' 1-D params
+    for p in model.parameters():  # decay every matrix, the 2-D embeddings too; not norms and biases (1-D)
         (decay if p.ndim >= 2 else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.adam_weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
@@ -158,32 +194,36 @@ def main(argv=None):
         out["val/perplexity"] = float(per_depth.mean().exp())
         return out
 
-    def evaluate(step):
+    grid_labels, grid_size, grid_row = validation_batch(len(classes), args.samples_per_class)
+
+    def evaluate(step, grid: bool = True) -> dict:
+        """Held-out loss per depth (logged) and, unless grid=False, one fixed batch of samples: one call,
+        one seed, so the grids of a run compare step by step."""
         if not accelerator.is_main_process:
-            return
+            return {}
         with trainer.evaluation(ema, raw):
             metrics = validation_loss() if val is not None else {}
-            wanted = list(range(len(classes))) if classes else [None]
-            rows = []
-            for label in wanted:
+            if grid:
+                pipe = RQPipeline(vae, raw, max_images=grid_size)
                 g = torch.Generator(accelerator.device).manual_seed(args.seed)
-                sample = raw.generate(class_labels=label, num_samples=args.samples_per_class, generator=g,
-                                      guidance_scale=args.sample_guidance_scale if classes else 1.0)
-                rows.append(vae.decode(sample))
-        grid = out / "samples"
-        grid.mkdir(exist_ok=True)
-        save_image(torch.cat(rows) * 0.5 + 0.5, grid / f"samples-{step:07d}.png", nrow=args.samples_per_class)
+                images = pipe(grid_labels, num_images=grid_size, guidance_scale=args.sample_guidance_scale,
+                              generator=g, output_type="pt").images  # [B,3,H,W] in [0,1]
+        if grid:
+            (out / "samples").mkdir(exist_ok=True)
+            save_image(images, out / "samples" / f"samples-{step:07d}.png", nrow=grid_row)
         if metrics:
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
 
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with trainer.evaluation(ema, raw):
-            raw.save_pretrained(out)
-            summary = {"step": step, **(validation_loss() if val is not None else {})}
+        with trainer.evaluation(ema, raw):  # the EMA weights
+            RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale).save_pretrained(out)
+        # saved first; the grid of the last step, unless a run that already finished drew it
+        summary = {"step": step, **evaluate(step, grid=step > start)}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(json.dumps(summary))
     accelerator.end_training()

@@ -3,7 +3,9 @@
     python -m training.train_rqvae --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
     accelerate launch -m training.train_rqvae ...   # multi-GPU
 
-The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)).
+The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)): stage 2's --rqvae.
+--init_from takes a model folder or a pipeline folder (its rqvae/), e.g. to fine-tune the decoder of
+weights/emoji-64 with --decoder_only.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from .evaluate import evaluate_depths
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None,
-                   help=f"preset {sorted(PRESETS)}, a config .json or a model folder (default: --init_from's, else emoji-64)")
+                   help=f"preset {sorted(PRESETS)}, a config .json, a model folder or a pipeline folder "
+                        f"(default: --init_from's, else emoji-64)")
     p.add_argument("--resolution", type=cli.positive_int, default=None, help="override the config's")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=cli.positive_int, default=64)
@@ -46,6 +49,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.decoder_only and not args.init_from:
         p.error("--decoder_only needs --init_from: a trained encoder and codebook to keep")
+    if args.init_from:  # a pipeline folder: its rqvae/
+        args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqvae"))
     args.config, args.config_flag = cli.config_source(args)
     for name in ("perceptual_weight", "disc_weight", "disc_start"):
         if getattr(args, name) < 0:
@@ -114,20 +119,25 @@ def main(argv=None):
                     lr=scheduler.get_last_lr()[0])
         return logs
 
-    def evaluate(step):
+    def evaluate(step, grid: bool = True) -> dict:
+        """PSNR per depth on the validation images (logged), and a reconstruction grid (rows: input,
+        then depth 1..D) unless grid=False."""
         if not accelerator.is_main_process:
-            return
+            return {}
         with trainer.evaluation(ema, raw):
             images = val_images.to(accelerator.device)
             metrics = evaluate_depths(raw, images)
-            shown = images[:8]
-            codes = raw.encode(shown)
-            rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, config.code_depth + 1)]
-        grid_dir = Path(args.output_dir) / "samples"
-        grid_dir.mkdir(exist_ok=True)
-        save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
+            if grid:
+                shown = images[:8]
+                codes = raw.encode(shown)
+                rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, config.code_depth + 1)]
+        if grid:
+            grid_dir = Path(args.output_dir) / "samples"
+            grid_dir.mkdir(exist_ok=True)
+            save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
 
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
                                ema=ema, ema_model=model, evaluate=evaluate)
@@ -135,7 +145,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):
             raw.save_pretrained(args.output_dir)
-            metrics = evaluate_depths(raw, val_images.to(accelerator.device))
+        # saved first; the grid of the last step, unless a run that already finished drew it
+        metrics = evaluate(step, grid=step > start)
         summary = {"step": step, **metrics}
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(json.dumps(summary))

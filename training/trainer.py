@@ -253,37 +253,41 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
                ema_model=None, evaluate=None) -> int:
     """Run `train_step(batch, step) -> dict of floats` until args.max_train_steps.
 
-    Handles accumulation, EMA, logging, periodic `evaluate(step)` and checkpoints.
+    Handles accumulation, EMA, logging, periodic `evaluate(step)` and checkpoints. The last step is not
+    evaluated here: the caller saves the model first, then evaluates it (a slow validation must never
+    stand between a finished run and its saved model).
     """
     step = start_step
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
     logs: dict[str, float] = {}
-    if step >= args.max_train_steps:
-        return step
-    for batch in batches(loader, accelerator, step, args.gradient_accumulation_steps):
-        with accelerator.accumulate(*models):
-            logs = train_step(batch, step)
-        if not accelerator.sync_gradients:
-            continue
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(ema_model))
-        step += 1
-        progress.update(1)
-        if step % args.logging_steps == 0 or step == args.max_train_steps:
-            logs = {k: float(v) for k, v in logs.items()}
-            for key, value in logs.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"{key} became {value} at step {step}; lower --learning_rate "
-                                             f"or resume from an earlier checkpoint")
-            accelerator.log(logs, step=step)
-            progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
-        if evaluate is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
-            with tqdm.external_write_mode():  # its printed line goes above the bar, not into it
-                evaluate(step)
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
+    try:
         if step >= args.max_train_steps:
-            break
-    progress.close()
-    return step
+            return step
+        for batch in batches(loader, accelerator, step, args.gradient_accumulation_steps):
+            with accelerator.accumulate(*models):
+                logs = train_step(batch, step)
+            if not accelerator.sync_gradients:
+                continue
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(ema_model))
+            step += 1
+            progress.update(1)
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                logs = {k: float(v) for k, v in logs.items()}
+                for key, value in logs.items():
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"{key} became {value} at step {step}; lower --learning_rate "
+                                                 f"or resume from an earlier checkpoint")
+                accelerator.log(logs, step=step)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+            if evaluate is not None and step % args.validation_steps == 0 and step < args.max_train_steps:
+                with tqdm.external_write_mode():  # its printed line goes above the bar, not into it
+                    evaluate(step)
+            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
+            if step >= args.max_train_steps:
+                break
+        return step
+    finally:
+        progress.close()
