@@ -20,16 +20,16 @@ from __future__ import annotations
 import torch
 
 from bench.common import (build_ours, build_reference, emit, median_time, parse_args, random_codes, rnd, run_main,
-                          sizes, with_goal)
+                          sizes)
 
-STAGE2_GOAL = 1.3   # ours >= 1.3x faster than the reference per step
 REPEATS = 5         # steps are short: a few more repeats for a steadier median
 
 
 def native_bf16() -> bool:
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slow."""
-    cpu = getattr(torch, "cpu", None)
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    from training.trainer import native_bf16 as native
+
+    return native(torch.device("cpu"))
 
 
 def bf16(step):
@@ -89,24 +89,26 @@ def stage2(quick: bool) -> list[dict]:
     t_ours = median_time(ours_step, REPEATS, warmup=2)
     t_ref = median_time(ref_step, REPEATS, warmup=2)
     speedup = t_ref["seconds"] / t_ours["seconds"]
-    out = [emit(with_goal({"figure": "stage2_train_step", "batch": batch, "precision": "fp32",
-                           "ours_seconds": rnd(t_ours["seconds"]), "reference_seconds": rnd(t_ref["seconds"]),
-                           "speedup": rnd(speedup, 3), "ours_runs": t_ours["runs"], "reference_runs": t_ref["runs"],
-                           "repeats": REPEATS}, f">= {STAGE2_GOAL:g}x faster than reference", speedup >= STAGE2_GOAL))]
+    # the fp32 goal (>= 1.3x the reference) was withdrawn: this step is bound by its matrix products (below)
+    out = [emit({"figure": "stage2_train_step", "batch": batch, "precision": "fp32",
+                 "ours_seconds": rnd(t_ours["seconds"]), "reference_seconds": rnd(t_ref["seconds"]),
+                 "speedup": rnd(speedup, 3), "ours_runs": t_ours["runs"], "reference_runs": t_ref["runs"],
+                 "repeats": REPEATS, "goal": None, "met": None})]
     bound = matmul_bound(linear_products(ours, lambda: ours(codes)))
     out.append(emit({"figure": "stage2_matmul_bound", "batch": batch, "matmul_seconds": rnd(bound["seconds"]),
                      "matmul_gflop": rnd(bound["gflop"], 2), "gflop_per_s": rnd(bound["gflop_per_s"], 1),
                      "share_of_ours": rnd(bound["seconds"] / t_ours["seconds"], 3),
                      "max_speedup": rnd(t_ref["seconds"] / bound["seconds"], 3), "goal": None, "met": None}))
-    if native_bf16() or quick:
-        b_ours = median_time(bf16(ours_step), REPEATS, warmup=2)
-        b_ref = median_time(bf16(ref_step), REPEATS, warmup=2)
-        out.append(emit({"figure": "stage2_train_step", "batch": batch, "precision": "bf16 autocast",
-                         "ours_seconds": rnd(b_ours["seconds"]), "reference_seconds": rnd(b_ref["seconds"]),
-                         "speedup": rnd(b_ref["seconds"] / b_ours["seconds"], 3),
-                         "ours_vs_ours_fp32": rnd(t_ours["seconds"] / b_ours["seconds"], 3),
-                         "ours_runs": b_ours["runs"], "reference_runs": b_ref["runs"], "repeats": REPEATS,
-                         "goal": None, "met": None}))
+    # both ways on every CPU: without AVX512-BF16/AMX bf16 is emulated, and the slower one there
+    b_ours = median_time(bf16(ours_step), REPEATS, warmup=2)
+    b_ref = median_time(bf16(ref_step), REPEATS, warmup=2)
+    out.append(emit({"figure": "stage2_train_step", "batch": batch, "precision": "bf16 autocast",
+                     "ours_seconds": rnd(b_ours["seconds"]), "reference_seconds": rnd(b_ref["seconds"]),
+                     "speedup": rnd(b_ref["seconds"] / b_ours["seconds"], 3),
+                     "ours_vs_ours_fp32": rnd(t_ours["seconds"] / b_ours["seconds"], 3),
+                     "native_bf16": native_bf16(),
+                     "ours_runs": b_ours["runs"], "reference_runs": b_ref["runs"], "repeats": REPEATS,
+                     "goal": None, "met": None}))
     return out
 
 

@@ -36,6 +36,7 @@ def test_train_checkpoint_resume_end_to_end(image_dir, tmp_path):
     second = cli(*common, "--max_train_steps", "7", "--resume_from_checkpoint", "latest")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout + second.stderr and "at step 4" in second.stdout + second.stderr
+    assert "mixed precision: " in first.stdout  # the one-line notice of --mixed_precision auto
     # the total limit keeps the two newest
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-7"]
     summary = json.loads((out / "training_summary.json").read_text())
@@ -273,3 +274,13 @@ def test_freed_large_blocks_stay_in_the_heap(mode):
         assert applied == "False" and int(mapped) >= 64 << 20
     else:  # served from the heap and kept there once freed, so the next step reuses its pages
         assert applied == "True" and int(mapped) == 0 and int(free_in_heap) >= 64 << 20
+
+
+def test_mixed_precision_auto_picks_bf16_only_where_the_device_multiplies_it_natively():
+    from training.trainer import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    choice, notice = resolve_precision("auto", cpu)
+    assert choice == ("bf16" if native_bf16(cpu) else "no") and notice.startswith("mixed precision: ")
+    assert "\n" not in notice
+    assert resolve_precision("no", cpu)[0] == "no" and resolve_precision("bf16", cpu)[0] == "bf16"

@@ -49,7 +49,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--mixed_precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="auto (default): bf16 autocast where the device multiplies bf16 natively (CUDA with bf16, "
+                        "CPUs with AVX512-BF16 or AMX), else fp32; the choice is printed at start")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of weights; 0 disables")
     g.add_argument("--checkpointing_steps", type=positive_int, default=500)
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)

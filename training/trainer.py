@@ -61,6 +61,25 @@ def check_output_dir(args) -> None:
                          f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` multiply bf16 in hardware? Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)()
+                                        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_precision(choice: str, device: torch.device) -> tuple[str, str]:
+    """--mixed_precision auto -> the faster of bf16 autocast and fp32 on `device`; returns (choice, notice)."""
+    if choice != "auto":
+        return choice, f"mixed precision: {choice} (as asked)"
+    if native_bf16(device):
+        return "bf16", f"mixed precision: bf16 autocast ({device.type} multiplies bf16 natively; --mixed_precision no for fp32)"
+    return "no", (f"mixed precision: none, fp32 ({device.type} has no native bf16, where bf16 would be emulated "
+                  f"and slower; --mixed_precision bf16 to force it)")
+
+
 def setup(args, project: str) -> Accelerator:
     """Accelerator with seedable sampler (data order resumes exactly), trackers and seed."""
     if args.ema_decay and not 0.0 < args.ema_decay < 1.0:
@@ -68,6 +87,8 @@ def setup(args, project: str) -> Accelerator:
     if args.lr_warmup_steps < 0:
         raise ValueError("--lr_warmup_steps must be >= 0")
     check_output_dir(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.mixed_precision, precision_notice = resolve_precision(args.mixed_precision, device)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -84,6 +105,7 @@ def setup(args, project: str) -> Accelerator:
     if args.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no effect on CPU: training runs in fp32 "
                        "(use bf16 where the CPU supports it)")
+    accelerator.print(precision_notice)
     set_seed(args.seed)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
