@@ -42,7 +42,7 @@ def ours_fn(model, batch: int, top_k: int, use_cache: bool = True, labels=None, 
             num_threads: int | str | None = "auto"):
     def run():
         g = torch.Generator().manual_seed(0)
-        return model.generate(class_labels=labels, num_samples=None if labels else batch, top_k=top_k,
+        return model.generate(class_labels=labels, num_samples=None if labels is not None else batch, top_k=top_k,
                               guidance_scale=guidance, generator=g, use_cache=use_cache, num_threads=num_threads)
     return run
 
@@ -153,7 +153,7 @@ def figures(quick: bool = False) -> list[dict]:
 
     # 3. CFG overhead: a class-conditional model (9 classes), guidance 3 vs 1 at batch 16
     cond, b = build_ours(cfg, num_classes=9), bs[1]
-    labels = [i % 9 for i in range(b)]
+    labels = torch.arange(b) % 9
     guided = median_time(ours_fn(cond, b, k, labels=labels, guidance=3.0))
     plain = median_time(ours_fn(cond, b, k, labels=labels, guidance=1.0))
     ratio = guided["seconds"] / plain["seconds"]

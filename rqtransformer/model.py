@@ -3,8 +3,15 @@
 A *spatial* transformer runs causally over the h*w positions (row-major). Its input at position t is
 the sum of the D code embeddings of position t-1 plus a spatial position embedding; position 0 gets a
 start token carrying the class embedding. A *depth* transformer then predicts the D codes of each
-position one after another: its input is [spatial_out_t, emb(code_t,1), ..., emb(code_t,D-1)] plus a
-depth position embedding, and its output at step d gives the logits of code d.
+position one after another: its input is [spatial_out_t, emb(code_t,0), ..., emb(code_t,D-2)] plus a
+depth position embedding, and its output at depth d gives the logits of code d.
+
+One forward serves training and sampling (as in gpt-fast): `spatial_transformer(x, caches, pos)` and
+`depth_transformer(x, caches, pos)` take the inputs of positions [pos, pos+n). Training calls them on
+whole sequences without caches (causal attention); the sampler calls them one token at a time with a
+`KVCache` module per layer (from `new_caches`), into which each attention layer writes its keys and
+values at `pos` before attending over positions [0, pos+n). Cached and teacher-forced logits therefore
+come from the same code; the uncached sampler (re-running `forward` per code) is kept as a guard.
 
 Class index `num_classes` is the learned "null" class (unconditional / classifier-free guidance).
 """
@@ -84,16 +91,23 @@ class RQTransformerConfig:
                              f"{self.num_classes}; give one name per class or none")
 
 
-class KVCache:
-    """Static keys and values for incremental decoding: per layer kv [B, 2, heads, length, dim_head].
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for incremental decoding: kv [B, 2, heads, length, dim_head].
 
-    Keys and values share one tensor so that each step writes both with a single copy.
+    Keys and values share one buffer so that each step writes both with a single copy. Caches live
+    outside the model (one set per `generate` call), so concurrent calls on one model do not collide.
     """
 
-    def __init__(self, layers: int, batch_size: int, heads: int, length: int, dim_head: int,
-                 device=None, dtype=None):
+    def __init__(self, batch_size: int, heads: int, length: int, dim_head: int, device=None, dtype=None):
+        super().__init__()
         shape = (batch_size, 2, heads, length, dim_head)
-        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.register_buffer("kv", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, kv: torch.Tensor) -> torch.Tensor:
+        """Write kv [B, 2, heads, n, dim_head] at positions [pos, pos+n) -> filled kv [B, 2, heads, pos+n, dim_head]."""
+        cache, end = self.kv, pos + kv.shape[3]
+        cache[:, :, :, pos:end] = kv
+        return cache[:, :, :, :end]
 
 
 # On CPU, torch's fused attention kernel is tuned for long sequences: for the depth transformer's
@@ -120,21 +134,32 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, n, dim] -> [B, n, dim], causal
-        q, k, v = rearrange(self.qkv(x), "b n (three h e) -> three b h n e", three=3, h=self.heads)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(rearrange(y, "b h n e -> b n (h e)")))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        """x [B, n, dim] at positions [pos, pos+n) -> [B, n, dim].
 
-    def step(self, x: torch.Tensor, t: int, kv: torch.Tensor) -> torch.Tensor:
-        """One new token at position t: x [B, dim]; kv [B, 2, heads, L, dim_head] is written at t."""
-        B = x.shape[0]
-        qkv = self.qkv(x).view(B, 3, self.heads, 1, -1)  # [B, 3, heads, 1, dim_head]
-        kv[:, :, :, t : t + 1] = qkv[:, 1:]
-        if t == 0:
-            y = qkv[:, 2]  # one key: attention returns its value
-        else:  # one query over the filled prefix: no mask needed
-            y = F.scaled_dot_product_attention(qkv[:, 0], kv[:, 0, :, : t + 1], kv[:, 1, :, : t + 1])
-        return self.proj(y.reshape(B, -1))
+        Without a cache: causal attention over x. With one: k, v are written at [pos, pos+n) and the
+        queries attend over positions [0, pos+n) (n > 1 only from pos 0, causally: a prefill).
+        """
+        B, n, _ = x.shape
+        # views, not einops: sampling runs this once per layer and token. One token needs no permute (and
+        # no transpose below): those two ops per layer and token cost 2.5 % of a small model's sampling time.
+        qkv = self.qkv(x)  # [B, n, 3 * dim]
+        if n == 1:
+            qkv = qkv.view(B, 3, self.heads, 1, -1)  # [B, 3, heads, 1, dim_head]
+        else:
+            qkv = qkv.view(B, n, 3, self.heads, -1).permute(0, 2, 3, 1, 4)  # [B, 3, heads, n, dim_head]
+        q, kv = qkv[:, 0], qkv[:, 1:]
+        if cache is not None:
+            if n > 1 and pos:
+                raise ValueError(f"several new tokens ({n}) can only be written from position 0, got pos={pos}")
+            kv = cache.update(pos, kv)  # [B, 2, heads, pos+n, dim_head]
+        k, v = kv.unbind(1)
+        if cache is not None and n == 1:  # one query over the filled prefix: no mask needed
+            y = v if pos == 0 else F.scaled_dot_product_attention(q, k, v)  # at pos 0, one key: its value
+        else:
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = self.proj(y.reshape(B, 1, -1) if n == 1 else y.transpose(1, 2).reshape(B, n, -1))  # [B, n, dim]
+        return self.resid_drop(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -144,7 +169,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+        x = self.fc2(F.gelu(self.fc1(x)))
+        return self.drop(x) if self.training else x
 
 
 class Block(nn.Module):
@@ -155,13 +181,9 @@ class Block(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(c.dim), SelfAttention(c.dim, c.heads, c.dropout)
         self.ln2, self.mlp = nn.LayerNorm(c.dim), MLP(c.dim, c.mlp_ratio * c.dim, c.dropout)
 
-    def forward(self, x):  # [B, n, dim]
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:  # [B, n, dim]
+        x = x + self.attn(self.ln1(x), cache, pos)
         return x + self.mlp(self.ln2(x))
-
-    def step(self, x, t, kv):  # [B, dim], inference only
-        x = x + self.attn.step(self.ln1(x), t, kv)
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.ln2(x))))
 
 
 class RQTransformer(PretrainedMixin, nn.Module):
@@ -231,81 +253,74 @@ class RQTransformer(PretrainedMixin, nn.Module):
             return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
         if not isinstance(class_labels, torch.Tensor) or class_labels.dtype.is_floating_point \
                 or class_labels.dtype == torch.bool or class_labels.shape != (batch_size,):
-            raise ValueError(f"class_labels must be an integer tensor of shape [{batch_size}], got "
-                             f"{getattr(class_labels, 'shape', type(class_labels).__name__)}")
+            got = (f"{class_labels.dtype} of shape {list(class_labels.shape)}" if isinstance(class_labels, torch.Tensor)
+                   else type(class_labels).__name__)
+            raise ValueError(f"class_labels must be an integer tensor of shape [{batch_size}], got {got}")
         if batch_size and (int(class_labels.min()) < 0 or int(class_labels.max()) > self.null_class):
             raise ValueError(f"class_labels must be in [0, {self.null_class}] ({self.null_class} = null class), "
                              f"got range [{int(class_labels.min())}, {int(class_labels.max())}]")
         return class_labels.to(device=device, dtype=torch.long)
 
-    # ---- teacher-forced pieces (shared by forward and the uncached sampler) ------------------------
+    # ---- the two transformers: one forward for training and for cached sampling ----------------------
 
-    def start_tokens(self, labels: torch.Tensor) -> torch.Tensor:  # [B] -> [B, dim] spatial input at t=0
-        return self.class_emb(labels) + self.spatial_pos[0]
+    def new_caches(self, batch_size: int, depth: bool = False) -> nn.ModuleList:
+        """One KVCache per layer of the spatial (length h*w) or the depth (length D) transformer."""
+        c, p = self.config, self.head.weight
+        layers, length = (c.depth_layers, c.code_shape[2]) if depth else (c.spatial_layers, self.spatial_pos.shape[0])
+        return nn.ModuleList(KVCache(batch_size, c.heads, length, c.dim // c.heads, device=p.device, dtype=p.dtype)
+                             for _ in range(layers))
 
-    def spatial_forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """codes [B, h*w, D], labels [B] -> normalized spatial outputs [B, h*w, dim] (causal)."""
-        summed = self.code_emb(codes[:, :-1]).sum(2)  # [B, h*w-1, dim]: position t-1 feeds position t
-        x = torch.cat([self.class_emb(labels)[:, None], summed], dim=1) + self.spatial_pos  # [B, h*w, dim]
-        x = self.drop(x)
-        for block in self.spatial_blocks:
-            x = block(x)
-        return self.spatial_norm(x)
+    @staticmethod
+    def _blocks(blocks: nn.ModuleList, x: torch.Tensor, caches, pos: int) -> torch.Tensor:
+        for block, cache in zip(blocks, caches if caches is not None else [None] * len(blocks)):
+            x = block(x, cache, pos)
+        return x
 
-    def depth_forward(self, spatial_out: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """spatial_out [N, dim], codes [N, D] -> logits [N, D, K]; step d sees codes < d (causal)."""
-        x = torch.cat([spatial_out[:, None], self.code_emb(codes[:, :-1])], dim=1) + self.depth_pos  # [N, D, dim]
-        x = self.drop(x)
-        for block in self.depth_blocks:
-            x = block(x)
-        return self.head(self.depth_norm(x))
+    def spatial_transformer(self, x: torch.Tensor, caches: nn.ModuleList | None = None, pos: int = 0) -> torch.Tensor:
+        """Spatial inputs x [B, n, dim] of positions [pos, pos+n) -> normalized outputs [B, n, dim].
+
+        The input of position t is the class embedding (t = 0) or the summed code embeddings of position t-1;
+        the position embedding is added here. Causal; with caches (new_caches) earlier positions come from them.
+        """
+        x = x + self.spatial_pos[pos : pos + x.shape[1]]
+        x = self.drop(x) if self.training else x
+        return self.spatial_norm(self._blocks(self.spatial_blocks, x, caches, pos))
+
+    def depth_transformer(self, x: torch.Tensor, caches: nn.ModuleList | None = None, pos: int = 0) -> torch.Tensor:
+        """Depth inputs x [N, n, dim] of depths [pos, pos+n) -> logits [N, n, K]; output d predicts code d.
+
+        The input of depth 0 is the spatial output, of depth d > 0 the embedding of code d-1. Causal, as above.
+        """
+        x = x + self.depth_pos[pos : pos + x.shape[1]]
+        x = self.drop(x) if self.training else x
+        return self.head(self.depth_norm(self._blocks(self.depth_blocks, x, caches, pos)))
 
     def forward(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits [B, h, w, D, K] for codes [B, h, w, D]; labels None = null class."""
         self._check_codes(codes)
         B, h, w, D = codes.shape
-        codes = codes.long()
         labels = self._labels(class_labels, B, codes.device)
-        flat = rearrange(codes, "b h w d -> b (h w) d")
-        out = self.spatial_forward(flat, labels)  # [B, h*w, dim]
-        logits = self.depth_forward(rearrange(out, "b n c -> (b n) c"), rearrange(flat, "b n d -> (b n) d"))
-        return rearrange(logits, "(b h w) d k -> b h w d k", b=B, h=h, w=w)  # [B, h, w, D, K]
-
-    def loss(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None):
-        """Mean cross-entropy over all codes, and per-depth accuracy [D] (detached)."""
-        return code_loss(self(codes, class_labels), codes)
-
-    # ---- incremental decoding ----------------------------------------------------------------------
-
-    def new_cache(self, batch_size: int, depth: bool = False) -> KVCache:
-        """Preallocated cache for the spatial (length h*w) or the depth (length D) transformer."""
-        c, p = self.config, self.head.weight
-        layers, length = (c.depth_layers, c.code_shape[2]) if depth else (c.spatial_layers, self.spatial_pos.shape[0])
-        return KVCache(layers, batch_size, c.heads, length, c.dim // c.heads, device=p.device, dtype=p.dtype)
-
-    def spatial_step(self, x: torch.Tensor, t: int, cache: KVCache) -> torch.Tensor:
-        """Spatial input x [B, dim] at position t (cache holds positions < t) -> normalized output [B, dim]."""
-        for i, block in enumerate(self.spatial_blocks):
-            x = block.step(x, t, cache.kv[i])
-        return self.spatial_norm(x)
+        flat = rearrange(codes.long(), "b h w d -> b (h w) d")
+        # spatial input of position t: the class (t = 0), else the summed code embeddings of position t-1
+        x = torch.cat([self.class_emb(labels)[:, None], self.code_emb(flat[:, :-1]).sum(2)], dim=1)  # [B, h*w, dim]
+        out = rearrange(self.spatial_transformer(x), "b n c -> (b n) 1 c")  # [B*h*w, 1, dim]
+        # depth input of depth d: the spatial output (d = 0), else the embedding of code d-1
+        y = torch.cat([out, self.code_emb(rearrange(flat[..., :-1], "b n d -> (b n) d"))], dim=1)  # [B*h*w, D, dim]
+        logits = self.depth_transformer(y)  # [B*h*w, D, K]
+        return rearrange(logits, "(b h w) d k -> b h w d k", b=B, h=h, w=w)
 
     def compile_steps(self, **options) -> "RQTransformer":
-        """torch.compile the two per-token step functions that sampling runs h*w and h*w*D times.
+        """torch.compile spatial_transformer and depth_transformer, which sampling calls h*w and h*w*D times.
 
         Meant for GPUs (e.g. options mode="max-autotune-no-cudagraphs"); on CPU it compiles C++ for about a
-        minute and, measured on 2 cores, gives no speed-up. `t`/`d` are dynamic, so one graph serves every
-        position. Returns self; sampled codes are the same as without compiling.
+        minute and, measured on 2 cores, gives no speed-up. `pos` is dynamic, so one graph serves every
+        position after the first. forward() then runs the compiled functions too. Returns self; sampled
+        codes are the same as without compiling.
         """
         options = {"dynamic": True, **options}
-        self.spatial_step = torch.compile(self.spatial_step, **options)
-        self.depth_step = torch.compile(self.depth_step, **options)
+        self.spatial_transformer = torch.compile(self.spatial_transformer, **options)
+        self.depth_transformer = torch.compile(self.depth_transformer, **options)
         return self
-
-    def depth_step(self, x: torch.Tensor, d: int, cache: KVCache) -> torch.Tensor:
-        """Depth input x [B, dim] at step d (position embedding included) -> logits [B, K] of code d."""
-        for i, block in enumerate(self.depth_blocks):
-            x = block.step(x, d, cache.kv[i])
-        return self.head(self.depth_norm(x))
 
 
 # Sizes only: codebook_size, code_shape and the classes come from the RQ-VAE and the data.
