@@ -30,11 +30,18 @@ from rqcore.pretrained import PretrainedMixin
 from .sampling import generate as _generate
 
 
-def code_loss(logits: torch.Tensor, codes: torch.Tensor):
-    """logits [B, h, w, D, K], codes [B, h, w, D] -> (mean cross-entropy, per-depth accuracy [D])."""
+def code_loss(logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None):
+    """logits [B, h, w, D, K], codes [B, h, w, D] -> (mean cross-entropy, per-depth accuracy [D]).
+
+    soft_targets [B, h, w, D, K] (rows summing to 1, e.g. RQVAE.soft_targets): cross-entropy against
+    them instead of the one-hot codes (the paper's soft labels); accuracy is still against `codes`."""
     codes = codes.long()
     # float(): under bf16 autocast the log-softmax over K codes would otherwise run in bf16
-    loss = F.cross_entropy(rearrange(logits.float(), "b h w d k -> (b h w d) k"), codes.reshape(-1))
+    flat = rearrange(logits.float(), "b h w d k -> (b h w d) k")
+    if soft_targets is None:
+        loss = F.cross_entropy(flat, codes.reshape(-1))
+    else:
+        loss = F.cross_entropy(flat, rearrange(soft_targets.float(), "b h w d k -> (b h w d) k"))
     hits = (logits.detach().argmax(-1) == codes).float()  # [B, h, w, D]
     return loss, rearrange(hits, "b h w d -> (b h w) d").mean(0)
 

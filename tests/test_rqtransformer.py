@@ -519,3 +519,18 @@ def test_causal_attention_dropout_drops_weights():
     out = causal_attention(q, k, v, dropout_p=0.5)  # uniform weights, some zeroed, the rest doubled
     assert not torch.allclose(out, torch.ones_like(out))
     torch.testing.assert_close(causal_attention(q, k, v), torch.ones(1, 1, 4, 2))
+
+
+def test_code_loss_with_one_hot_soft_targets_equals_the_hard_loss():
+    from rqtransformer.model import code_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 2, 3, 7, generator=g)
+    codes = torch.randint(0, 7, (2, 2, 2, 3), generator=g)
+    hard, acc = code_loss(logits, codes)
+    soft, acc_soft = code_loss(logits, codes, torch.nn.functional.one_hot(codes, 7).float())
+    torch.testing.assert_close(hard, soft)
+    assert torch.equal(acc, acc_soft)
+    smooth = torch.full((2, 2, 2, 3, 7), 1 / 7)  # uniform targets: the mean of -log_softmax over codes
+    expected = -logits.log_softmax(-1).mean(-1).mean()
+    torch.testing.assert_close(code_loss(logits, codes, smooth)[0], expected)

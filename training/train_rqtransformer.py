@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
     p.add_argument("--sample_guidance_scale", type=float, default=3.0,
                    help="classifier-free guidance of the validation samples; also the saved pipeline's default")
+    g = p.add_argument_group("the paper's stage-2 training (section 3.3); each flag works alone")
+    g.add_argument("--stochastic_codes", action="store_true",
+                   help="train on codes drawn from Q_tau(k | r) ~ exp(-||r - e(k)||^2 / tau) every step "
+                        "instead of the nearest codes (the encoder's latents are cached instead of codes)")
+    g.add_argument("--soft_labels", action="store_true",
+                   help="cross-entropy against Q_tau of each depth's residual instead of the one-hot code")
+    g.add_argument("--code_temperature", type=cli.positive_float, default=0.5,
+                   help="tau of --stochastic_codes and --soft_labels (default 0.5, as the official configs)")
     p.add_argument("--samples_per_class", type=cli.positive_int, default=4,
                    help=f"validation samples per class (up to {GRID_CLASSES} classes shown; fewer per class "
                         f"when the grid would exceed {GRID_IMAGES} images)")
@@ -81,46 +90,52 @@ def validation_batch(num_classes: int, samples_per_class: int) -> tuple[list[int
     return labels, len(labels), per_class
 
 
-def cache_key(vae_dir: Path, dataset, hflip: bool) -> str:
-    """Changes when the RQ-VAE weights, the image files or the flip setting change."""
+def cache_key(vae_dir: Path, dataset, hflip: bool, latents: bool = False) -> str:
+    """Changes when the RQ-VAE weights, the image files, the flip setting or the cached content change."""
     h = hashlib.sha256()
     for name in ("config.json", WEIGHTS_NAME):
         h.update((vae_dir / name).read_bytes())
     for path, label in dataset.samples:
         st = Path(path).stat()
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"hflip={hflip}|classes={dataset.classes}".encode())
+    h.update(f"hflip={hflip}|classes={dataset.classes}".encode() + (b"|latents" if latents else b""))
     return h.hexdigest()[:16]
 
 
 @torch.no_grad()
-def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, is_main_process: bool):
-    """An image_folder dataset -> codes [N,h,w,D] (int64), labels [N]; from the cache when it is current.
+def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, is_main_process: bool,
+                   latents: bool = False):
+    """An image_folder dataset -> (codes [N,h,w,D] int64, labels [N]) + (latents [N,h,w,C] fp32,) with
+    `latents`; from the cache when it is current. Latents (16 KB per 8x8x64 image) are what stochastic
+    codes and soft labels are drawn from every step; codes are always the deterministic ones.
 
     Only the main process shows a progress bar and writes the cache (the others wait for it)."""
-    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip)}.safetensors"
+    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip, latents)}.safetensors"
+    names = ("codes", "labels", "latents") if latents else ("codes", "labels")
     if file.is_file():
         try:
             data = load_file(str(file))
-            return data["codes"].long(), data["labels"].long()
+            return (data["codes"].long(), data["labels"].long()) + ((data["latents"],) if latents else ())
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable cache: encode again
     loader = DataLoader(dataset, batch_size=64, num_workers=0)
-    codes, labels = [], []
+    parts = {name: [] for name in names}
     device = next(vae.parameters()).device
     for images, y in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not is_main_process):
         images = images.to(device)
-        views = [images, images.flip(-1)] if hflip else [images]
-        for view in views:
-            codes.append(vae.encode(view).cpu())
-            labels.append(y)
-    codes, labels = torch.cat(codes), torch.cat(labels)
+        for view in ([images, images.flip(-1)] if hflip else [images]):
+            z = vae.encode_latents(view)  # [B,h,w,C]
+            parts["codes"].append(vae.quantize_latents(z).cpu())  # the nearest codes, exactly encode()'s
+            parts["labels"].append(y)
+            if latents:
+                parts["latents"].append(z.cpu())
+    data = {name: torch.cat(chunks) for name, chunks in parts.items()}
     if is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
         dtype = torch.int16 if vae.config.codebook_size <= 32767 else torch.int32
-        write_safetensors({"codes": codes.to(dtype).contiguous(), "labels": labels}, file,
+        write_safetensors({**data, "codes": data["codes"].to(dtype)}, file,
                           metadata={"classes": json.dumps(dataset.classes), "data_dir": str(dataset.root)})
-    return codes, labels
+    return tuple(data[name] for name in names)
 
 
 def main(argv=None):
@@ -151,13 +166,17 @@ def main(argv=None):
     vae.to(accelerator.device)
     out = Path(args.output_dir)
     main_process = accelerator.is_main_process
+    drawn = args.stochastic_codes or args.soft_labels  # codes / targets drawn from cached latents every step
     with accelerator.main_process_first():
-        codes, labels = encode_dataset(vae, vae_dir, train_set, out, args.hflip, main_process)
+        train_data = encode_dataset(vae, vae_dir, train_set, out, args.hflip, main_process, latents=drawn)
         val = encode_dataset(vae, vae_dir, val_set, out, False, main_process) if val_set is not None else None
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
         val = (val[0], torch.tensor([classes.index(c) for c in val_set.classes])[val[1]])
-    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes")
-    loader = DataLoader(TensorDataset(codes, labels), batch_size=args.train_batch_size, shuffle=True,
+    codes = train_data[0]
+    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes"
+                      + (f"; codes drawn at temperature {args.code_temperature}" if args.stochastic_codes else "")
+                      + (f"; soft labels at temperature {args.code_temperature}" if args.soft_labels else ""))
+    loader = DataLoader(TensorDataset(*train_data), batch_size=args.train_batch_size, shuffle=True,
                         drop_last=len(codes) >= args.train_batch_size,
                         generator=torch.Generator().manual_seed(args.seed))
     decay, no_decay = [], []
@@ -172,14 +191,32 @@ def main(argv=None):
     ema = trainer.EMA(raw, args.ema_decay) if args.ema_decay else None
     start = trainer.resume(accelerator, args, ema)
     null = raw.null_class
+    # Codes drawn for step s come from a generator seeded with (seed, s, rank), so a resumed run draws
+    # exactly what an uninterrupted one would, with no generator state to checkpoint.
+    code_rng = torch.Generator(accelerator.device)
+    seeded_for = [-1]
+
+    def draw(latents, codes, step):
+        """Codes and soft targets of one batch: (codes [B,h,w,D], targets [B,h,w,D,K] or None)."""
+        if seeded_for[0] != step:
+            code_rng.manual_seed((args.seed * 1_000_003 + step) * accelerator.num_processes
+                                 + accelerator.process_index)
+            seeded_for[0] = step
+        if args.stochastic_codes:
+            codes = vae.quantize_latents(latents, args.code_temperature, generator=code_rng)
+        targets = vae.soft_targets(latents, codes, args.code_temperature) if args.soft_labels else None
+        return codes, targets
 
     def train_step(batch, step):
-        stacks, y = batch
+        stacks, y, *latents = batch
+        targets = None
+        if latents:
+            stacks, targets = draw(latents[0], stacks, step)
         if not classes:
             y = torch.full_like(y, null)
         elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
             y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
-        loss, acc = code_loss(model(stacks, y), stacks)
+        loss, acc = code_loss(model(stacks, y), stacks, targets)
         trainer.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
         logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
@@ -216,6 +253,7 @@ def main(argv=None):
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
+    started = time.perf_counter()
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
@@ -223,7 +261,9 @@ def main(argv=None):
         with trainer.evaluation(ema, raw):  # the EMA weights
             RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale).save_pretrained(out)
         # saved first; the grid of the last step, unless a run that already finished drew it
-        summary = {"step": step, **evaluate(step, grid=step > start)}
+        seconds = time.perf_counter() - started
+        summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),
+                   **evaluate(step, grid=step > start)}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(json.dumps(summary))
     accelerator.end_training()
