@@ -145,11 +145,49 @@ def stage1(quick: bool) -> list[dict]:
     return out
 
 
+def paper_training(quick: bool) -> list[dict]:
+    """Issue 16: what --stochastic_codes + --soft_labels add to a stage-2 step of the bundled sizes
+    (emoji-64 RQ-VAE and transformer, batch 32): drawing codes and soft targets from cached latents
+    every step, and the soft-target cross-entropy."""
+    from rqtransformer.model import PRESETS as TF_PRESETS, RQTransformer, RQTransformerConfig, code_loss
+    from rqvae.model import PRESETS, RQVAE, RQVAEConfig
+
+    preset = "tiny" if quick else "emoji-64"
+    batch, tau = (4, 0.5) if quick else (32, 0.5)
+    torch.manual_seed(0)
+    vae = RQVAE(RQVAEConfig(**PRESETS[preset]))
+    res = vae.config.resolution
+    vae(torch.rand(16, 3, res, res) * 2 - 1)  # k-means init of the codebook
+    vae.eval()
+    tf = RQTransformer(RQTransformerConfig(codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
+                                           num_classes=9, **TF_PRESETS[preset]))
+    g = torch.Generator().manual_seed(0)
+    latents = vae.encode_latents(torch.rand(batch, 3, res, res, generator=g) * 2 - 1)  # [B, h, w, C]
+    codes = vae.quantize_latents(latents)
+    labels = torch.randint(0, 9, (batch,), generator=g)
+
+    def draw():  # as training does with both flags: one walk over the depths
+        return vae.quantize_latents(latents, tau, generator=g, return_targets=True)
+
+    def paper_loss():
+        drawn, targets = draw()
+        return code_loss(tf(drawn, labels), drawn, targets)[0]
+
+    plain = median_time(train_step(tf, lambda: code_loss(tf(codes, labels), codes)[0]), REPEATS, warmup=2)
+    paper = median_time(train_step(tf, paper_loss), REPEATS, warmup=2)
+    drawing = median_time(draw, REPEATS, warmup=1)
+    return [emit({"figure": "stage2_paper_training_step", "preset": preset, "batch": batch, "precision": "fp32",
+                  "plain_seconds": rnd(plain["seconds"]), "stochastic_soft_seconds": rnd(paper["seconds"]),
+                  "draw_seconds": rnd(drawing["seconds"]), "overhead": rnd(paper["seconds"] / plain["seconds"] - 1, 3),
+                  "plain_runs": plain["runs"], "paper_runs": paper["runs"], "repeats": REPEATS,
+                  "goal": None, "met": None})]
+
+
 def figures(quick: bool = False) -> list[dict]:
     from training.trainer import keep_freed_memory
 
     keep_freed_memory()  # as the training scripts do (and for the reference alike: same process)
-    return stage2(quick) + stage1(quick)
+    return stage2(quick) + paper_training(quick) + stage1(quick)
 
 
 if __name__ == "__main__":

@@ -214,10 +214,12 @@ class RQVAE(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def quantize_latents(self, latents: torch.Tensor, temperature: float = 0.0,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, return_targets: bool = False):
         """latents [B,h,w,C] -> codes [B,h,w,D]. temperature 0: nearest codes (exactly `encode`'s);
-        > 0: code d is drawn from Q_tau(. | r_d) and the next residual subtracts the drawn code."""
-        check_temperature(temperature, allow_zero=True)
+        > 0: code d is drawn from Q_tau(. | r_d) and the next residual subtracts the drawn code.
+        return_targets (temperature > 0): also the soft targets of the drawn codes, (codes, targets
+        [B,h,w,D,K]), as `soft_targets` would give them, without computing the distances twice."""
+        check_temperature(temperature, allow_zero=not return_targets)
         if not temperature:
             was_training = self.quantizer.training
             self.quantizer.eval()
@@ -226,15 +228,15 @@ class RQVAE(PretrainedMixin, nn.Module):
             finally:
                 self.quantizer.train(was_training)
             return codes
-        codes, _ = self._residual_walk(latents, temperature, generator=generator)
-        return codes
+        codes, targets = self._residual_walk(latents, temperature, generator=generator, with_targets=return_targets)
+        return (codes, targets) if return_targets else codes
 
     @torch.no_grad()
     def soft_targets(self, latents: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
         """Soft labels Q_tau(. | r_d) [B,h,w,D,K] (each row sums to 1) for latents [B,h,w,C], where r_d is
         the residual left after the given codes [B,h,w,D] of depths < d (deterministic or sampled)."""
         check_temperature(temperature)
-        _, probs = self._residual_walk(latents, temperature, codes=codes)
+        _, probs = self._residual_walk(latents, temperature, codes=codes, with_targets=True)
         return probs
 
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -246,13 +248,13 @@ class RQVAE(PretrainedMixin, nn.Module):
             raise ValueError(f"latents must be a float tensor [B,{h},{w},{C}], got {got}")
         return latents.float()
 
-    def _residual_walk(self, latents, temperature: float, generator=None, codes=None):
+    def _residual_walk(self, latents, temperature: float, generator=None, codes=None, with_targets=False):
         """Walk the D depths: logits -||r_d - e||^2 / tau [N,K]; take the given code at d, or draw one.
-        Returns (codes [B,h,w,D], probs [B,h,w,D,K] when codes were given, else None)."""
+        Returns (codes [B,h,w,D], probs [B,h,w,D,K] if with_targets else None)."""
         with torch.autocast(latents.device.type, enabled=False):  # distances in fp32, also under bf16 training
-            return self._residual_walk_fp32(latents, temperature, generator, codes)
+            return self._residual_walk_fp32(latents, temperature, generator, codes, with_targets)
 
-    def _residual_walk_fp32(self, latents, temperature: float, generator, codes):
+    def _residual_walk_fp32(self, latents, temperature: float, generator, codes, with_targets):
         B, h, w, _ = latents.shape
         r = self.quantizer.project_in(rearrange(self._check_latents(latents), "b h w c -> (b h w) c"))  # [N,C]
         embed = self.quantizer.codebooks[0].float()  # [K,C], shared by every depth
@@ -262,16 +264,17 @@ class RQVAE(PretrainedMixin, nn.Module):
         for d in range(self.config.code_depth):
             # the library's distance, expanded: ||r||^2 + ||e||^2 - 2 r.e
             logits = -((r ** 2).sum(-1, keepdim=True) + e2 - 2 * r @ embed.T) / temperature  # [N,K]
+            if with_targets:
+                probs.append(logits.softmax(-1))
             if given is None:
                 u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)
                 code = (logits - (-u.log()).log()).argmax(-1)  # Gumbel-max: a draw from softmax(logits)
             else:
-                probs.append(logits.softmax(-1))
                 code = given[:, d]
             out.append(code)
             r = r - embed[code]
         codes = rearrange(torch.stack(out, -1), "(b h w) d -> b h w d", b=B, h=h, w=w)
-        if given is None:
+        if not with_targets:
             return codes, None
         return codes, rearrange(torch.stack(probs, 1), "(b h w) d k -> b h w d k", b=B, h=h, w=w)
 

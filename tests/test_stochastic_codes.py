@@ -71,6 +71,13 @@ def test_sampled_codes_follow_q_tau(vae):
     assert float(((obs - uniform) ** 2 / uniform).sum()) > 10 * chi2
 
 
+def test_drawing_with_targets_matches_soft_targets_of_the_drawn_codes(vae, images):
+    latents = vae.encode_latents(images)
+    codes, targets = vae.quantize_latents(latents, 0.5, generator=torch.Generator().manual_seed(2), return_targets=True)
+    assert torch.equal(codes, vae.quantize_latents(latents, 0.5, generator=torch.Generator().manual_seed(2)))
+    torch.testing.assert_close(targets, vae.soft_targets(latents, codes, 0.5))
+
+
 def test_soft_targets_follow_the_given_codes(vae, images):
     """The residual at depth 2 depends on the code taken at depth 1: other codes, other targets."""
     latents = vae.encode_latents(images)

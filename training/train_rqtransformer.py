@@ -202,10 +202,12 @@ def main(argv=None):
             code_rng.manual_seed((args.seed * 1_000_003 + step) * accelerator.num_processes
                                  + accelerator.process_index)
             seeded_for[0] = step
+        tau = args.code_temperature
+        if args.stochastic_codes and args.soft_labels:  # one walk over the depths gives both
+            return vae.quantize_latents(latents, tau, generator=code_rng, return_targets=True)
         if args.stochastic_codes:
-            codes = vae.quantize_latents(latents, args.code_temperature, generator=code_rng)
-        targets = vae.soft_targets(latents, codes, args.code_temperature) if args.soft_labels else None
-        return codes, targets
+            return vae.quantize_latents(latents, tau, generator=code_rng), None
+        return codes, vae.soft_targets(latents, codes, tau)
 
     def train_step(batch, step):
         stacks, y, *latents = batch
