@@ -1,4 +1,5 @@
-"""Sampling figures: ours vs the reference package, cache on/off, limit ratio, CFG overhead, peak RSS.
+"""Sampling figures: ours vs the reference package, cache on/off, limit ratio, CFG and text-prompt overhead,
+peak RSS.
 
     .venv/bin/python -m bench.sampling            # reference configuration (part of `make bench`)
     .venv/bin/python -m bench.sampling --quick    # tiny sizes: checks the script runs
@@ -30,6 +31,7 @@ from rqtransformer.sampling import auto_threads
 ROOT = Path(__file__).resolve().parents[1]
 SPEEDUP_GOALS = (10.0, 30.0, None)  # issue 7, per batch (1, 16, 64): >= 10x the reference, >= 30x
 LIMIT_GOAL, CFG_GOAL, RSS_GOAL_MIB = 4.0, 1.6, 1.5 * 1024
+TEXT_GOAL, PROMPT_TOKENS, TEXT_VOCAB = 1.1, 16, 1000  # issue 15: a 16-token prompt adds <= 10 %
 REF_STRATA = 8          # timed steps for an extrapolated reference run
 REF_FULL_LIMIT_S = 150  # measure the reference fully when (warm-up + repeats) fits in this
 
@@ -39,11 +41,12 @@ def batches(quick: bool) -> tuple[int, int, int]:
 
 
 def ours_fn(model, batch: int, top_k: int, use_cache: bool = True, labels=None, guidance: float = 1.0,
-            num_threads: int | str | None = "auto"):
+            num_threads: int | str | None = "auto", text_tokens=None):
     def run():
         g = torch.Generator().manual_seed(0)
         return model.generate(class_labels=labels, num_samples=None if labels is not None else batch, top_k=top_k,
-                              guidance_scale=guidance, generator=g, use_cache=use_cache, num_threads=num_threads)
+                              guidance_scale=guidance, generator=g, use_cache=use_cache, num_threads=num_threads,
+                              text_tokens=text_tokens)
     return run
 
 
@@ -161,6 +164,17 @@ def figures(quick: bool = False) -> list[dict]:
                                "guided_seconds": rnd(guided["seconds"]), "unguided_seconds": rnd(plain["seconds"]),
                                "ratio": rnd(ratio, 3), "repeats": REPEATS},
                               f"<= {CFG_GOAL:g}x unguided", ratio <= CFG_GOAL)))
+
+    # 4. text prompt overhead: the same sizes with a 16-token prompt prefixing the codes vs no text, batch 16
+    text_model = build_ours({**cfg, "text_vocab_size": TEXT_VOCAB, "max_text_len": PROMPT_TOKENS})
+    prompt = torch.randint(1, TEXT_VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    prompted = median_time(ours_fn(text_model, b, k, text_tokens=prompt))
+    plain = median_time(ours_fn(model, b, k))
+    ratio = prompted["seconds"] / plain["seconds"]
+    out.append(emit(with_goal({"figure": "text_prompt_overhead", "batch": b, "prompt_tokens": PROMPT_TOKENS,
+                               "prompt_seconds": rnd(prompted["seconds"]), "no_text_seconds": rnd(plain["seconds"]),
+                               "ratio": rnd(ratio, 3), "repeats": REPEATS},
+                              f"<= {TEXT_GOAL:g}x no text", ratio <= TEXT_GOAL)))
 
     # 6a. peak RSS of sampling at batch 16, in a fresh process
     out.append(emit(peak_rss_sampling(b, quick)))

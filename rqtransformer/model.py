@@ -14,11 +14,18 @@ values at `pos` before attending over positions [0, pos+n). Cached and teacher-f
 come from the same code; the uncached sampler (re-running `forward` per code) is kept as a guard.
 
 Class index `num_classes` is the learned "null" class (unconditional / classifier-free guidance).
+
+Text conditioning (config text_vocab_size, max_text_len = L > 0): L prompt tokens, right-padded with
+TEXT_PAD_ID (all pads = the empty prompt), prefix the spatial sequence, which becomes
+[text tokens 0..L-1] + [start token, codes of positions 0..h*w-2]; the last h*w outputs feed the depth
+transformer. The sampler writes the prompt into the spatial KV caches once, then steps as without text.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,6 +35,9 @@ from einops import rearrange
 from rqcore.pretrained import PretrainedMixin
 
 from .sampling import generate as _generate
+
+TEXT_PAD_ID = 0  # pads prompts to max_text_len (rqtransformer.tokenizer uses the same id)
+TOKENIZER_NAME = "tokenizer.json"  # beside config.json in the folders of text models
 
 
 def code_loss(logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None):
@@ -47,13 +57,16 @@ def code_loss(logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Ten
 
 
 @torch.no_grad()
-def per_depth_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Mean negative log-likelihood (nats) of each depth [D] over codes [N,h,w,D] given labels [N]."""
+def per_depth_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
+                  text_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood (nats) of each depth [D] over codes [N,h,w,D] given labels [N]
+    (and, for a text model, text_tokens [N, max_text_len]; None = the empty prompt)."""
     device = model.head.weight.device
     total = torch.zeros(codes.shape[-1])
     for i in range(0, len(codes), batch_size):
         c = codes[i:i + batch_size].to(device).long()
-        logits = model(c, labels[i:i + batch_size].to(device))  # [B, h, w, D, K]
+        text = None if text_tokens is None else text_tokens[i:i + batch_size].to(device)
+        logits = model(c, labels[i:i + batch_size].to(device), text)  # [B, h, w, D, K]
         ce = F.cross_entropy(rearrange(logits, "b h w d k -> (b h w d) k"), c.reshape(-1), reduction="none")
         total += rearrange(ce, "(n d) -> n d", d=c.shape[-1]).sum(0).float().cpu()
     return total / (codes.shape[0] * codes.shape[1] * codes.shape[2])
@@ -71,6 +84,8 @@ class RQTransformerConfig:
     dropout: float
     mlp_ratio: int = 4
     class_names: list[str] = field(default_factory=list)  # empty, or one name per class
+    text_vocab_size: int = 0            # the prompt tokenizer's vocabulary; 0 = no text conditioning
+    max_text_len: int = 0               # prompt tokens prefixing the codes (padded/truncated to it); 0 = no text
 
     def __post_init__(self):
         if not isinstance(self.code_shape, (list, tuple)) or len(self.code_shape) != 3:
@@ -96,6 +111,13 @@ class RQTransformerConfig:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} entries but num_classes is "
                              f"{self.num_classes}; give one name per class or none")
+        for name in ("text_vocab_size", "max_text_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = no text conditioning), got {value!r}")
+        if (self.text_vocab_size > 0) != (self.max_text_len > 0):
+            raise ValueError(f"text_vocab_size ({self.text_vocab_size}) and max_text_len ({self.max_text_len}) "
+                             "must both be 0 (no text) or both positive")
 
 
 class KVCache(nn.Module):
@@ -204,6 +226,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)  # last row = null class / start token
         self.spatial_pos = nn.Parameter(torch.zeros(h * w, c.dim))
         self.depth_pos = nn.Parameter(torch.zeros(D, c.dim))
+        if c.max_text_len:  # models without text keep exactly their old tensors (old files load strictly)
+            self.text_emb = nn.Embedding(c.text_vocab_size, c.dim)  # row TEXT_PAD_ID: the pad token
+            self.text_pos = nn.Parameter(torch.zeros(c.max_text_len, c.dim))
+        self.tokenizer = None  # a PromptTokenizer for text models: set by training, saved and loaded with the model
         self.drop = nn.Dropout(c.dropout)
         self.spatial_blocks = nn.ModuleList(Block(c) for _ in range(c.spatial_layers))
         self.spatial_norm = nn.LayerNorm(c.dim)
@@ -213,6 +239,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.spatial_pos, std=0.02)
         nn.init.normal_(self.depth_pos, std=0.02)
+        if c.max_text_len:
+            nn.init.normal_(self.text_pos, std=0.02)
         for blocks in (self.spatial_blocks, self.depth_blocks):  # GPT-2: scale residual projections
             for block in blocks:
                 for lin in (block.attn.proj, block.mlp.fc2):
@@ -234,6 +262,11 @@ class RQTransformer(PretrainedMixin, nn.Module):
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model is conditioned on text prompts (max_text_len > 0)."""
+        return self.config.max_text_len > 0
 
     @property
     def null_class(self) -> int:
@@ -268,12 +301,40 @@ class RQTransformer(PretrainedMixin, nn.Module):
                              f"got range [{int(class_labels.min())}, {int(class_labels.max())}]")
         return class_labels.to(device=device, dtype=torch.long)
 
+    def _text(self, text_tokens, batch_size: int | None, device) -> torch.Tensor | None:
+        """Validated prompt tokens [B, L] (None = the empty prompt; batch_size None: any batch >= 1);
+        None for a model without text."""
+        c = self.config
+        if not c.max_text_len:
+            if text_tokens is not None:
+                raise ValueError("this model has no text conditioning (text_vocab_size = 0): pass text_tokens=None")
+            return None
+        L = c.max_text_len
+        if text_tokens is None:
+            return torch.full((batch_size or 1, L), TEXT_PAD_ID, dtype=torch.long, device=device)
+        want = f"[{batch_size if batch_size else 'B'}, {L}]"
+        if not isinstance(text_tokens, torch.Tensor) or text_tokens.dtype.is_floating_point \
+                or text_tokens.dtype.is_complex or text_tokens.dtype == torch.bool:
+            got = getattr(text_tokens, "dtype", type(text_tokens).__name__)
+            raise ValueError(f"text_tokens must be an integer tensor {want} of token ids from the model's tokenizer, "
+                             f"got {got}")
+        if text_tokens.ndim != 2 or text_tokens.shape[1] != L or not len(text_tokens) \
+                or (batch_size is not None and len(text_tokens) != batch_size):
+            raise ValueError(f"text_tokens must have shape {want} (max_text_len {L}, right-padded with "
+                             f"TEXT_PAD_ID {TEXT_PAD_ID}), got {list(text_tokens.shape)}")
+        lo, hi = int(text_tokens.min()), int(text_tokens.max())
+        if lo < 0 or hi >= c.text_vocab_size:
+            raise ValueError(f"text token ids must be in [0, {c.text_vocab_size}) (text_vocab_size), "
+                             f"got range [{lo}, {hi}]")
+        return text_tokens.to(device=device, dtype=torch.long)
+
     # ---- the two transformers: one forward for training and for cached sampling ----------------------
 
     def new_caches(self, batch_size: int, depth: bool = False) -> nn.ModuleList:
-        """One KVCache per layer of the spatial (length h*w) or the depth (length D) transformer."""
+        """One KVCache per layer of the spatial (length max_text_len + h*w) or the depth (length D) transformer."""
         c, p = self.config, self.head.weight
-        layers, length = (c.depth_layers, c.code_shape[2]) if depth else (c.spatial_layers, self.spatial_pos.shape[0])
+        layers, length = ((c.depth_layers, c.code_shape[2]) if depth
+                          else (c.spatial_layers, c.max_text_len + self.spatial_pos.shape[0]))
         return nn.ModuleList(KVCache(batch_size, c.heads, length, c.dim // c.heads, device=p.device, dtype=p.dtype)
                              for _ in range(layers))
 
@@ -284,12 +345,18 @@ class RQTransformer(PretrainedMixin, nn.Module):
         return x
 
     def spatial_transformer(self, x: torch.Tensor, caches: nn.ModuleList | None = None, pos: int = 0) -> torch.Tensor:
-        """Spatial inputs x [B, n, dim] of positions [pos, pos+n) -> normalized outputs [B, n, dim].
+        """Spatial inputs x [B, n, dim] of sequence positions [pos, pos+n) -> normalized outputs [B, n, dim].
 
-        The input of position t is the class embedding (t = 0) or the summed code embeddings of position t-1;
-        the position embedding is added here. Causal; with caches (new_caches) earlier positions come from them.
+        The sequence is the L = max_text_len text embeddings (none without text), then the h*w code
+        positions: the input of code position t is the class embedding (t = 0) or the summed code embeddings
+        of position t-1. Position embeddings are added here. Causal; with caches (new_caches) earlier
+        positions come from them.
         """
-        x = x + self.spatial_pos[pos : pos + x.shape[1]]
+        L = self.config.max_text_len
+        if pos >= L:  # code positions only: every sampling step
+            x = x + self.spatial_pos[pos - L : pos - L + x.shape[1]]
+        else:
+            x = x + torch.cat([self.text_pos, self.spatial_pos])[pos : pos + x.shape[1]]
         x = self.drop(x) if self.training else x
         return self.spatial_norm(self._blocks(self.spatial_blocks, x, caches, pos))
 
@@ -302,15 +369,28 @@ class RQTransformer(PretrainedMixin, nn.Module):
         x = self.drop(x) if self.training else x
         return self.head(self.depth_norm(self._blocks(self.depth_blocks, x, caches, pos)))
 
-    def forward(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits [B, h, w, D, K] for codes [B, h, w, D]; labels None = null class."""
+    def forward(self, codes: torch.Tensor, class_labels: torch.Tensor | None = None,
+                text_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits [B, h, w, D, K] for codes [B, h, w, D]; labels None = null class;
+        text_tokens [B, max_text_len] (text models only; None = the empty prompt)."""
         self._check_codes(codes)
         B, h, w, D = codes.shape
         labels = self._labels(class_labels, B, codes.device)
+        text = self._text(text_tokens, B, codes.device)  # [B, L] or None
         flat = rearrange(codes.long(), "b h w d -> b (h w) d")
         # spatial input of position t: the class (t = 0), else the summed code embeddings of position t-1
         x = torch.cat([self.class_emb(labels)[:, None], self.code_emb(flat[:, :-1]).sum(2)], dim=1)  # [B, h*w, dim]
-        out = rearrange(self.spatial_transformer(x), "b n c -> (b n) 1 c")  # [B*h*w, 1, dim]
+        if text is not None:
+            # How text attends: causally, like the codes after it (as in DALL-E's transformer). Every code
+            # position sees the whole prompt either way; a causal prefix lets one lower-triangular mask serve
+            # training (all L + h*w tokens) and the sampler's prefill (the L text tokens from position 0), and
+            # each sampling step attends over the filled cache with no mask at all. A bidirectional prefix
+            # would need an explicit prefix-LM mask in both, for little gain on short prompts. Pads are
+            # ordinary tokens (pad embedding + text position, like DALL-E's per-position pads): real tokens
+            # never see them, and all pads is the empty prompt that caption dropout trains for guidance.
+            x = torch.cat([self.text_emb(text), x], dim=1)  # [B, L + h*w, dim]
+        out = self.spatial_transformer(x)[:, x.shape[1] - h * w:]  # [B, h*w, dim]: the code positions
+        out = rearrange(out, "b n c -> (b n) 1 c")  # [B*h*w, 1, dim]
         # depth input of depth d: the spatial output (d = 0), else the embedding of code d-1
         y = torch.cat([out, self.code_emb(rearrange(flat[..., :-1], "b n d -> (b n) d"))], dim=1)  # [B*h*w, D, dim]
         logits = self.depth_transformer(y)  # [B*h*w, D, K]
@@ -328,6 +408,40 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.spatial_transformer = torch.compile(self.spatial_transformer, **options)
         self.depth_transformer = torch.compile(self.depth_transformer, **options)
         return self
+
+    # ---- save / load: the tokenizer travels with a text model ------------------------------------------
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """config.json + model.safetensors, and for a text model tokenizer.json from `self.tokenizer`."""
+        if self.has_text:  # refuse before writing anything: a text model without its tokenizer is unusable
+            if self.tokenizer is None:
+                raise ValueError("this text model has no tokenizer: set model.tokenizer (a PromptTokenizer "
+                                 "trained on the captions) before save_pretrained")
+            if self.tokenizer.vocab_size != self.config.text_vocab_size:
+                raise ValueError(f"model.tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
+                                 f"text_vocab_size is {self.config.text_vocab_size}")
+        super().save_pretrained(path, dtype)
+        if self.has_text:
+            self.tokenizer.save(Path(path) / TOKENIZER_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+        """Load a model saved by save_pretrained; a text model strictly needs its tokenizer.json (models
+        without text ignore one)."""
+        model = super().from_pretrained(path, device=device, dtype=dtype)
+        if model.has_text:
+            file = Path(path) / TOKENIZER_NAME
+            if not file.is_file():
+                raise ValueError(f"{path} holds a text-conditioned model but no {TOKENIZER_NAME}; "
+                                 "save it with model.tokenizer set")
+            from .tokenizer import PromptTokenizer  # only text models need the tokenizers package
+
+            tokenizer = PromptTokenizer.from_file(file)
+            if tokenizer.vocab_size != model.config.text_vocab_size:
+                raise ValueError(f"{file} has {tokenizer.vocab_size} tokens but config.json's text_vocab_size "
+                                 f"is {model.config.text_vocab_size}: the tokenizer belongs to another model")
+            model.tokenizer = tokenizer
+        return model
 
 
 # Sizes only: codebook_size, code_shape and the classes come from the RQ-VAE and the data.

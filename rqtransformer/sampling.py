@@ -1,7 +1,8 @@
 """Sampling from an RQTransformer: KV-cached spatial steps, D depth steps per position, CFG, completion.
 
 `generate` is attached to the model as `RQTransformer.generate`. The cached path calls the model's
-spatial_transformer / depth_transformer one token at a time with KV caches; `use_cache=False` re-runs
+spatial_transformer / depth_transformer one token at a time with KV caches (a text model's prompt is
+written into the spatial caches first, in one call); `use_cache=False` re-runs
 the teacher-forced forward for every code instead. Both draw random numbers in the same order (one
 `draw` per sampled (position, depth)), so for the same generator seed they return the same codes:
 a guard on the cache, not a second implementation.
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
+import torch.nn as nn
 from einops import rearrange
 
 ONE_THREAD_MAX_ROWS = 32  # num_threads="auto": one intra-op thread up to this many rows (see auto_threads)
@@ -141,7 +143,8 @@ def _parse_prefix(model, prefix):
     return codes.masked_fill(~keep[..., None], 0), keep
 
 
-def generate(model, class_labels: torch.Tensor | None = None, num_samples: int | None = None,
+def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
+             num_samples: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              guidance_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
              prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -152,9 +155,11 @@ def generate(model, class_labels: torch.Tensor | None = None, num_samples: int |
     Takes tensors only (names, lists and counts are the pipeline's to check and convert).
     class_labels: None (all rows null class), or an integer tensor [B] of class indices in
     [0, num_classes] (num_classes = the null class). num_samples: the batch size without labels
-    (default: the prefix batch, or 1); with labels it may only repeat their length.
-    top_k=1 is greedy decoding. guidance_scale != 1 with labels runs conditional and null-class rows
-    in one batch of 2B: logits = uncond + scale * (cond - uncond).
+    (default: the prefix or text batch, or 1); with labels it may only repeat their length.
+    text_tokens (text models only): prompt token ids [B or 1, max_text_len] right-padded with
+    TEXT_PAD_ID (batch 1 is broadcast); None = the empty prompt.
+    top_k=1 is greedy decoding. guidance_scale != 1 with labels or text runs conditional rows and
+    unconditional rows (null class and empty prompt) in one batch of 2B: logits = uncond + scale * (cond - uncond).
     prefix: (codes [B or 1, h, w, D], keep_mask [B or 1, h, w] bool) forces the codes where keep_mask
     is True; batch 1 is broadcast to B.
     use_cache=False re-runs the teacher-forced forward for every code: slow, the same codes for the
@@ -173,8 +178,10 @@ def generate(model, class_labels: torch.Tensor | None = None, num_samples: int |
     forced, keep = _parse_prefix(model, prefix)
     prefix_batch = forced.shape[0] if forced is not None else None
     device = model.head.weight.device
+    text = model._text(text_tokens, None, device)  # [Bt, L]; None without text; the empty prompt for None
+    text_batch = len(text) if text_tokens is not None else None
     if class_labels is None:
-        B = num_samples or prefix_batch or 1
+        B = num_samples or max(prefix_batch or 1, text_batch or 1)
         rows = torch.full((B,), model.null_class, dtype=torch.long, device=device)
     else:
         if not isinstance(class_labels, torch.Tensor) or class_labels.ndim != 1 or not len(class_labels):
@@ -191,10 +198,17 @@ def generate(model, class_labels: torch.Tensor | None = None, num_samples: int |
             raise ValueError(f"prefix has batch {prefix_batch} but {B} samples are requested; "
                              "give a prefix with batch 1 or one per sample")
         forced, keep = forced.expand(B, -1, -1), keep.expand(B, -1)
+    if text is not None:
+        if len(text) not in (1, B):
+            raise ValueError(f"text_tokens has batch {len(text)} but {B} samples are requested; "
+                             "give one prompt (batch 1) or one per sample")
+        text = text.expand(B, -1)
 
-    cfg = class_labels is not None and guidance_scale != 1.0
-    if cfg:  # [2B]: conditional rows, then null-class rows
+    cfg = (class_labels is not None or text_tokens is not None) and guidance_scale != 1.0
+    if cfg:  # [2B]: conditional rows, then unconditional rows (null class, empty prompt)
         rows = torch.cat([rows, torch.full_like(rows, model.null_class)])
+        if text is not None:
+            text = torch.cat([text, model._text(None, B, device)])  # [2B, L]
     # sampling runs in eval mode (no dropout): switch only the modules in train mode, and back after
     # (model.eval() / model.train() walk every module twice per call, 2 % of a small model's sampling)
     training = [m for m in model.modules() if m.training]
@@ -205,7 +219,7 @@ def generate(model, class_labels: torch.Tensor | None = None, num_samples: int |
             num_threads = auto_threads(rows.shape[0], use_cache)
         with torch.inference_mode(), _intra_op_threads(num_threads, device):
             run = _sample_cached if use_cache else _sample_uncached
-            codes = run(model, rows, B, cfg, float(guidance_scale), float(temperature), top_k, top_p,
+            codes = run(model, rows, text, B, cfg, float(guidance_scale), float(temperature), top_k, top_p,
                         generator, forced, keep, callback)
     finally:
         for m in training:
@@ -241,16 +255,20 @@ def _setup(model, B, cfg, scale, temperature, top_k, top_p, generator, forced, k
     return codes, all_forced, pick, report
 
 
-def _sample_cached(model, rows, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep, callback):
+def _sample_cached(model, rows, text, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep,
+                   callback):
     h, w, D = model.config.code_shape
+    L = model.config.max_text_len
     codes, all_forced, pick, report = _setup(model, B, cfg, scale, temperature, top_k, top_p, generator,
                                              forced, keep)
     R = rows.shape[0]
     spatial_caches, depth_caches = model.new_caches(R), model.new_caches(R, depth=True)
     spatial, depth, code_emb = model.spatial_transformer, model.depth_transformer, model.code_emb
-    x = model.class_emb(rows)[:, None]  # [R, 1, dim] spatial input of position 0
+    if text is not None:  # prefill: the prompts' keys and values at positions [0, L), once
+        _prefill(model, text, spatial_caches)
+    x = model.class_emb(rows)[:, None]  # [R, 1, dim] spatial input of code position 0
     for t in range(h * w):
-        y = spatial(x, spatial_caches, t)  # [R, 1, dim]: the depth input of depth 0
+        y = spatial(x, spatial_caches, L + t)  # [R, 1, dim]: the depth input of depth 0
         if not all_forced[t]:
             for d in range(D):
                 code = pick(depth(y, depth_caches, d)[:, 0], t, d)  # [B]
@@ -266,7 +284,22 @@ def _sample_cached(model, rows, B, cfg, scale, temperature, top_k, top_p, genera
     return codes
 
 
-def _sample_uncached(model, rows, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep, callback):
+def _prefill(model, text: torch.Tensor, caches: nn.ModuleList) -> None:
+    """Write the keys and values of the prompts text [R, L] at positions [0, L) of the spatial caches.
+
+    Rows share few prompts (often one per call, and guidance's unconditional rows all hold the empty
+    one), so each distinct prompt runs once and is copied to its rows: at batch 16 a 16-token prefill of
+    every row costs as much as the extra attention over those 16 keys in all later steps."""
+    unique, index = torch.unique(text, dim=0, return_inverse=True)  # [U, L], [R]
+    L = text.shape[1]
+    shared = model.new_caches(len(unique))
+    model.spatial_transformer(model.text_emb(unique), shared, 0)  # [U, L, dim], outputs unused
+    for cache, one in zip(caches, shared):
+        cache.kv[:, :, :, :L] = one.kv[index, :, :, :L]  # [R, 2, heads, L, dim_head]
+
+
+def _sample_uncached(model, rows, text, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep,
+                     callback):
     """The check on the cache: re-run the teacher-forced forward for every code (same draws, same order)."""
     h, w, D = model.config.code_shape
     codes, all_forced, pick, report = _setup(model, B, cfg, scale, temperature, top_k, top_p, generator,
@@ -276,7 +309,7 @@ def _sample_uncached(model, rows, B, cfg, scale, temperature, top_k, top_p, gene
         if not all_forced[t]:
             for d in range(D):
                 current = codes.clamp(min=0).repeat(reps, 1, 1)  # [R, h*w, D]; later codes do not matter
-                logits = model(rearrange(current, "r (h w) d -> r h w d", h=h), rows)  # [R, h, w, D, K]
+                logits = model(rearrange(current, "r (h w) d -> r h w d", h=h), rows, text)  # [R, h, w, D, K]
                 pick(logits[:, t // w, t % w, d], t, d)
         report(callback, t)
     return codes
