@@ -76,7 +76,7 @@ def train_step(model, loss_fn, lr: float = 3e-4):
 
 
 def stage2(quick: bool) -> list[dict]:
-    from rqtransformer.model import code_loss
+    from rqtransformer.losses import code_loss
 
     cfg = sizes(quick)
     batch = 4 if quick else 32
@@ -149,7 +149,8 @@ def paper_training(quick: bool) -> list[dict]:
     """Issue 16: what --stochastic_codes + --soft_labels add to a stage-2 step of the bundled sizes
     (emoji-64 RQ-VAE and transformer, batch 32): drawing codes and soft targets from cached latents
     every step, and the soft-target cross-entropy."""
-    from rqtransformer.model import PRESETS as TF_PRESETS, RQTransformer, RQTransformerConfig, code_loss
+    from rqtransformer.losses import code_loss
+    from rqtransformer.model import PRESETS as TF_PRESETS, RQTransformer, RQTransformerConfig
     from rqvae.model import PRESETS, RQVAE, RQVAEConfig
 
     preset = "tiny" if quick else "emoji-64"

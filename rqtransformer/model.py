@@ -40,38 +40,6 @@ TEXT_PAD_ID = 0  # pads prompts to max_text_len (rqtransformer.tokenizer uses th
 TOKENIZER_NAME = "tokenizer.json"  # beside config.json in the folders of text models
 
 
-def code_loss(logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Tensor | None = None):
-    """logits [B, h, w, D, K], codes [B, h, w, D] -> (mean cross-entropy, per-depth accuracy [D]).
-
-    soft_targets [B, h, w, D, K] (rows summing to 1, e.g. RQVAE.soft_targets): cross-entropy against
-    them instead of the one-hot codes (the paper's soft labels); accuracy is still against `codes`."""
-    codes = codes.long()
-    # float(): under bf16 autocast the log-softmax over K codes would otherwise run in bf16
-    flat = rearrange(logits.float(), "b h w d k -> (b h w d) k")
-    if soft_targets is None:
-        loss = F.cross_entropy(flat, codes.reshape(-1))
-    else:
-        loss = F.cross_entropy(flat, rearrange(soft_targets.float(), "b h w d k -> (b h w d) k"))
-    hits = (logits.detach().argmax(-1) == codes).float()  # [B, h, w, D]
-    return loss, rearrange(hits, "b h w d -> (b h w) d").mean(0)
-
-
-@torch.no_grad()
-def per_depth_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
-                  text_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean negative log-likelihood (nats) of each depth [D] over codes [N,h,w,D] given labels [N]
-    (and, for a text model, text_tokens [N, max_text_len]; None = the empty prompt)."""
-    device = model.head.weight.device
-    total = torch.zeros(codes.shape[-1])
-    for i in range(0, len(codes), batch_size):
-        c = codes[i:i + batch_size].to(device).long()
-        text = None if text_tokens is None else text_tokens[i:i + batch_size].to(device)
-        logits = model(c, labels[i:i + batch_size].to(device), text)  # [B, h, w, D, K]
-        ce = F.cross_entropy(rearrange(logits, "b h w d k -> (b h w d) k"), c.reshape(-1), reduction="none")
-        total += rearrange(ce, "(n d) -> n d", d=c.shape[-1]).sum(0).float().cpu()
-    return total / (codes.shape[0] * codes.shape[1] * codes.shape[2])
-
-
 @dataclass
 class RQTransformerConfig:
     codebook_size: int                  # K, shared by every depth

@@ -14,7 +14,7 @@ from pipelines.rq_pipeline import SAMPLING_THREAD
 from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
 
-from conftest import CLASSES, gen, tiny_pipeline
+from conftest import CLASSES, gen
 
 
 def test_generate_outputs(pipe):

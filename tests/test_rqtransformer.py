@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rqtransformer import RQTransformer, RQTransformerConfig
-from rqtransformer.model import SHORT_SEQUENCE, KVCache, causal_attention, code_loss
+from rqtransformer.losses import code_loss
+from rqtransformer.model import SHORT_SEQUENCE, KVCache, causal_attention
 
 K, SHAPE, CLASSES = 16, (3, 3, 3), 3
 
@@ -522,7 +523,7 @@ def test_causal_attention_dropout_drops_weights():
 
 
 def test_code_loss_with_one_hot_soft_targets_equals_the_hard_loss():
-    from rqtransformer.model import code_loss
+    from rqtransformer.losses import code_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 2, 2, 3, 7, generator=g)

@@ -7,7 +7,7 @@ import torch
 
 from rqcore.pretrained import PretrainedMixin
 from rqtransformer import TEXT_PAD_ID, RQTransformer, RQTransformerConfig
-from rqtransformer.model import per_depth_nll
+from rqtransformer.losses import per_depth_nll
 
 K, SHAPE, CLASSES, VOCAB, L = 16, (3, 3, 3), 3, 20, 4
 

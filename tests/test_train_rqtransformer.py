@@ -218,7 +218,7 @@ def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, ca
     main(["--rqvae", str(vae_dir), "--data_dir", str(image_dir), "--validation_dir", str(squares),
           "--output_dir", str(out), *FAST2, "--max_train_steps", "1"])
     model = RQTransformer.from_pretrained(out / "rqtransformer")
-    from rqtransformer.model import per_depth_nll
+    from rqtransformer.losses import per_depth_nll
     from training.train_rqtransformer import encode_dataset
     codes, _ = encode_dataset(RQVAE.from_pretrained(vae_dir), vae_dir, image_folder(squares, 16), tmp_path / "c",
                               False, False)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pipelines import RQPipeline
 from rqcore.metrics import psnr
 from rqcore.pretrained import load_weights, write_safetensors
-from rqtransformer.model import per_depth_nll
+from rqtransformer.losses import per_depth_nll
 from rqvae import RQVAE
 
 from .cli import positive_int, run_cli

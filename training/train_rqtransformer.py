@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from pipelines import RQPipeline
 from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
-from rqtransformer.model import PRESETS, RQTransformer, RQTransformerConfig, code_loss, per_depth_nll
+from rqtransformer.losses import code_loss, per_depth_nll
+from rqtransformer.model import PRESETS, RQTransformer, RQTransformerConfig
 from rqvae import RQVAE, RQVAEConfig
 
 from . import cli, trainer
