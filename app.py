@@ -4,7 +4,8 @@ depth, complete a masked region. Runs unchanged as a Hugging Face Space.
     python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; host/port: GRADIO_SERVER_NAME/_PORT
 
 API (gradio_client; every input but the image has a default):
-    client.predict(api_name="/generate")                          # class_name, num_images, seed, ...
+    client.predict(api_name="/generate")                          # class_name, num_images, seed, ..., prompt
+    client.predict(prompt="red circle", api_name="/generate")     # models with text ("" = no prompt)
     client.predict(handle_file("a.png"), api_name="/reconstruct")
     client.predict({"background": handle_file("a.png"), "layers": [handle_file("mask.png")], "composite": None},
                    api_name="/complete")                          # mask: white (or painted) = regenerate
@@ -132,11 +133,25 @@ def pick_labels(class_names: list[str], choice: str | None, num_images: int, see
     return [rng.choice(class_names) for _ in range(num_images)]
 
 
+def pick_prompt(prompt: str | None) -> str | None:
+    """The prompt box -> the pipeline's prompt: blank = None (no prompt), which the pipeline accepts or
+    refuses depending on the model; anything else is passed on as typed."""
+    return prompt if prompt and prompt.strip() else None
+
+
 def captions(pipe: RQPipeline, out) -> list[str]:
-    """The class of each image of a pipeline output, for display."""
-    if not out.class_labels:
-        return [""] * len(out.images)
-    return [pretty(pipe.class_names[i]) for i in out.class_labels]
+    """The prompt and the class of each image of a pipeline output, for display."""
+    n = len(out.images)
+    prompts = [p if len(p) <= 80 else p[:79] + "…" for p in out.prompts or [""] * n]
+    classes = [pretty(pipe.class_names[i]) for i in out.class_labels] if out.class_labels else [""] * n
+    return [" · ".join(filter(None, (p.strip(), c))) for p, c in zip(prompts, classes)]
+
+
+def warn_truncated(pipe: RQPipeline, out) -> None:
+    """A prompt longer than the model reads was cut: say so (a notice, not an error)."""
+    if out.truncated_prompts:
+        gr.Warning(f"Prompt too long: the model reads its first {pipe.transformer.config.max_text_len} tokens "
+                   "only; the rest was ignored")
 
 
 def sampling_filters(top_k, top_p) -> dict:
@@ -192,9 +207,11 @@ def model_card(weights: Path | None, pipe: RQPipeline) -> str:
         text = re.sub(r"\A---\n.*?\n---\n", "", (weights / "README.md").read_text(), flags=re.S)  # front matter
     h, w, D = pipe.rqvae.code_shape
     params = sum(p.numel() for m in (pipe.rqvae, pipe.transformer) for p in m.parameters())
+    c = pipe.transformer.config
     facts = (f"### This model\n{pipe.resolution} px images as {h}×{w}×{D} codes from a codebook of "
-             f"{pipe.transformer.config.codebook_size}; {params / 1e6:.1f} M parameters; running on "
-             f"`{pipe.device}`. Classes: {', '.join(map(pretty, pipe.class_names)) or 'none (unconditional)'}.")
+             f"{c.codebook_size}; {params / 1e6:.1f} M parameters; running on `{pipe.device}`. "
+             f"Classes: {', '.join(map(pretty, pipe.class_names)) or 'none'}. "
+             f"Prompts: {f'up to {c.max_text_len} tokens' if pipe.has_text else 'none (no text conditioning)'}.")
     return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, LICENCES]))
 
 
@@ -220,11 +237,15 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     h, w, D = pipe.rqvae.code_shape
     K = pipe.transformer.config.codebook_size
     choices = [RANDOM_CLASS] + [(pretty(n), n) for n in pipe.class_names]
+    has_classes = bool(pipe.class_names)  # a model without classes (unconditional or text only) hides the dropdown
     example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
+    prompts = pipe.prompts
+    # a few prompts spread over the training captions; "" (no prompt) only where the model allows it
+    example_prompts = prompts[::max(1, len(prompts) // 4)][:4] or ([""] if pipe.caption_dropout != 0 else [])
 
     @gpu
     def generate(class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
-                 guidance_scale=None, progress=gr.Progress()):
+                 guidance_scale=None, prompt="", progress=gr.Progress()):
         seed = check_seed(seed)
         num_images = check_whole(num_images, "Number of images", 1, pipe.max_images)
         top_k = check_whole(top_k, "Top-k (0 = off)", 0, K)
@@ -232,8 +253,11 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         progress(0, desc="Sampling")
         with user_errors():
-            for out in pipe.stream(labels, num_images, temperature, generator=generator,
-                                   guidance_scale=guidance_scale, **sampling_filters(top_k, top_p)):
+            for i, out in enumerate(pipe.stream(labels, pick_prompt(prompt), num_images, temperature,
+                                                generator=generator, guidance_scale=guidance_scale,
+                                                **sampling_filters(top_k, top_p))):
+                if i == 0:
+                    warn_truncated(pipe, out)
                 progress(out.done, desc="Sampling" if out.done < 1 else "Done")
                 yield list(zip(map(upscale, out.images), captions(pipe, out)))
 
@@ -252,7 +276,7 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     @gpu
     @torch.inference_mode()
     def complete(image, class_name=RANDOM_CLASS, num_images=4, seed=0, use_box=False, x0=0.25, y0=0.25,
-                 x1=0.75, y1=0.75):
+                 x1=0.75, y1=0.75, prompt=""):
         """image: the editor value {"background": image, "layers": [mask images], "composite": ...}."""
         seed = check_seed(seed)
         num_images = check_whole(num_images, "Number of images", 1, pipe.max_images)
@@ -263,16 +287,26 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         with user_errors():
             background.load()
             mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
-            out = pipe.complete(background, mask, labels, num_images=num_images,
+            out = pipe.complete(background, mask, labels, pick_prompt(prompt), num_images=num_images,
                                 generator=torch.Generator(pipe.device).manual_seed(seed))
+        warn_truncated(pipe, out)
         shown = upscale(out.input_image)  # the input as the model saw it
         shade = Image.fromarray((~out.keep_mask).numpy().astype(np.uint8) * 128).resize(shown.size, Image.NEAREST)
         shown.paste(Image.new("RGB", shown.size, (255, 0, 255)), mask=shade)  # magenta over regenerated cells
         return [(shown, "shaded = regenerated")] + list(zip(map(upscale, out.images), captions(pipe, out)))
 
-    def generate_final(class_name, num_images, seed):  # for the cached examples
-        *_, last = generate(class_name, num_images, seed)
+    def generate_final(class_name, num_images, seed, prompt=""):  # for the cached examples
+        *_, last = generate(class_name, num_images, seed, prompt=prompt)
         return last
+
+    def prompt_box():
+        """The prompt textbox and its random-prompt button (shown for models with text only)."""
+        with gr.Row(equal_height=True, visible=pipe.has_text):
+            box = gr.Textbox("", label="Prompt", placeholder=f"e.g. {prompts[0]}" if prompts else "describe the image",
+                             max_lines=3, scale=4, visible=pipe.has_text)
+            dice = gr.Button("🎲 Random prompt", scale=1, min_width=90, visible=bool(prompts))
+        dice.click(lambda: random.choice(prompts or [""]), None, box, api_visibility="private", queue=False)
+        return box
 
     with examples_cache(weights), gr.Blocks(title="RQ image generator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# RQ-VAE + RQ-Transformer\nEach {pipe.resolution} px image is a stack of {h}×{w}×{D} codes: "
@@ -281,7 +315,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
-                    cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class")
+                    prompt = prompt_box()
+                    cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class", visible=has_classes)
                     num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
                                     label="Number of images")
                     with gr.Row(equal_height=True):
@@ -294,15 +329,18 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                         cfg = gr.Slider(0.0, max(10.0, pipe.default_guidance_scale), step=0.1,
                                         value=pipe.default_guidance_scale, label="Guidance scale (1 = off)")
                     go = gr.Button("Generate", variant="primary")
-                gallery = gr.Gallery(label="Samples", columns=4, height=440, format="png", object_fit="contain",
-                                     buttons=["download", "download_all", "fullscreen"], scale=2)
+                gallery = gr.Gallery(label="Samples", elem_id="samples", columns=4, height=440, format="png",
+                                     object_fit="contain", buttons=["download", "download_all", "fullscreen"], scale=2)
             dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, api_visibility="private", queue=False)
-            go.click(generate, [cls, num, seed, temp, top_k, top_p, cfg], gallery, api_name="generate",
+            # prompt last: positional API calls made before models had text still work
+            go.click(generate, [cls, num, seed, temp, top_k, top_p, cfg, prompt], gallery, api_name="generate",
                      concurrency_id="model")
             n = min(4, pipe.max_images)
-            gr.Examples([[RANDOM_CLASS, n, 0]] + [[c, n, 1] for c in pipe.class_names[:3]], [cls, num, seed],
-                        gallery, generate_final, cache_examples=True, cache_mode="lazy",
-                        label="Examples (cached after first use)")
+            rows = ([[RANDOM_CLASS, n, i, p] for i, p in enumerate(example_prompts)] if pipe.has_text
+                    else [[RANDOM_CLASS, n, 0]] + [[c, n, 1] for c in pipe.class_names[:3]])
+            if rows:
+                gr.Examples(rows, [cls, num, seed, prompt][:len(rows[0])], gallery, generate_final,
+                            cache_examples=True, cache_mode="lazy", label="Examples (cached after first use)")
         with gr.Tab("Reconstruct"):
             gr.Markdown(f"Encode an image into its {h}×{w}×{D} code stack and decode it using only the first "
                         f"1..{D} codes per cell: PSNR (dB, higher is closer) grows with every depth.")
@@ -331,7 +369,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                                      color_mode="fixed")  # radius in image pixels; any painted pixel counts
                     editor = gr.ImageEditor(type="pil", image_mode="RGBA", label="Image", brush=brush, layers=False,
                                             sources=["upload", "clipboard"], transforms=(), height=360)
-                    c_cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class")
+                    c_prompt = prompt_box()
+                    c_cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class", visible=has_classes)
                     c_num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
                                       label="Number of images")
                     c_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
@@ -341,12 +380,14 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                                zip(["x0 (left)", "y0 (top)", "x1 (right)", "y1 (bottom)"], [0.25, 0.25, 0.75, 0.75])]
                     c_btn = gr.Button("Complete", variant="primary")
                 completed = gr.Gallery(label="Completions", columns=3, height=620, format="png", scale=2)
-            c_inputs = [editor, c_cls, c_num, c_seed, use_box, *box]
+            c_inputs = [editor, c_cls, c_num, c_seed, use_box, *box, c_prompt]
             c_btn.click(complete, c_inputs, completed, api_name="complete", concurrency_id="model")
-            if example_images:
-                gr.Examples([[str(p), RANDOM_CLASS, n, 0, True, 0.0, 0.5, 1.0, 1.0] for p in example_images[:3]],
-                            c_inputs, completed, complete, cache_examples=True, cache_mode="lazy",
-                            label="Examples (bottom half regenerated)")
+            tails = [[p] for p in example_prompts] if pipe.has_text else [[]]  # the prompt column of text models
+            rows = [[str(p), RANDOM_CLASS, n, 0, True, 0.0, 0.5, 1.0, 1.0] + tails[i % len(tails)]
+                    for i, p in enumerate(example_images[:3] if tails else [])]
+            if rows:
+                gr.Examples(rows, c_inputs[:len(rows[0])], completed, complete, cache_examples=True,
+                            cache_mode="lazy", label="Examples (bottom half regenerated)")
         with gr.Tab("About"):
             gr.Markdown(model_card(weights, pipe))
     for block in demo.blocks.values():

@@ -1,17 +1,18 @@
-"""RQPipeline: class-conditional generation, streamed previews, per-depth reconstruction and masked
-completion over a trained RQ-VAE + RQ-Transformer pair. The pipeline checks all user input (class names and
-indices, counts, images, masks, generator, output type); the transformer's generate() checks the sampling
-options and tensor invariants.
+"""RQPipeline: class- and/or text-conditional generation, streamed previews, per-depth reconstruction and
+masked completion over a trained RQ-VAE + RQ-Transformer pair. The pipeline checks all user input (class
+names and indices, prompts, counts, images, masks, generator, output type; see inputs.py); the transformer's
+generate() checks the sampling options and tensor invariants.
 
     pipe = RQPipeline.from_pretrained("weights/emoji-64")
     images = pipe("smileys_and_emotion", num_images=4, generator=torch.Generator().manual_seed(0)).images
+    images = text_pipe(prompt="red circle", num_images=4, guidance_scale=3.0).images   # a model with text
 """
 from __future__ import annotations
 
-import difflib
 import json
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,18 @@ from PIL import Image
 
 from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
 from rqcore.metrics import psnr
-from rqtransformer import RQTransformer
+from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqvae import RQVAE
 
+from .inputs import (batch_size, check_num_images, check_options, check_prompt_list,
+                     clean_prompt, is_whole, label_list, prompt_list, read_options, read_prompts)
+
 PIPELINE_FILE = "pipeline.json"
+PROMPTS_FILE = "prompts.json"  # in rqtransformer/: training captions, for example prompts (text models)
 OUTPUT_TYPES = ("pil", "pt", "np")
-MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
 SAMPLING_THREAD = "RQPipeline.stream"  # the worker thread of stream(), named so that it can be found
+NO_EMPTY_PROMPT = ("this model was trained without caption dropout, so it cannot sample from the empty prompt "
+                   "(no prompt): give a prompt with words in it")
 
 
 @dataclass
@@ -38,6 +44,8 @@ class RQPipelineOutput:
     images: Any                      # list of PIL images, or a tensor/array [B,3,H,W] in [0,1]
     codes: torch.Tensor              # LongTensor [B,h,w,D]
     class_labels: list[int] | None = None
+    prompts: list[str] | None = None          # the prompt of each image (None: no prompt given)
+    truncated_prompts: list[str] = field(default_factory=list)  # prompts cut to max_text_len tokens
     done: float = 1.0                # fraction of positions sampled (previews < 1)
     keep_mask: torch.Tensor | None = None     # complete(): BoolTensor [h,w], True = code position kept
     input_image: Image.Image | None = field(repr=False, default=None)  # complete(): the input as the model saw it
@@ -59,25 +67,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _is_whole(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 class RQPipeline:
     def __init__(self, rqvae: RQVAE, transformer: RQTransformer, max_images: int = 16,
-                 default_guidance_scale: float = 3.0):
+                 default_guidance_scale: float = 3.0, caption_dropout: float | None = None,
+                 prompts: list[str] | None = None):
+        """caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
+        the empty prompt was never seen, so sampling it (no prompt) is refused. prompts: example prompts (the
+        training captions) for text models, saved as rqtransformer/prompts.json."""
         tc, vc = transformer.config, rqvae.config
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
                              f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or not 1 <= max_images <= MAX_IMAGES_LIMIT:
-            raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
-        if isinstance(default_guidance_scale, bool) or not isinstance(default_guidance_scale, (int, float)) \
-                or not 0 <= default_guidance_scale < float("inf"):
-            raise ValueError(f"default_guidance_scale must be a number >= 0 (1 = no guidance), "
-                             f"got {default_guidance_scale!r}")
+        check_options(max_images, default_guidance_scale, caption_dropout)
+        prompts = check_prompt_list([] if prompts is None else prompts, "prompts")
+        if prompts and not transformer.has_text:
+            raise ValueError("prompts are example prompts for a text model; this model has no text conditioning")
+        if transformer.has_text and transformer.tokenizer is None:
+            raise ValueError("this text model has no tokenizer: set transformer.tokenizer (a PromptTokenizer)")
         self.rqvae, self.transformer = rqvae.eval(), transformer.eval()
         self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
+        self.caption_dropout = None if caption_dropout is None else float(caption_dropout)
+        self._prompts = prompts
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -90,22 +100,13 @@ class RQPipeline:
         for sub in ("rqvae", "rqtransformer"):
             if not (path / sub).is_dir():
                 raise ValueError(f"{path} has no {sub}/ folder: not a saved RQPipeline")
-        options = {}
-        if (path / PIPELINE_FILE).is_file():
-            try:
-                options = json.loads((path / PIPELINE_FILE).read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path / PIPELINE_FILE} is not valid JSON: {e}") from None
-            if not isinstance(options, dict):
-                raise ValueError(f"{path / PIPELINE_FILE}: expected a JSON object with max_images and/or "
-                                 f"default_guidance_scale, got {type(options).__name__}")
-            unknown = set(options) - {"max_images", "default_guidance_scale"}
-            if unknown:
-                raise ValueError(f"{path / PIPELINE_FILE}: unexpected content {sorted(map(str, unknown))}")
+        options = read_options(path / PIPELINE_FILE)
         rqvae = RQVAE.from_pretrained(path / "rqvae")
         transformer = RQTransformer.from_pretrained(path / "rqtransformer")
+        # JSON only (never a pickle), checked to be a list of strings; models without text have no prompts
+        prompts = read_prompts(path / "rqtransformer" / PROMPTS_FILE) if transformer.has_text else []
         try:
-            pipe = cls(rqvae, transformer, **options)
+            pipe = cls(rqvae, transformer, prompts=prompts, **options)
         except ValueError as e:  # options of pipeline.json, or a transformer made for another RQ-VAE
             raise ValueError(f"{path}: {e}") from None
         return pipe.to(device or default_device(), dtype)
@@ -115,7 +116,12 @@ class RQPipeline:
         self.rqvae.save_pretrained(path / "rqvae", dtype=dtype)
         self.transformer.save_pretrained(path / "rqtransformer", dtype=dtype)
         options = {"max_images": self.max_images, "default_guidance_scale": self.default_guidance_scale}
+        if self.caption_dropout is not None:
+            options["caption_dropout"] = self.caption_dropout
         (path / PIPELINE_FILE).write_text(json.dumps(options, indent=2) + "\n")
+        if self._prompts:
+            (path / "rqtransformer" / PROMPTS_FILE).write_text(
+                json.dumps(self._prompts, indent=0, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def to(self, device=None, dtype=None) -> "RQPipeline":
         """Move both models to `device`; `dtype` (e.g. torch.bfloat16 on a GPU) is the transformer's.
@@ -140,66 +146,60 @@ class RQPipeline:
     def resolution(self) -> int:
         return self.rqvae.config.resolution
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the model takes a prompt."""
+        return self.transformer.has_text
+
+    @property
+    def prompts(self) -> list[str]:
+        """Example prompts (training captions from prompts.json) of a text model; [] if none were saved."""
+        return list(self._prompts)
+
     # ---- input checks -------------------------------------------------------------------------
 
-    def _class_labels(self, class_labels, num_images) -> tuple[torch.Tensor | None, int]:
-        """Class names/indices and num_images -> (labels LongTensor [B] or None for no class, B).
+    def _text_tokens(self, prompts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Prompts -> (token ids [len(prompts), max_text_len] on the device, the prompts that were cut)."""
+        L = self.transformer.config.max_text_len
+        texts, cut = zip(*(clean_prompt(p, L) for p in prompts))
+        ids, truncated = self.transformer.tokenizer.encode(list(texts), L)  # [P, L]
+        if self.caption_dropout == 0 and (ids == TEXT_PAD_ID).all(1).any():
+            raise ValueError(NO_EMPTY_PROMPT)
+        long = [p for p, t, c in zip(prompts, truncated, cut) if t or c]
+        return ids.to(self.device), list(dict.fromkeys(long))  # each cut prompt once, in order
 
-        One label is repeated num_images times (default 1); several labels make one image each, so
-        num_images must then be None or their count."""
-        m = self.max_images
-        if num_images is not None and not (_is_whole(num_images) and 1 <= num_images <= m):
-            raise ValueError(f"num_images must be a whole number from 1 to {m} (or None: one image per label), "
-                             f"got {num_images!r}")
-        if class_labels is None:
-            return None, int(num_images or 1)
-        if self.transformer.config.num_classes == 0:
-            raise ValueError("this model is unconditional: leave class_labels empty (None)")
-        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
-            if class_labels.ndim > 1:
-                raise ValueError(f"class labels must be one name or index per image (1-D), "
-                                 f"got shape {tuple(class_labels.shape)}")
-            items = class_labels.reshape(-1).tolist()
-        else:
-            items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
-        if not 1 <= len(items) <= m:
-            raise ValueError(f"give 1 to {m} class labels, got {len(items)}")
-        indices = [self._class_index(item) for item in items]
-        if len(indices) == 1:
-            indices *= int(num_images or 1)
-        elif num_images is not None and num_images != len(indices):
-            raise ValueError(f"{len(indices)} class labels but num_images={num_images}: give one label to repeat, "
-                             f"or one per image (and leave num_images None)")
-        return torch.tensor(indices, dtype=torch.long, device=self.device), len(indices)
-
-    def _class_index(self, label) -> int:
-        names = self.class_names
-        if isinstance(label, str):
-            if label not in names:
-                close = difflib.get_close_matches(label, names, n=3)
-                hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-                shown = names if len(names) <= 20 else names[:20] + [f"... ({len(names)} classes in class_names)"]
-                raise ValueError(f"unknown class {label!r}; {hint}choose one of {shown}")
-            return names.index(label)
-        if not _is_whole(label):
-            raise ValueError(f"class labels must be class names or indices, got {label!r}")
-        if not 0 <= label < len(names):
-            raise ValueError(f"class index {label} is out of range 0..{len(names) - 1}")
-        return int(label)
-
-    def _generate_kwargs(self, class_labels, num_images, guidance_scale, generator, output_type,
-                         **options) -> dict:
-        """Checked user input -> keyword arguments for transformer.generate, which checks the sampling
-        `options` (temperature, top_k, top_p) and the guidance scale itself."""
+    def _generate_kwargs(self, class_labels, prompt, num_images, guidance_scale, generator, output_type,
+                         stacklevel: int = 4, **options) -> tuple[dict, dict]:
+        """Checked user input -> (keyword arguments for transformer.generate, which checks the sampling
+        `options` (temperature, top_k, top_p) and the guidance scale itself; the output's class_labels,
+        prompts and truncated_prompts). stacklevel: of the truncation warning, to point at the user's call."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        labels, batch = self._class_labels(class_labels, num_images)
+        check_num_images(num_images, self.max_images)
+        c = self.transformer.config
+        labels = label_list(class_labels, self.class_names, c.num_classes, self.max_images)
+        prompts = prompt_list(prompt, self.has_text, self.max_images)
+        batch = batch_size(labels, prompts, num_images)
+        text, truncated = None, []
+        if prompts is not None:
+            text, truncated = self._text_tokens(prompts)  # [1 or B, L]: generate() prefills one prompt once
+            prompts = prompts * (batch // len(prompts))
+        elif self.has_text and self.caption_dropout == 0:
+            raise ValueError(NO_EMPTY_PROMPT)  # no prompt = the empty prompt
+        if truncated:
+            n, first = len(truncated), truncated[0]
+            warnings.warn(f"{n} prompt{'s' if n > 1 else ''} longer than the model's {c.max_text_len} tokens "
+                          f"truncated: {first[:60]!r}{'...' if len(first) > 60 else ''}", stacklevel=stacklevel)
+        if labels is not None:
+            labels = labels * (batch // len(labels))
         if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale  # without labels generate() ignores it (but checks it)
-        return dict(class_labels=labels, num_samples=batch, guidance_scale=guidance_scale, generator=generator,
-                    **options)
+            guidance_scale = self.default_guidance_scale  # without labels or text generate() ignores it (but checks it)
+        tensor = None if labels is None else torch.tensor(labels, dtype=torch.long, device=self.device)
+        kwargs = dict(class_labels=tensor, text_tokens=text, num_samples=batch, guidance_scale=guidance_scale,
+                      generator=generator, **options)
+        return kwargs, dict(class_labels=labels, prompts=prompts, truncated_prompts=truncated)
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL image(s), uint8 arrays [H,W,C] or float tensors [B,3,H,W] in [-1,1] -> [B,3,R,R] in [-1,1].
@@ -249,34 +249,38 @@ class RQPipeline:
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
-        """Sample images of `class_labels` (a class name or index, or a list of them: one image each).
-        num_images repeats a single label (None: once), or sets the count without labels (unconditional).
-        guidance_scale None = the pipeline's default, 1 = off."""
-        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
-                                       temperature=temperature, top_k=top_k, top_p=top_p)
-        *_, final = self._sample(kwargs, output_type)
+    def __call__(self, class_labels=None, prompt: str | list[str] | None = None, num_images: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil") -> RQPipelineOutput:
+        """Sample images of `class_labels` (a class name or index, or a list of them: one image each) and/or
+        `prompt` (text models: a string, or a list of them: one image each; None = the empty prompt).
+        num_images repeats a single label/prompt (None: once), or sets the count without either.
+        guidance_scale None = the pipeline's default, 1 = off. Prompts longer than the model's max_text_len
+        tokens are cut: the output lists them in truncated_prompts, and a warning says so."""
+        kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
+                                             output_type, temperature=temperature, top_k=top_k, top_p=top_p)
+        *_, final = self._sample(kwargs, meta, output_type)
         return final
 
-    def stream(self, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
-               generator: torch.Generator | None = None, output_type: str = "pil", every: int | None = None):
+    def stream(self, class_labels=None, prompt: str | list[str] | None = None, num_images: int | None = None,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               output_type: str = "pil", every: int | None = None):
         """Like __call__, but yields a preview after every `every` positions (default: every code row):
         sampled positions decoded, the rest grey. The last item is the final output (done == 1).
         Closing the stream early stops the sampling."""
-        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
-                                       temperature=temperature, top_k=top_k, top_p=top_p)
+        kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
+                                             output_type, 3, temperature=temperature, top_k=top_k, top_p=top_p)
         w = self.rqvae.code_shape[1]
-        if every is not None and not (_is_whole(every) and every >= 1):
+        if every is not None and not (is_whole(every) and every >= 1):
             raise ValueError(f"every must be a positive whole number of positions (None: every code row, {w}), "
                              f"got {every!r}")
-        yield from self._sample(kwargs, output_type, every=int(every or w))
+        yield from self._sample(kwargs, meta, output_type, every=int(every or w))
 
-    def _sample(self, kwargs: dict, output_type: str, every: int | None = None):
-        """generate(**kwargs), decoded; with `every`, previews first (sampling then runs in a thread)."""
-        labels = None if kwargs["class_labels"] is None else kwargs["class_labels"].tolist()
+    def _sample(self, kwargs: dict, meta: dict, output_type: str, every: int | None = None):
+        """generate(**kwargs), decoded; with `every`, previews first (sampling then runs in a thread).
+        meta: the outputs' class_labels, prompts and truncated_prompts."""
         if every is None:
             codes = self.transformer.generate(**kwargs)
         else:
@@ -284,10 +288,10 @@ class RQPipeline:
                 if step is None:
                     codes = partial
                     break
-                yield self._preview(partial, step, labels, output_type)
+                yield self._preview(partial, step, meta, output_type)
         with torch.inference_mode():
             images = self.rqvae.decode(codes)
-        yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), labels)
+        yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta)
 
     def _sample_in_thread(self, kwargs, every: int):
         """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes).
@@ -330,7 +334,7 @@ class RQPipeline:
             thread.join()
 
     @torch.inference_mode()
-    def _preview(self, codes: torch.Tensor, step: int, labels, output_type) -> RQPipelineOutput:
+    def _preview(self, codes: torch.Tensor, step: int, meta: dict, output_type) -> RQPipelineOutput:
         """Decode the sampled positions; positions not sampled yet are shown grey."""
         f = self.rqvae.config.downsample
         known = (codes >= 0).all(-1)  # [B,h,w]
@@ -338,7 +342,7 @@ class RQPipeline:
         mask = repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f)
         images = torch.where(mask, images, torch.zeros_like(images))  # 0 = mid grey in [-1,1]
         h, w, _ = self.rqvae.code_shape
-        return RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), labels, done=step / (h * w))
+        return RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta, done=step / (h * w))
 
     # ---- reconstruction and completion --------------------------------------------------------
 
@@ -387,8 +391,9 @@ class RQPipeline:
         return ~touched
 
     @torch.inference_mode()
-    def complete(self, image, mask, class_labels=None, num_images: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, guidance_scale: float | None = None,
+    def complete(self, image, mask, class_labels=None, prompt: str | list[str] | None = None,
+                 num_images: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil") -> RQPipelineOutput:
         """Regenerate the code positions under the white (painted) part of `mask`, keeping the others' codes.
 
@@ -396,9 +401,9 @@ class RQPipeline:
         [h,w] (True = kept) and `input_image` (the input as the model saw it), e.g. to show the regenerated cells."""
         x = self._one_image(image, "complete")  # [1,3,R,R]
         keep = self.mask_to_keep(mask).to(self.device)  # [h,w]
-        kwargs = self._generate_kwargs(class_labels, num_images, guidance_scale, generator, output_type,
-                                       temperature=temperature, top_k=top_k, top_p=top_p)
+        kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
+                                             output_type, temperature=temperature, top_k=top_k, top_p=top_p)
         codes = self.rqvae.encode(x)  # [1,h,w,D]
-        *_, final = self._sample({**kwargs, "prefix": (codes, keep[None])}, output_type)
+        *_, final = self._sample({**kwargs, "prefix": (codes, keep[None])}, meta, output_type)
         final.keep_mask, final.input_image = keep.cpu(), to_pil(x)[0]
         return final

@@ -170,3 +170,51 @@ def files(served):
     truncated.write_bytes(truncated.read_bytes()[:2000])
     garbage.write_bytes(b"this is not an image" * 10)
     return dict(good=good, wide=wide, mask=mask, truncated=truncated, garbage=garbage)
+
+
+# ---- a tiny text-conditioned pipeline (issue 15) -------------------------------------------------
+
+CAPTIONS = ["red circle", "blue square", "green star", "a small red square", "big blue circle", "yellow star"]
+
+
+def tiny_text_pipeline(seed=0, num_classes=3, max_text_len=6, caption_dropout=0.1) -> RQPipeline:
+    """tiny_pipeline's models with a prompt tokenizer trained on CAPTIONS (also its example prompts), made
+    so that different prompts sample different codes."""
+    from rqtransformer import PromptTokenizer
+
+    torch.manual_seed(seed)
+    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "resolution": 32, "code_depth": 2}))
+    vae.train()
+    vae(torch.rand(8, 3, 32, 32) * 2 - 1)  # k-means init of the codebook
+    tokenizer = PromptTokenizer.train(CAPTIONS * 4, 300)
+    tf = RQTransformer(RQTransformerConfig(codebook_size=32, code_shape=(4, 4, 2), dim=32, heads=2,
+                                           spatial_layers=2, depth_layers=1, num_classes=num_classes, dropout=0.0,
+                                           class_names=CLASSES[:num_classes], text_vocab_size=tokenizer.vocab_size,
+                                           max_text_len=max_text_len))
+    tf.tokenizer = tokenizer
+    with torch.no_grad():  # an untrained model's small residual projections all but mute the prompt: amplify
+        tf.head.weight.mul_(40)
+        tf.text_emb.weight.mul_(20)
+        tf.code_emb.weight.mul_(20)
+        for block in tf.spatial_blocks:
+            block.attn.proj.weight.mul_(30)
+    return RQPipeline(vae, tf, max_images=6, caption_dropout=caption_dropout, prompts=CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def served_text(tmp_path_factory):
+    """(client, weights dir): the app around a saved tiny text pipeline (no classes), over HTTP."""
+    import app
+    from gradio_client import Client
+
+    root = tmp_path_factory.mktemp("text_app")
+    tiny_text_pipeline(num_classes=0).save_pretrained(root / "weights")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "CACHE_ROOT", root / "cache")
+        demo = app.build_demo(root / "weights")
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                    **app.LAUNCH_KWARGS)
+    try:
+        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), root / "weights"
+    finally:
+        demo.close()

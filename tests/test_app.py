@@ -1,6 +1,9 @@
 """The Gradio app served on 127.0.0.1 around a tiny untrained pipeline, called through gradio_client."""
 from __future__ import annotations
 
+import json
+
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,7 +15,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 
-from conftest import CLASSES, editor, pixels, tiny_pipeline  # noqa: E402
+from conftest import CAPTIONS, CLASSES, editor, pixels, tiny_pipeline, tiny_text_pipeline  # noqa: E402
 
 
 def test_only_the_three_endpoints_are_public(served):
@@ -140,3 +143,81 @@ def test_class_names_are_checked_by_the_pipeline_not_the_app(tmp_path, monkeypat
     with pytest.raises(gr.Error) as info:
         endpoints["complete"]({"background": background, "layers": [mask]}, "starz", 2, 0)
     assert info.value.message.startswith("unknown class 'starz'")
+
+
+# ---- models with text (issue 15) -----------------------------------------------------------------
+
+def app_logs(job) -> list[tuple[str, str]]:
+    """The (message, level) log lines (gr.Info/gr.Warning) a finished job received."""
+    logs, updates = [], job.communicator.updates
+    while not updates.empty():
+        update = updates.get_nowait()
+        if getattr(update, "log", None):
+            logs.append(update.log)
+    return logs
+
+
+def test_text_app_generates_with_a_prompt_and_with_none(served_text):
+    client, _ = served_text
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for api in ("/generate", "/complete"):
+        assert [p["parameter_default"] for p in endpoints[api]["parameters"] if p["parameter_name"] == "prompt"] == [""]
+    plain = client.predict(api_name="/generate")  # no prompt: the empty prompt (trained with caption dropout)
+    assert len(plain) == 4 and not any(x["caption"] for x in plain)  # no class, no prompt: nothing to show
+    red = client.predict(prompt="red circle", num_images=2, seed=3, api_name="/generate")
+    assert [x["caption"] for x in red] == ["red circle", "red circle"]
+    again = client.predict(prompt="red circle", num_images=2, seed=3, api_name="/generate")
+    blue = client.predict(prompt="blue square", num_images=2, seed=3, api_name="/generate")
+    assert [pixels(x).tolist() for x in red] == [pixels(x).tolist() for x in again]
+    assert [pixels(x).tolist() for x in red] != [pixels(x).tolist() for x in blue]
+    unicode = client.predict(prompt="猫 🐱 على", num_images=1, api_name="/generate")
+    assert unicode[0]["caption"] == "猫 🐱 على"
+
+
+def test_text_app_survives_a_lone_surrogate_in_the_prompt(served_text):
+    """Valid JSON ("\\ud800" escapes) but not valid Unicode: the tokenizer and the JSON reply need the
+    pipeline's repair (gradio_client cannot even send it, so this is a raw request)."""
+    client, _ = served_text
+    body = '{"data": ["Random class", 1, 0, 1.0, 0, 1.0, 3.0, "cat \\ud800"]}'
+    r = httpx.post(f"{client.src}gradio_api/call/generate", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    r.raise_for_status()
+    reply = httpx.get(f"{client.src}gradio_api/call/generate/{r.json()['event_id']}", timeout=120).text
+    event, data = reply.strip().split("\n\n")[-1].split("\n", 1)
+    assert event == "event: complete", reply[-500:]
+    assert json.loads(data.removeprefix("data: "))[0][0]["caption"] == "cat \ufffd"  # the replacement character
+
+
+def test_text_app_completes_with_a_prompt(served_text, tmp_path):
+    client, _ = served_text
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    mask = np.zeros((40, 40), np.uint8)
+    mask[20:] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    out = client.predict(editor(tmp_path / "red.png", tmp_path / "mask.png"), num_images=2, prompt="blue square",
+                         api_name="/complete")
+    assert [x["caption"] for x in out] == ["shaded = regenerated", "blue square", "blue square"]
+
+
+def test_text_app_warns_about_a_truncated_prompt(served_text):
+    client, _ = served_text
+    long = "a small red square beside a big blue circle and a yellow star"  # > 6 tokens
+    job = client.submit(prompt=long, num_images=1, api_name="/generate")
+    assert job.result()[0]["caption"] == long
+    assert [level for message, level in app_logs(job) if message.startswith("Prompt too long")] == ["warning"]
+    short = client.submit(prompt="red circle", num_images=1, api_name="/generate")
+    short.result()
+    assert not app_logs(short)
+
+
+def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
+    for pipe, has_text in ((tiny_pipeline(), False), (tiny_text_pipeline(), True)):
+        demo = app.build_demo(pipe)
+        boxes = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "Prompt"]
+        assert len(boxes) == 2 and all(b.visible == has_text for b in boxes)  # Generate and Complete
+        samples = [s for b in demo.blocks.values() if isinstance(b, gr.Dataset) for s in b.samples]
+        assert any(set(s) & set(CAPTIONS) for s in samples) == has_text  # example prompts from pipe.prompts
+    out = pipe(["stars", 0], prompt="red circle")
+    assert app.captions(pipe, out) == ["red circle · Stars", "red circle · Circles"]
+    assert app.pick_prompt("  ") is None and app.pick_prompt(None) is None and app.pick_prompt(" a ") == " a "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from pipelines.rq_pipeline import SAMPLING_THREAD
 from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
 
-from conftest import CLASSES, gen
+from conftest import CLASSES, gen, tiny_pipeline, tiny_text_pipeline
 
 
 def test_generate_outputs(pipe):
@@ -269,3 +270,122 @@ def test_mismatched_models_and_bad_folders(tmp_path, pipe):
     (tmp_path / "p" / "pipeline.json").write_text(json.dumps({"evil": 1}))
     with pytest.raises(ValueError, match="unexpected"):
         RQPipeline.from_pretrained(tmp_path / "p")
+
+
+# ---- prompts (text models) ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_pipe():
+    return tiny_text_pipeline()
+
+
+def test_prompt_string_or_list_sets_the_batch_and_combines_with_classes(text_pipe):
+    out = text_pipe(prompt="red circle", num_images=3, generator=gen(0))
+    assert out.prompts == ["red circle"] * 3 and out.class_labels is None and out.codes.shape == (3, 4, 4, 2)
+    assert text_pipe(prompt=["red circle", "blue square"]).prompts == ["red circle", "blue square"]
+    both = text_pipe("stars", prompt=["red circle", "blue square"], num_images=2)
+    assert both.class_labels == [2, 2] and both.prompts == ["red circle", "blue square"]
+    assert text_pipe(["stars", 0], prompt="green star").prompts == ["green star"] * 2
+    assert text_pipe([0, 1], prompt=["a", "b"]).class_labels == [0, 1]
+    with pytest.raises(ValueError, match="2 class labels but 3 prompts: give one of either to repeat"):
+        text_pipe(["stars", 0], prompt=["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 prompts but num_images=3: give one prompt to repeat"):
+        text_pipe(prompt=["a", "b"], num_images=3)
+
+
+def test_prompts_condition_the_samples_deterministically(text_pipe):
+    a = text_pipe(prompt="red circle", num_images=3, generator=gen(0), guidance_scale=2.0).codes
+    assert torch.equal(a, text_pipe(prompt=["red circle"] * 3, generator=gen(0), guidance_scale=2.0).codes)
+    assert not torch.equal(a, text_pipe(prompt="blue square", num_images=3, generator=gen(0),
+                                        guidance_scale=2.0).codes)
+    assert not torch.equal(a, text_pipe(prompt="red circle", num_images=3, generator=gen(1),
+                                        guidance_scale=2.0).codes)
+    # no prompt = the empty prompt; normalisation makes case and spacing irrelevant
+    assert torch.equal(text_pipe(num_images=2, generator=gen(4)).codes,
+                       text_pipe(prompt=" ", num_images=2, generator=gen(4)).codes)
+    assert torch.equal(text_pipe(prompt="Red   CIRCLE", generator=gen(2)).codes,
+                       text_pipe(prompt="red circle", generator=gen(2)).codes)
+    items = list(text_pipe.stream(prompt="green star", num_images=2, generator=gen(3), output_type="pt"))
+    assert len(items) == 4 and all(i.prompts == ["green star"] * 2 for i in items)
+    assert torch.equal(items[-1].codes, text_pipe(prompt="green star", num_images=2, generator=gen(3)).codes)
+
+
+def test_long_prompts_are_truncated_and_reported(text_pipe):
+    long = "a small red square beside a big blue circle and a yellow star"  # > max_text_len (6) tokens
+    with pytest.warns(UserWarning, match=r"1 prompt longer than the model's 6 tokens truncated: 'a small red"):
+        out = text_pipe(prompt=[long, "red circle", long])
+    assert out.truncated_prompts == [long] and out.prompts == [long, "red circle", long]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that fits: no warning
+        assert text_pipe(prompt="red circle").truncated_prompts == []
+    huge = "red circle " * 200_000  # cut to a few hundred characters before tokenizing, still reported
+    with pytest.warns(UserWarning, match="truncated"):
+        out = text_pipe.complete(Image.new("RGB", (32, 32)), np.ones((32, 32)), prompt=huge)
+    assert out.truncated_prompts == [huge]
+
+
+@pytest.mark.parametrize("prompt", ["猫 🐱 على", "e\u0301 \u202eRTL\u202c ﷺ", "\x00\x1b[31m\ttab",
+                                    "\ud83d\ude00 \ud800", "[PAD] <|endoftext|>", "Ǆ" * 500])
+def test_any_unicode_prompt_works(text_pipe, prompt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long ones are truncated
+        out = text_pipe(prompt=prompt, num_images=2, generator=gen(0))
+    assert out.codes.shape == (2, 4, 4, 2) and len(out.prompts) == 2
+    out.prompts[0].encode("utf-8")  # lone surrogates replaced: the prompt can be shown or sent as JSON
+
+
+def test_prompt_for_a_model_without_text_is_refused(pipe):
+    with pytest.raises(ValueError, match="^this model has no text conditioning: leave prompt empty"):
+        pipe("stars", prompt="red circle")
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (5, "prompt must be a string or a list of strings .* got int"),
+    (b"red circle", "got bytes"),
+    (["red circle", 3], "prompts must be strings; prompt 1 is int 3"),
+    ([None], "prompt 0 is NoneType"),
+    ([], "give 1 to 6 prompts, got 0"),
+    (["red"] * 7, "give 1 to 6 prompts, got 7"),
+])
+def test_bad_prompts(text_pipe, prompt, message):
+    with pytest.raises(ValueError, match=message) as info:
+        text_pipe(prompt=prompt)
+    assert "\n" not in str(info.value)
+
+
+def test_no_prompt_needs_caption_dropout(text_pipe):
+    strict = RQPipeline(text_pipe.rqvae, text_pipe.transformer, caption_dropout=0.0)
+    for prompt in (None, "", "  \n "):
+        with pytest.raises(ValueError, match="trained without caption dropout, so it cannot sample from the empty"):
+            strict(prompt=prompt)
+    with pytest.raises(ValueError, match="empty prompt"):
+        strict(prompt=["red circle", ""])
+    assert strict(prompt="red circle").prompts == ["red circle"]
+    assert RQPipeline(text_pipe.rqvae, text_pipe.transformer)(num_images=2).prompts is None  # unknown: allowed
+
+
+def test_prompts_json_and_caption_dropout_round_trip(text_pipe, tmp_path):
+    captions = text_pipe.prompts + ["猫 🐱 on a mat"]
+    RQPipeline(text_pipe.rqvae, text_pipe.transformer, caption_dropout=0.1, prompts=captions).save_pretrained(
+        tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "rqtransformer" / "prompts.json").read_text(encoding="utf-8")) == captions
+    assert json.loads((tmp_path / "p" / "pipeline.json").read_text())["caption_dropout"] == 0.1
+    loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu")
+    assert loaded.prompts == captions and loaded.caption_dropout == 0.1 and loaded.has_text
+    assert torch.equal(loaded(prompt="blue square", num_images=2, generator=gen(7)).codes,
+                       text_pipe(prompt="blue square", num_images=2, generator=gen(7)).codes)
+    loaded.prompts.append("x")  # a copy: the pipeline's list does not change
+    assert loaded.prompts == captions
+    with pytest.raises(ValueError, match="prompts are example prompts for a text model"):
+        RQPipeline(loaded.rqvae, tiny_pipeline().transformer, prompts=["red circle"])
+    loaded.transformer.tokenizer = None
+    with pytest.raises(ValueError, match="this text model has no tokenizer"):
+        RQPipeline(loaded.rqvae, loaded.transformer)
+
+
+def test_models_without_text_have_no_prompts(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p" / "rqtransformer" / "prompts.json").exists()
+    assert "caption_dropout" not in json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu")
+    assert loaded.prompts == [] and not loaded.has_text and loaded.caption_dropout is None

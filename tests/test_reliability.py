@@ -8,7 +8,10 @@ size) must simply work. Already covered elsewhere and not repeated here:
                               missing weights at start-up
   test_pipeline.py            unknown/out-of-range/float labels, num_images 0/7/2.0, temperature 0, top_k 0/33,
                               top_p 0/1.5, guidance -1, every PIL mode in memory, empty/malformed mask,
-                              mismatched models, missing/empty pipeline folder, unknown pipeline.json keys
+                              mismatched models, missing/empty pipeline folder, unknown pipeline.json keys,
+                              prompts: non-string/empty list/too many, any Unicode, too long, on a model
+                              without text, none on a model trained without caption dropout
+  test_app.py (text)          a lone surrogate in a raw request's prompt, a truncated prompt's warning
   test_rqvae.py               tampered safetensors (missing/extra/shape), bad config.json types, corrupt file
   test_rqtransformer.py       config values, tampered safetensors, generate() arguments
   test_train_rqvae.py         missing/empty/no-image/corrupt data dir, bad --config, partial checkpoints, argparse
@@ -17,6 +20,8 @@ size) must simply work. Already covered elsewhere and not repeated here:
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 import zlib
 from pathlib import Path
 
@@ -34,7 +39,7 @@ gr = pytest.importorskip("gradio")
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from conftest import FAST1, FAST2, editor, gen, pixels  # noqa: E402
+from conftest import FAST1, FAST2, editor, gen, pixels, tiny_text_pipeline  # noqa: E402
 
 LIMIT = "the limit is 40,000,000 pixels"
 
@@ -123,6 +128,10 @@ APP_BAD = {  # id: (endpoint, arguments; "@name" = a file from `odd`, "E@name" =
                                ["Class: Value: unicorns is not in the list of choices"]),
     "complete_box_outside_image": ("/complete", dict(image="E@one", use_box=True, x1=1.5),
                                    ["x1 (right): Value 1.5 is greater than maximum value 1"]),
+    "prompt_on_model_without_text": ("/generate", dict(prompt="red circle"),
+                                     ["this model has no text conditioning: leave prompt empty"]),
+    "complete_prompt_on_model_without_text": ("/complete", dict(image="E@white_mask", prompt="red circle"),
+                                              ["this model has no text conditioning"]),
 }
 
 
@@ -292,6 +301,36 @@ def test_saved_pipeline_with_bad_files(saved, case, message):
         save_file(tensors, str(file))
     with pytest.raises(ValueError, match=message) as info:
         RQPipeline.from_pretrained(saved, device="cpu")
+    one_line(str(info.value))
+
+
+@pytest.fixture(scope="module")
+def saved_text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_pipeline")
+    tiny_text_pipeline().save_pretrained(root / "p")
+    return root / "p"
+
+
+TEXT_CASES = {  # a text pipeline's prompts.json and pipeline.json caption_dropout
+    "prompts_json_garbled": ("prompts.json", b'["red circle", "blue', r"prompts.json is not valid JSON"),
+    "prompts_json_pickle": ("prompts.json", pickle.dumps(["red circle"]),
+                            r"prompts.json is not valid JSON"),  # JSON only: never unpickled
+    "prompts_json_object": ("prompts.json", b'{"prompts": ["red"]}', "must be a list of prompt strings, got dict"),
+    "prompts_json_number": ("prompts.json", b'["red", 3]', "must be a list of prompt strings; item 1 is int 3"),
+    "caption_dropout_one": ("pipeline.json", b'{"caption_dropout": 1.0}',
+                            r"caption_dropout must be None \(unknown\) or the training's rate in \[0, 1\), got 1.0"),
+    "caption_dropout_text": ("pipeline.json", b'{"caption_dropout": "yes"}', "caption_dropout must be None"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_CASES))
+def test_saved_text_pipeline_with_bad_files(saved_text, tmp_path, case):
+    name, content, message = TEXT_CASES[case]
+    folder = tmp_path / "p"
+    shutil.copytree(saved_text, folder)
+    (folder / "rqtransformer" / name if name == "prompts.json" else folder / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        RQPipeline.from_pretrained(folder, device="cpu")
     one_line(str(info.value))
 
 
