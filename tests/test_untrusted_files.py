@@ -319,7 +319,7 @@ def test_server_files_outside_the_upload_folder_are_refused(served, tmp_path):
         assert event == "error" and "not uploaded by a user" in str(result), result
         editor = {"background": {"path": str(path), "meta": {"_type": "gradio.FileData"}}, "layers": [],
                   "composite": None}
-        event, result = raw_call(url, "complete", [editor, "Random class", 1, 0, True, 0.0, 0.0, 1.0, 1.0])
+        event, result = raw_call(url, "complete", [editor, "Random class", 1, 0, True, 0.0, 0.0, 1.0, 1.0, ""])
         assert event == "error" and "not uploaded by a user" in str(result), result
         assert httpx.get(f"{url}gradio_api/file={path}").status_code == 403  # nor downloadable
     assert len(client.predict(num_images=1, api_name="/generate")) == 1
