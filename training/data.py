@@ -3,6 +3,7 @@ captioned folders (the Hugging Face layout: a metadata.jsonl at the root), and t
 images both stages show."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -86,6 +87,20 @@ class CaptionedImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path, target = self.samples[i]
         return self.transform(self.loader(path)), target, self.captions[i]
+
+    def images(self) -> tuple[CaptionedImageFolder, torch.Tensor]:
+        """(this folder with each image file once (with its first caption), for every sample the index
+        of its image there [N]): encode each file once, however many captions it has."""
+        where, first = {}, []
+        for i, (path, _) in enumerate(self.samples):
+            if path not in where:
+                where[path] = len(first)
+                first.append(i)
+        distinct = copy.copy(self)
+        distinct.samples = [self.samples[i] for i in first]
+        distinct.captions = [self.captions[i] for i in first]
+        distinct.targets = [t for _, t in distinct.samples]
+        return distinct, torch.tensor([where[path] for path, _ in self.samples], dtype=torch.long)
 
 
 def _read_metadata(meta: Path, caption_column: str) -> list[tuple[int, str, str]]:
@@ -182,8 +197,20 @@ def captioned_image_folder(data_dir: str | os.PathLike, resolution: int, caption
     return CaptionedImageFolder(root, classes, samples, [c for *_, c in listed], resolution, hflip)
 
 
-def fixed_images(data_dir: str | os.PathLike, resolution: int, count: int) -> torch.Tensor:
-    """A deterministic, evenly spread set of images [N,3,R,R] for validation grids and PSNR."""
-    ds = image_folder(data_dir, resolution, check=False)
+def any_image_folder(data_dir: str | os.PathLike, resolution: int, caption_column: str = "text",
+                     hflip: bool = False, check: bool = True) -> ImageFolder | CaptionedImageFolder:
+    """captioned_image_folder when `data_dir` has a metadata.jsonl (its images then may sit at the root),
+    else image_folder."""
+    if has_captions(data_dir):
+        return captioned_image_folder(data_dir, resolution, caption_column, hflip, check)
+    return image_folder(data_dir, resolution, hflip, check)
+
+
+def fixed_images(data_dir: str | os.PathLike, resolution: int, count: int,
+                 caption_column: str = "text") -> torch.Tensor:
+    """A deterministic, evenly spread set of images [N,3,R,R] for validation grids and PSNR (each
+    file once in a captioned folder)."""
+    ds = any_image_folder(data_dir, resolution, caption_column, check=False)
+    ds = ds.images()[0] if isinstance(ds, CaptionedImageFolder) else ds
     idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).long().unique()
     return torch.stack([ds[i][0] for i in idx.tolist()])

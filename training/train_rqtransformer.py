@@ -12,6 +12,13 @@ Classes come from the ImageFolder sub-folder names and are saved with the model.
 encoded once with the frozen RQ-VAE and cached in --output_dir, keyed by the RQ-VAE weights and the
 image files, so re-runs and resumes skip it. Validation samples one fixed batch through RQPipeline: at
 most 16 classes spread evenly over all of them, one seed.
+
+Text-to-image: a --data_dir with a metadata.jsonl (file_name + a caption column) trains a prompt-conditioned
+model; class sub-folders, if any, still give classes. A prompt tokenizer is trained on the training captions
+first (--init_from a text model reuses its own); it is saved with the model, and the captions' token ids
+are cached beside the codes. --caption_dropout trains the empty prompt for classifier-free guidance. The
+validation grid then shows up to 8 training captions spread over all of them, and the model folder keeps
+up to 300 of them in rqtransformer/prompts.json (example prompts for the app).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import argparse
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,14 +39,18 @@ from tqdm.auto import tqdm
 from pipelines import RQPipeline
 from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
 from rqtransformer.losses import code_loss, per_depth_nll
-from rqtransformer.model import PRESETS, RQTransformer, RQTransformerConfig
+from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
+from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
 from rqvae import RQVAE, RQVAEConfig
 
 from . import cli, trainer
-from .data import image_folder
+from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, caption_tokenizer, prompt_batch,
+                       spread, tokenize)
+from .data import METADATA, CaptionedImageFolder, any_image_folder, has_captions
 
 
-GRID_CLASSES, GRID_IMAGES = 16, 64  # the validation batch: however many classes the data has
+GRID_CLASSES = 16  # the validation batch: however many classes the data has (at most GRID_IMAGES images)
+TEXT_DEFAULTS = dict(caption_column="text", text_vocab_size=2048, max_text_len=32, caption_dropout=0.1)
 
 
 def parse_args(argv=None):
@@ -49,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=None,
                    help=f"preset {sorted(PRESETS)}, a config .json, a model folder or a pipeline folder "
                         f"(default: --init_from's, else emoji-64)")
-    p.add_argument("--validation_dir", default=None, help="held-out ImageFolder: test loss per depth")
+    p.add_argument("--validation_dir", default=None,
+                   help="held-out ImageFolder (captioned too when --data_dir is): test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
     p.add_argument("--sample_guidance_scale", type=float, default=3.0,
@@ -62,9 +75,20 @@ def parse_args(argv=None):
                    help="cross-entropy against Q_tau of each depth's residual instead of the one-hot code")
     g.add_argument("--code_temperature", type=cli.positive_float, default=0.5,
                    help="tau of --stochastic_codes and --soft_labels (default 0.5, as the official configs)")
+    t = p.add_argument_group("text conditioning: a --data_dir with a metadata.jsonl (captions)")
+    t.add_argument("--caption_column", default=None, help="the caption column of metadata.jsonl (default text)")
+    t.add_argument("--text_vocab_size", type=cli.positive_int, default=None,
+                   help="vocabulary of the prompt tokenizer trained on the training captions (default 2048; "
+                        "fewer when the captions hold fewer distinct pieces)")
+    t.add_argument("--max_text_len", type=cli.positive_int, default=None,
+                   help="prompt tokens the model reads; longer captions are truncated (default 32)")
+    t.add_argument("--caption_dropout", type=float, default=None,
+                   help="share of captions replaced by the empty prompt, for classifier-free guidance "
+                        "(default 0.1; independent of --cfg_dropout)")
     p.add_argument("--samples_per_class", type=cli.positive_int, default=4,
-                   help=f"validation samples per class (up to {GRID_CLASSES} classes shown; fewer per class "
-                        f"when the grid would exceed {GRID_IMAGES} images)")
+                   help=f"validation samples per class, or per prompt for captioned data (up to {GRID_CLASSES} "
+                        f"classes or {GRID_PROMPTS} prompts shown; fewer each when the grid would exceed "
+                        f"{GRID_IMAGES} images)")
     cli.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4, sub="rqtransformer",
                           output="the final pipeline (rqvae/ + rqtransformer/ + pipeline.json)")
     args = p.parse_args(argv)
@@ -73,6 +97,11 @@ def parse_args(argv=None):
     args.config, args.config_flag = cli.config_source(args)
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
+    if args.caption_dropout is not None and not 0.0 <= args.caption_dropout < 1.0:
+        p.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.text_vocab_size is not None and args.text_vocab_size < MIN_VOCAB_SIZE:
+        p.error(f"--text_vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte pieces + padding), "
+                f"got {args.text_vocab_size}")
     if args.sample_guidance_scale < 0:
         p.error("--sample_guidance_scale must be >= 0")
     return args
@@ -91,7 +120,7 @@ def validation_batch(num_classes: int, samples_per_class: int) -> tuple[list[int
     return labels, len(labels), per_class
 
 
-def cache_key(vae_dir: Path, dataset, hflip: bool, latents: bool = False) -> str:
+def cache_key(vae_dir: Path, dataset, hflip: bool, latents: bool = False, index: bool = False) -> str:
     """Changes when the RQ-VAE weights, the image files, the flip setting or the cached content change."""
     h = hashlib.sha256()
     for name in ("config.json", WEIGHTS_NAME):
@@ -99,30 +128,33 @@ def cache_key(vae_dir: Path, dataset, hflip: bool, latents: bool = False) -> str
     for path, label in dataset.samples:
         st = Path(path).stat()
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"hflip={hflip}|classes={dataset.classes}".encode() + (b"|latents" if latents else b""))
+    h.update(f"hflip={hflip}|classes={dataset.classes}".encode() + (b"|latents" if latents else b"")
+             + (b"|index" if index else b""))
     return h.hexdigest()[:16]
 
 
 @torch.no_grad()
 def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, is_main_process: bool,
-                   latents: bool = False):
+                   latents: bool = False, index: bool = False):
     """An image_folder dataset -> (codes [N,h,w,D] int64, labels [N]) + (latents [N,h,w,C] fp32,) with
-    `latents`; from the cache when it is current. Latents (16 KB per 8x8x64 image) are what stochastic
-    codes and soft labels are drawn from every step; codes are always the deterministic ones.
+    `latents` + (index [N],) with `index`; from the cache when it is current. Latents (16 KB per 8x8x64
+    image) are what stochastic codes and soft labels are drawn from every step; codes are always the
+    deterministic ones. index: the item of `dataset` each row encodes (its flip too, with `hflip`).
 
     Only the main process shows a progress bar and writes the cache (the others wait for it)."""
-    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip, latents)}.safetensors"
-    names = ("codes", "labels", "latents") if latents else ("codes", "labels")
+    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip, latents, index)}.safetensors"
+    names = ("codes", "labels") + (("latents",) if latents else ()) + (("index",) if index else ())
     if file.is_file():
         try:
             data = load_file(str(file))
-            return (data["codes"].long(), data["labels"].long()) + ((data["latents"],) if latents else ())
+            return tuple(data[name].long() if name != "latents" else data[name] for name in names)
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable cache: encode again
     loader = DataLoader(dataset, batch_size=64, num_workers=0)
     parts = {name: [] for name in names}
     device = next(vae.parameters()).device
-    for images, y in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not is_main_process):
+    done = 0
+    for images, y, *_ in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not is_main_process):
         images = images.to(device)
         for view in ([images, images.flip(-1)] if hflip else [images]):
             z = vae.encode_latents(view)  # [B,h,w,C]
@@ -130,6 +162,9 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: b
             parts["labels"].append(y)
             if latents:
                 parts["latents"].append(z.cpu())
+            if index:
+                parts["index"].append(torch.arange(done, done + len(y)))
+        done += len(y)
     data = {name: torch.cat(chunks) for name, chunks in parts.items()}
     if is_main_process:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -139,18 +174,44 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: b
     return tuple(data[name] for name in names)
 
 
+def load_data(args, resolution: int):
+    """(train set, validation set or None): ImageFolders, or captioned folders (a metadata.jsonl), every
+    image and caption checked before anything is encoded. Fills in the text defaults for captioned data."""
+    column = args.caption_column or TEXT_DEFAULTS["caption_column"]
+    train_set = any_image_folder(args.data_dir, resolution, column)
+    if not isinstance(train_set, CaptionedImageFolder):
+        given = [f"--{name}" for name in TEXT_DEFAULTS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs captions: --data_dir {args.data_dir} has no {METADATA}")
+    elif args.caption_dropout is None:
+        args.caption_dropout = TEXT_DEFAULTS["caption_dropout"]
+    val_set = None
+    if args.validation_dir:
+        if isinstance(train_set, CaptionedImageFolder) and Path(args.validation_dir).is_dir() \
+                and not has_captions(args.validation_dir):
+            raise ValueError(f"--validation_dir {args.validation_dir} has no {METADATA}: the held-out loss of a "
+                             f"caption model needs the captions of the validation images")
+        val_set = any_image_folder(args.validation_dir, resolution, column)
+    return train_set, val_set
+
+
 def main(argv=None):
     args = parse_args(argv)
     vae_dir = cli.model_folder(args.rqvae, "--rqvae", "rqvae")
     cli.config_from_arg(RQVAEConfig, {}, str(vae_dir), "--rqvae")  # another model's folder: say so
     vae = RQVAE.from_pretrained(vae_dir).requires_grad_(False)
+    out = Path(args.output_dir)
     # every input is checked before the encoding, which takes minutes on a large folder
-    train_set = image_folder(args.data_dir, vae.config.resolution)
-    val_set = image_folder(args.validation_dir, vae.config.resolution) if args.validation_dir else None
+    train_set, val_set = load_data(args, vae.config.resolution)
+    captioned = isinstance(train_set, CaptionedImageFolder)
     classes = [] if args.unconditional else train_set.classes
+    if val_set is not None and classes and not val_set.classes:
+        raise ValueError(f"--validation_dir {args.validation_dir} has no class sub-folders but --data_dir has "
+                         f"classes {classes}: give it the same class folders, or pass --unconditional")
     unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
     if unknown:
         raise ValueError(f"--validation_dir has class folders that --data_dir lacks: {unknown}")
+    saved = None
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
         if saved.num_classes != len(classes):
@@ -158,23 +219,66 @@ def main(argv=None):
             raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes {saved.class_names}, "
                              f"{data}: fine-tuning needs as many classes"
                              + ("; add --unconditional" if not saved.num_classes else ""))
+        if captioned and not saved.max_text_len:
+            raise ValueError(f"--init_from {args.init_from} has no text conditioning but --data_dir is captioned "
+                             f"({METADATA}): a caption model cannot start from it; train one without --init_from")
+        if saved.max_text_len and not captioned:
+            raise ValueError(f"--init_from {args.init_from} is a text-conditioned model but --data_dir "
+                             f"{args.data_dir} has no captions ({METADATA}): fine-tuning it needs captioned images")
+    tokenizer = tokenizer_file = None
+    max_text_len = 0
+    if captioned and saved is not None:  # fine-tuning: the model's own tokenizer and prompt length
+        if args.text_vocab_size is not None:
+            raise ValueError(f"--init_from {args.init_from} brings its own tokenizer: drop --text_vocab_size")
+        if args.max_text_len not in (None, saved.max_text_len):
+            raise ValueError(f"--max_text_len {args.max_text_len} differs from --init_from's {saved.max_text_len}: "
+                             "fine-tuning keeps the model's prompt length (drop --max_text_len)")
+        tokenizer, max_text_len = PromptTokenizer.from_file(Path(args.init_from) / TOKENIZER_NAME), saved.max_text_len
+        if tokenizer.vocab_size != saved.text_vocab_size:
+            raise ValueError(f"--init_from {args.init_from}: its {TOKENIZER_NAME} has {tokenizer.vocab_size} tokens, "
+                             f"its config's text_vocab_size is {saved.text_vocab_size}")
+    elif captioned:  # trained on the training captions (its real size may be below --text_vocab_size)
+        tokenizer, tokenizer_file = caption_tokenizer(
+            train_set.captions, args.text_vocab_size or TEXT_DEFAULTS["text_vocab_size"], out)
+        max_text_len = args.max_text_len or TEXT_DEFAULTS["max_text_len"]
     config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
-                             codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
-                             num_classes=len(classes), class_names=classes)
+                                 codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
+                                 num_classes=len(classes), class_names=classes,
+                                 text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len)
     accelerator = trainer.setup(args, "rqtransformer")
+    main_process = accelerator.is_main_process
+    if tokenizer_file is not None and main_process and not tokenizer_file.is_file():
+        tokenizer.save(tokenizer_file)  # a resumed run loads this one instead of training another
     model = RQTransformer(config)
+    model.tokenizer = tokenizer  # saved with the model (tokenizer.json)
     cli.load_init_from(model, args.init_from)
     vae.to(accelerator.device)
-    out = Path(args.output_dir)
-    main_process = accelerator.is_main_process
     drawn = args.stochastic_codes or args.soft_labels  # codes / targets drawn from cached latents every step
+    truncated = [0]
+
+    def encode(dataset, hflip: bool, latents: bool) -> list[torch.Tensor]:
+        """[codes, labels, (text ids [N, L],) (latents,)], one row per image (view) and caption."""
+        if not isinstance(dataset, CaptionedImageFolder):
+            return list(encode_dataset(vae, vae_dir, dataset, out, hflip, main_process, latents))
+        images, image_of = dataset.images()  # each file encoded once, however many captions it has
+        codes, labels, *rest, index = encode_dataset(vae, vae_dir, images, out, hflip, main_process, latents,
+                                                     index=True)
+        if tokenizer is None:  # a captioned validation folder of a model without text
+            return [codes, labels, *rest]
+        ids, truncated[0] = tokenize(tokenizer, dataset.captions, max_text_len, out, main_process)
+        rows, caps = caption_rows(index, image_of)
+        return [codes[rows], labels[rows], ids[caps], *(r[rows] for r in rest)]
+
     with accelerator.main_process_first():
-        train_data = encode_dataset(vae, vae_dir, train_set, out, args.hflip, main_process, latents=drawn)
-        val = encode_dataset(vae, vae_dir, val_set, out, False, main_process) if val_set is not None else None
+        val = encode(val_set, False, False) if val_set is not None else None
+        train_data = encode(train_set, args.hflip, drawn)
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
-        val = (val[0], torch.tensor([classes.index(c) for c in val_set.classes])[val[1]])
+        val[1] = torch.tensor([classes.index(c) for c in val_set.classes])[val[1]]
     codes = train_data[0]
-    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes"
+    text = (f"; {len(train_set.captions)} captions ({len(set(train_set.captions))} distinct), prompt tokenizer "
+            f"{tokenizer.vocab_size} tokens, max_text_len {max_text_len} ({truncated[0]} captions truncated), "
+            f"caption dropout {args.caption_dropout}") if tokenizer else ""
+    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes" + text
                       + (f"; codes drawn at temperature {args.code_temperature}" if args.stochastic_codes else "")
                       + (f"; soft labels at temperature {args.code_temperature}" if args.soft_labels else ""))
     loader = DataLoader(TensorDataset(*train_data), batch_size=args.train_batch_size, shuffle=True,
@@ -211,15 +315,19 @@ def main(argv=None):
         return codes, vae.soft_targets(latents, codes, tau)
 
     def train_step(batch, step):
-        stacks, y, *latents = batch
+        stacks, y, *rest = batch
+        text = rest.pop(0) if tokenizer else None  # [B, max_text_len]
         targets = None
-        if latents:
-            stacks, targets = draw(latents[0], stacks, step)
+        if rest:
+            stacks, targets = draw(rest[0], stacks, step)
         if not classes:
             y = torch.full_like(y, null)
         elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
             y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
-        loss, acc = code_loss(model(stacks, y), stacks, targets)
+        if text is not None and args.caption_dropout > 0:  # learn the empty prompt too, drawn apart from classes
+            empty = torch.rand(text.shape[0], device=text.device) < args.caption_dropout
+            text = text.masked_fill(empty[:, None], TEXT_PAD_ID)
+        loss, acc = code_loss(model(stacks, y, text), stacks, targets)
         trainer.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
         logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
@@ -227,14 +335,20 @@ def main(argv=None):
 
     def validation_loss():
         """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
-        v_codes, v_labels = val
-        per_depth = per_depth_nll(raw, v_codes, v_labels if classes else torch.full_like(v_labels, null))
+        v_codes, v_labels, *v_text = val
+        per_depth = per_depth_nll(raw, v_codes, v_labels if classes else torch.full_like(v_labels, null),
+                                  text_tokens=v_text[0] if tokenizer else None)
         out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
         out["val/loss"] = float(per_depth.mean())
         out["val/perplexity"] = float(per_depth.mean().exp())
         return out
 
-    grid_labels, grid_size, grid_row = validation_batch(len(classes), args.samples_per_class)
+    if tokenizer:  # a few training captions, each with the class of its first image
+        grid_prompts, grid_labels, grid_row = prompt_batch(train_set.captions, train_set.targets if classes else None,
+                                                           args.samples_per_class)
+        grid_size = len(grid_prompts)
+    else:
+        grid_prompts, (grid_labels, grid_size, grid_row) = None, validation_batch(len(classes), args.samples_per_class)
 
     def evaluate(step, grid: bool = True) -> dict:
         """Held-out loss per depth (logged) and, unless grid=False, one fixed batch of samples: one call,
@@ -246,10 +360,15 @@ def main(argv=None):
             if grid:
                 pipe = RQPipeline(vae, raw, max_images=grid_size)
                 g = torch.Generator(accelerator.device).manual_seed(args.seed)
-                images = pipe(grid_labels, num_images=grid_size, guidance_scale=args.sample_guidance_scale,
-                              generator=g, output_type="pt").images  # [B,3,H,W] in [0,1]
+                with warnings.catch_warnings():  # captions cut to max_text_len: counted once, at the start
+                    warnings.simplefilter("ignore", UserWarning)
+                    images = pipe(grid_labels, prompt=grid_prompts, num_images=grid_size,
+                                  guidance_scale=args.sample_guidance_scale, generator=g,
+                                  output_type="pt").images  # [B,3,H,W] in [0,1]
         if grid:
             (out / "samples").mkdir(exist_ok=True)
+            if grid_prompts:  # what each row of the grids shows
+                (out / "samples" / "prompts.txt").write_text("\n".join(grid_prompts[::grid_row]) + "\n")
             save_image(images, out / "samples" / f"samples-{step:07d}.png", nrow=grid_row)
         if metrics:
             accelerator.log(metrics, step=step)
@@ -261,8 +380,11 @@ def main(argv=None):
                                ema=ema, ema_model=model, evaluate=evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with trainer.evaluation(ema, raw):  # the EMA weights
-            RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale).save_pretrained(out)
+        with trainer.evaluation(ema, raw):  # the EMA weights (the tokenizer is not a weight: it stays)
+            prompts = spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS) if tokenizer else None
+            RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale,
+                       caption_dropout=args.caption_dropout if tokenizer else None,
+                       prompts=prompts).save_pretrained(out)  # prompts: rqtransformer/prompts.json
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),

@@ -1,4 +1,5 @@
-"""Train the RQ-VAE (stage 1) on an ImageFolder tree.
+"""Train the RQ-VAE (stage 1) on an ImageFolder tree, or a captioned folder (a metadata.jsonl; its images
+may sit at the root): captions are not used here, stage 2 learns them.
 
     python -m training.train_rqvae --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
     accelerate launch -m training.train_rqvae ...   # multi-GPU
@@ -22,7 +23,7 @@ from rqvae.losses import RQVAELoss
 from rqvae.model import PRESETS, RQVAE, RQVAEConfig
 
 from . import cli, trainer
-from .data import fixed_images, image_folder
+from .data import CaptionedImageFolder, any_image_folder, fixed_images
 from .evaluate import evaluate_depths
 
 
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=cli.positive_int, default=None, help="override the config's")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=cli.positive_int, default=64)
+    p.add_argument("--caption_column", default="text",
+                   help="a captioned folder's caption column in metadata.jsonl (checked, not used here)")
     p.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
     p.add_argument("--decoder_only", action="store_true",
                    help="with --init_from: train only the decoder; encoder and codebook stay frozen, so the "
@@ -61,8 +64,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
-    dataset = image_folder(args.data_dir, config.resolution)
-    val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images)
+    dataset = any_image_folder(args.data_dir, config.resolution, args.caption_column)
+    if isinstance(dataset, CaptionedImageFolder):
+        dataset = dataset.images()[0]  # each file once per epoch, however many captions it has
+    val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images,
+                              args.caption_column)
     accelerator = trainer.setup(args, "rqvae")
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=len(dataset) >= args.train_batch_size,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
