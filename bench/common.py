@@ -53,25 +53,27 @@ def set_threads(threads: int | None) -> int:
 
 
 def median_time(fn, repeats: int = REPEATS, warmup: int = 1) -> dict:
-    """Run fn `warmup` times untimed, then `repeats` times; seconds as median and all runs."""
+    """Run fn `warmup` times untimed, then `repeats` times; seconds as median and all runs, and the
+    median CPU seconds of this process (all its threads: less sensitive than wall time to other load)."""
+    return paired_times({"fn": fn}, repeats, warmup)["fn"]
+
+
+def paired_times(fns: dict, repeats: int = REPEATS, warmup: int = 1) -> dict[str, dict]:
+    """Time several functions in alternating rounds (order reversed every other round), so that changing
+    load on a shared machine affects all alike; per function: median wall seconds, runs, median CPU seconds."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "runs": [round(t, 4) for t in times], "repeats": repeats}
-
-
-def timed_or_skip(fn, limit_s: float, repeats: int = REPEATS) -> dict:
-    """Like median_time, but if the warm-up run alone takes longer than limit_s, stop and say so."""
-    t0 = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - t0
-    if warm > limit_s:
-        return {"skipped": f"one run took {warm:.1f} s > {limit_s:.0f} s budget", "warmup_seconds": round(warm, 2)}
-    return median_time(fn, repeats, warmup=0)
+        for fn in fns.values():
+            fn()
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: {"seconds": statistics.median(wall[name]), "runs": [round(t, 4) for t in wall[name]],
+                   "repeats": repeats, "cpu_seconds": round(statistics.median(cpu[name]), 4)} for name in names}
 
 
 def cpu_model() -> str:
@@ -132,6 +134,7 @@ def emit(record: dict) -> dict:
     global _CPU_TAG
     _CPU_TAG = _CPU_TAG or cpu_tag()
     record.update({k: v for k, v in _CPU_TAG.items() if k not in record})
+    record.setdefault("load_average", [round(x, 2) for x in os.getloadavg()])  # how busy the machine was
     print(json.dumps(record), flush=True)
     return record
 

@@ -14,6 +14,11 @@ sequential steps (the `sampling_threads` figure gives ours with the process sett
 When the reference would take too long (batch 64), its time is estimated: one sampling step is
 timed at evenly spaced prefix lengths (midpoints of equal strata) and summed over all steps; the
 batch-1 figure reports the same estimate beside the full measurement as a check.
+
+Compared figures (ours vs the reference, sampling vs forward, guided vs not, ...) run in alternating
+rounds (`paired_times`), so a shared machine's changing load affects both sides alike; each record
+carries the load average and, for ours, the median process CPU seconds. `sampling_float16_weights`
+times the opt-in `RQTransformer.quantized_for_cpu()` copy against the float32 model.
 """
 from __future__ import annotations
 
@@ -21,16 +26,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from bench.common import (REPEATS, build_ours, build_reference, emit, median_time, parse_args, proc_status_mib,
-                          random_codes, reference_top_k, rnd, run_main, sizes, timed_or_skip, with_goal)
+from bench.common import (REPEATS, build_ours, build_reference, emit, median_time, paired_times, parse_args,
+                          proc_status_mib, random_codes, reference_top_k, rnd, run_main, sizes, with_goal)
 import torch
 from rqtransformer.sampling import auto_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEEDUP_GOALS = (10.0, 30.0, None)  # issue 7, per batch (1, 16, 64): >= 10x the reference, >= 30x
-LIMIT_GOAL, CFG_GOAL, RSS_GOAL_MIB = 4.0, 1.6, 1.5 * 1024
+SPEEDUP_GOALS = (25.0, 50.0, None)  # issue 19, per batch (1, 16, 64): >= 25x the reference, >= 50x
+LIMIT_GOAL, CFG_GOAL, RSS_GOAL_MIB = 3.0, 1.6, 1.5 * 1024  # issue 19: sampling <= 3x a forward at batch 16
+OURS_REPEATS = 5        # ours is fast: more repeats for steadier medians on a shared machine
 TEXT_GOAL, PROMPT_TOKENS, TEXT_VOCAB = 1.1, 16, 1000  # issue 15: a 16-token prompt adds <= 10 %
 REF_STRATA = 8          # timed steps for an extrapolated reference run
 REF_FULL_LIMIT_S = 150  # measure the reference fully when (warm-up + repeats) fits in this
@@ -42,11 +49,11 @@ def batches(quick: bool) -> tuple[int, int, int]:
 
 def ours_fn(model, batch: int, top_k: int, use_cache: bool = True, labels=None, guidance: float = 1.0,
             num_threads: int | str | None = "auto", text_tokens=None):
-    def run():
+    def run(callback=None):
         g = torch.Generator().manual_seed(0)
         return model.generate(class_labels=labels, num_samples=None if labels is not None else batch, top_k=top_k,
                               guidance_scale=guidance, generator=g, use_cache=use_cache, num_threads=num_threads,
-                              text_tokens=text_tokens)
+                              text_tokens=text_tokens, callback=callback)
     return run
 
 
@@ -73,20 +80,57 @@ def reference_estimate(ref, batch: int, total: int, strata: int = REF_STRATA) ->
             "prefix_lengths": lengths}
 
 
-def reference_sampling(ref, batch: int, total: int, quick: bool) -> dict:
+def reference_sampling(ref, ours: dict, batch: int, total: int, quick: bool) -> tuple[dict, dict]:
+    """(timings of the `ours` functions, reference record). All of them run in alternating rounds (paired,
+    so changing load affects all alike), the reference too when it runs fully; else it is extrapolated."""
     est = reference_estimate(ref, batch, total)
     limit = 0.5 if quick else REF_FULL_LIMIT_S  # quick: exercise the extrapolated path too
     rec = {"figure": "sampling", "impl": "reference", "cache": False, "batch": batch}
     if batch == 1 or est["seconds"] * (REPEATS + 1) <= limit:
-        with torch.inference_mode():
-            m = median_time(lambda: ref.generate(filter_thres=0.9, default_batch_size=batch))
-        rec.update(seconds=rnd(m["seconds"]), runs=m["runs"], repeats=REPEATS, extrapolated=False,
-                   estimate_seconds=rnd(est["seconds"]), estimate_error=rnd(est["seconds"] / m["seconds"] - 1, 2))
+        def reference():
+            with torch.inference_mode():
+                ref.generate(filter_thres=0.9, default_batch_size=batch)
+        t = paired_times({**ours, "reference": reference})
+        r = t.pop("reference")
+        rec.update(seconds=rnd(r["seconds"]), runs=r["runs"], repeats=REPEATS, cpu_seconds=r["cpu_seconds"],
+                   extrapolated=False, paired_with_ours=True, estimate_seconds=rnd(est["seconds"]),
+                   estimate_error=rnd(est["seconds"] / r["seconds"] - 1, 2))
     else:
+        t = paired_times(ours, OURS_REPEATS)
         rec.update(seconds=rnd(est["seconds"]), extrapolated=True, steps_timed=est["steps_timed"],
                    steps_total=total, step_repeats=est["step_repeats"], prefix_lengths=est["prefix_lengths"])
     rec["images_per_s"] = rnd(batch / rec["seconds"])
-    return rec
+    return t, rec
+
+
+def half_weights(model):
+    """model.quantized_for_cpu(), or None where this CPU/torch has no fbgemm float16 kernels."""
+    try:
+        return model.quantized_for_cpu()
+    except ValueError:
+        return None
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def timed_or_skip(fn, limit_s: float, positions: int) -> dict:
+    """median_time(fn), unless its warm-up run (stopped through generate's per-position callback once it
+    passes limit_s) would take longer: then say so with an estimate from the positions done."""
+    t0, done = time.perf_counter(), [0]
+
+    def budget(step, codes):
+        done[0] = step
+        if time.perf_counter() - t0 > limit_s:
+            raise _OverBudget
+    try:
+        fn(callback=budget)
+    except _OverBudget:
+        spent = time.perf_counter() - t0
+        return {"skipped": f"one run would take ~{spent * positions / done[0]:.0f} s > {limit_s:.0f} s budget "
+                           f"({done[0]} of {positions} positions in {spent:.1f} s)"}
+    return median_time(fn, REPEATS, warmup=0)
 
 
 def threads_used(rows: int, cache: bool) -> int:
@@ -101,7 +145,7 @@ def ours_record(m: dict, batch: int, cache: bool, top_k: int, **extra) -> dict:
     if "skipped" in m:
         return {**rec, **m, **extra}
     return {**rec, "seconds": rnd(m["seconds"]), "images_per_s": rnd(batch / m["seconds"]), "runs": m["runs"],
-            "repeats": m["repeats"], **extra}
+            "repeats": m["repeats"], "cpu_seconds": m.get("cpu_seconds"), **extra}
 
 
 def figures(quick: bool = False) -> list[dict]:
@@ -114,13 +158,18 @@ def figures(quick: bool = False) -> list[dict]:
     params = {"ours_params": sum(p.numel() for p in model.parameters()),
               "reference_params": sum(p.numel() for p in ref.parameters())}
 
-    # 1. sampling: ours (cache on) vs the reference, and ours without the cache
+    # 1. sampling: ours (cache on) vs the reference, with the opt-in float16 weights
+    # (RQTransformer.quantized_for_cpu, where fbgemm exists) in the same rounds at batch 1 and 16
+    half = half_weights(model)
     for b, goal in zip(bs, SPEEDUP_GOALS):
-        m = median_time(ours_fn(model, b, k))
+        fns = {"float32": ours_fn(model, b, k)}
+        if half is not None and b in bs[:2]:
+            fns["float16"] = ours_fn(half, b, k)
+        t, r = reference_sampling(ref, fns, b, h * w * D, quick)
+        m = t["float32"]
         ours_s[b] = m["seconds"]
         out.append(emit(ours_record(m, b, True, k, **params)))
-        r = emit(reference_sampling(ref, b, h * w * D, quick))
-        out.append(r)
+        out.append(emit(r))
         speedup = r["seconds"] / m["seconds"]
         out.append(emit(with_goal({"figure": "sampling_speedup", "batch": b, "speedup": rnd(speedup, 3),
                                    "ours_images_per_s": rnd(b / m["seconds"]),
@@ -128,37 +177,61 @@ def figures(quick: bool = False) -> list[dict]:
                                    "reference_extrapolated": r["extrapolated"]},
                                   f">= {goal:g}x reference" if goal else None,
                                   speedup >= goal if goal else None)))
+        if "float16" in t:
+            f16 = t["float16"]["seconds"]
+            out.append(emit(with_goal({
+                "figure": "sampling_float16_weights", "batch": b, "float16_seconds": rnd(f16),
+                "float32_seconds": rnd(m["seconds"]), "float16_cpu_seconds": t["float16"]["cpu_seconds"],
+                "float32_cpu_seconds": m["cpu_seconds"], "speedup_vs_float32": rnd(m["seconds"] / f16, 3),
+                "speedup_vs_reference": rnd(r["seconds"] / f16, 3), "repeats": t["float16"]["repeats"],
+                "reference_extrapolated": r["extrapolated"]},
+                f">= {goal:g}x reference with float16 weights (opt-in)" if goal else None,
+                r["seconds"] / f16 >= goal if goal else None)))
+        elif b in bs[:2]:
+            out.append(emit({"figure": "sampling_float16_weights", "batch": b, "skipped": "no fbgemm on this CPU"}))
     for b, limit in ((bs[0], float("inf")), (bs[1], 60.0)):  # uncached: batch 1 always, 16 if a run < 60 s
-        m = timed_or_skip(ours_fn(model, b, k, use_cache=False), limit)
+        m = timed_or_skip(ours_fn(model, b, k, use_cache=False), limit, positions=h * w)
         extra = {} if "skipped" in m else {"cache_speedup": rnd(m["seconds"] / ours_s[b], 3)}
         out.append(emit(ours_record(m, b, False, k, **extra)))
 
     # 1b. generate()'s default of one intra-op thread vs the process setting (what the reference uses)
     for b in bs:
-        m = median_time(ours_fn(model, b, k, num_threads=None))
+        t = paired_times({"process": ours_fn(model, b, k, num_threads=None), "default": ours_fn(model, b, k)})
+        m, d = t["process"], t["default"]["seconds"]
         out.append(emit({"figure": "sampling_threads", "batch": b, "process_threads": torch.get_num_threads(),
                          "process_threads_seconds": rnd(m["seconds"]), "runs": m["runs"],
-                         "default_seconds": rnd(ours_s[b]),
-                         "default_threads": threads_used(b, True),
-                         "speedup": rnd(m["seconds"] / ours_s[b], 3)}))
+                         "default_seconds": rnd(d), "default_threads": threads_used(b, True),
+                         "speedup": rnd(m["seconds"] / d, 3)}))
 
-    # 2. limit ratio: sampling time / one teacher-forced forward over the same batch (same FLOPs, no steps)
+    # 2. limit ratio: sampling time / one teacher-forced forward over the same batch (same FLOPs, no steps),
+    # timed in alternating rounds; with float16 weights too (against the same float32 forward)
     for b in bs[1:]:
         codes = random_codes(cfg, b)
-        with torch.inference_mode():
-            f = median_time(lambda: model(codes))
-        ratio = ours_s[b] / f["seconds"]
+
+        def forward():
+            with torch.inference_mode():
+                model(codes)
+        fns = {"sampling": ours_fn(model, b, k), "forward": forward}
+        if half is not None and b == bs[1]:
+            fns["float16_sampling"] = ours_fn(half, b, k)
+        t = paired_times(fns)
+        f = t["forward"]["seconds"]
+        ratio = t["sampling"]["seconds"] / f
         goal = b == bs[1]
-        out.append(emit(with_goal({"figure": "limit_ratio", "batch": b, "sampling_seconds": rnd(ours_s[b]),
-                                   "forward_seconds": rnd(f["seconds"]), "ratio": rnd(ratio, 3)},
-                                  f"<= {LIMIT_GOAL:g}x teacher-forced forward" if goal else None,
+        rec = {"figure": "limit_ratio", "batch": b, "sampling_seconds": rnd(t["sampling"]["seconds"]),
+               "forward_seconds": rnd(f), "ratio": rnd(ratio, 3), "repeats": REPEATS}
+        if "float16_sampling" in t:
+            rec.update(float16_sampling_seconds=rnd(t["float16_sampling"]["seconds"]),
+                       float16_ratio=rnd(t["float16_sampling"]["seconds"] / f, 3))
+        out.append(emit(with_goal(rec, f"<= {LIMIT_GOAL:g}x teacher-forced forward" if goal else None,
                                   ratio <= LIMIT_GOAL if goal else None)))
 
     # 3. CFG overhead: a class-conditional model (9 classes), guidance 3 vs 1 at batch 16
     cond, b = build_ours(cfg, num_classes=9), bs[1]
     labels = torch.arange(b) % 9
-    guided = median_time(ours_fn(cond, b, k, labels=labels, guidance=3.0))
-    plain = median_time(ours_fn(cond, b, k, labels=labels, guidance=1.0))
+    t = paired_times({"guided": ours_fn(cond, b, k, labels=labels, guidance=3.0),
+                      "plain": ours_fn(cond, b, k, labels=labels, guidance=1.0)})
+    guided, plain = t["guided"], t["plain"]
     ratio = guided["seconds"] / plain["seconds"]
     out.append(emit(with_goal({"figure": "cfg_overhead", "batch": b, "guidance_scale": 3.0,
                                "guided_seconds": rnd(guided["seconds"]), "unguided_seconds": rnd(plain["seconds"]),
@@ -168,8 +241,8 @@ def figures(quick: bool = False) -> list[dict]:
     # 4. text prompt overhead: the same sizes with a 16-token prompt prefixing the codes vs no text, batch 16
     text_model = build_ours({**cfg, "text_vocab_size": TEXT_VOCAB, "max_text_len": PROMPT_TOKENS})
     prompt = torch.randint(1, TEXT_VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-    prompted = median_time(ours_fn(text_model, b, k, text_tokens=prompt))
-    plain = median_time(ours_fn(model, b, k))
+    t = paired_times({"prompted": ours_fn(text_model, b, k, text_tokens=prompt), "plain": ours_fn(model, b, k)})
+    prompted, plain = t["prompted"], t["plain"]
     ratio = prompted["seconds"] / plain["seconds"]
     out.append(emit(with_goal({"figure": "text_prompt_overhead", "batch": b, "prompt_tokens": PROMPT_TOKENS,
                                "prompt_seconds": rnd(prompted["seconds"]), "no_text_seconds": rnd(plain["seconds"]),

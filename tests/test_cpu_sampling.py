@@ -1,0 +1,125 @@
+"""The per-token path (Block.step, native_gelu) and the float16-weight CPU copy (quantized_for_cpu)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rqtransformer import RQTransformer, RQTransformerConfig
+from rqtransformer.cpu import HalfWeightLinear, native_gelu
+
+K, SHAPE = 16, (3, 3, 3)
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="float16 CPU weights need fbgemm (x86)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(seed=0, half_exact=False, **overrides) -> RQTransformer:
+    args = dict(codebook_size=K, code_shape=SHAPE, dim=32, heads=2, spatial_layers=2, depth_layers=2,
+                num_classes=3, dropout=0.0)
+    torch.manual_seed(seed)
+    model = RQTransformer(RQTransformerConfig(**{**args, **overrides}))
+    with torch.no_grad():  # spread-out logits, so sampling decisions are not coin flips
+        model.head.weight.mul_(40)
+        model.class_emb.weight.mul_(40)
+        model.code_emb.weight.mul_(20)
+        if half_exact:  # as if loaded from a float16 file (the bundled weights are stored so)
+            for p in model.parameters():
+                p.copy_(p.half().float())
+    return model.eval()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (3, 1024), (2, 7), (1, 2)])
+def test_native_gelu_is_gelu(shape):
+    x = torch.randn(shape, generator=gen(0)) * 3
+    out = native_gelu(x)
+    assert out.shape == x.shape and out.is_contiguous()
+    torch.testing.assert_close(out, F.gelu(x), rtol=0, atol=1e-6)
+    wide = torch.randn(shape[1], shape[0], generator=gen(1)).t()  # non-contiguous input
+    torch.testing.assert_close(native_gelu(wide), F.gelu(wide), rtol=0, atol=1e-6)
+
+
+def test_block_step_is_forward_for_one_token():
+    model = make_model()
+    block = model.spatial_blocks[0]
+    x = torch.randn(2, 5, 32, generator=gen(2))
+    with torch.no_grad():
+        full = block(x)  # causal, no cache
+        caches = model.new_caches(2)
+        for t in range(5):
+            torch.testing.assert_close(block.step(x[:, t], caches[0].kv, t), full[:, t], rtol=0, atol=1e-5)
+
+
+@needs_fbgemm
+def test_quantized_for_cpu_is_a_float16_weight_copy():
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = model.quantized_for_cpu()
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # original untouched
+    linears = [m for m in fast.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, HalfWeightLinear) for m in linears)
+    state = fast.state_dict()  # the same float32 parameters: saving the copy saves the model
+    assert set(state) == set(before) and all(torch.equal(state[k], before[k]) for k in before)
+    assert fast.head.weight.data_ptr() != model.head.weight.data_ptr()
+
+    codes, labels = torch.randint(0, K, (2, *SHAPE), generator=gen(3)), torch.tensor([0, 2])
+    half = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in half.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(m.weight.half().float())
+        want, got, exact = half(codes, labels), fast(codes, labels), model(codes, labels)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-4)  # = float32 math on float16-rounded weights
+    assert not torch.equal(got, exact)
+    torch.testing.assert_close(fast(codes, labels), exact, rtol=0, atol=0)  # with autograd: the float32 weights
+
+
+@needs_fbgemm
+def test_quantized_for_cpu_sampling_parity_and_determinism():
+    fast = make_model(seed=1).quantized_for_cpu()
+    kwargs = dict(class_labels=torch.tensor([0, 1, 2]), guidance_scale=2.0, top_k=8)
+    a = fast.generate(generator=gen(4), **kwargs)
+    assert torch.equal(a, fast.generate(generator=gen(4), **kwargs))
+    assert torch.equal(a, fast.generate(generator=gen(4), use_cache=False, **kwargs))
+    assert torch.equal(a, copy.deepcopy(fast).generate(generator=gen(4), **kwargs))  # copies repack
+    assert not torch.equal(a, fast.generate(generator=gen(5), **kwargs))
+
+
+@needs_fbgemm
+def test_float16_weights_sample_what_the_float32_model_samples():
+    """Weights that are exactly float16 (as loaded from a float16 file) lose nothing in the copy."""
+    model = make_model(seed=2, half_exact=True)
+    kwargs = dict(class_labels=torch.tensor([0, 1, 2, 0]), top_p=0.9)
+    assert torch.equal(model.quantized_for_cpu().generate(generator=gen(6), **kwargs),
+                       model.generate(generator=gen(6), **kwargs))
+
+
+@needs_fbgemm
+def test_quantized_copy_follows_weight_updates_and_saves_float32(tmp_path):
+    model = make_model(seed=3)
+    fast = model.quantized_for_cpu()
+    x = torch.randn(4, 32, generator=gen(7))
+    with torch.no_grad():
+        y = fast.head(x)
+        fast.head.weight.mul_(2)  # in place (an optimizer step, load_state_dict): repacked on next use
+        torch.testing.assert_close(fast.head(x), 2 * y - fast.head.bias, rtol=0, atol=1e-4)
+    fast.save_pretrained(tmp_path)
+    loaded = RQTransformer.from_pretrained(tmp_path)
+    assert type(loaded.head) is nn.Linear and torch.equal(loaded.head.weight, fast.head.weight)
+
+
+def test_quantized_for_cpu_needs_a_float32_cpu_model():
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        make_model().double().quantized_for_cpu()
