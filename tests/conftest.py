@@ -218,3 +218,12 @@ def served_text(tmp_path_factory):
         yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), root / "weights"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead and contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,12 +14,7 @@ needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.suppo
                                   reason="float16 CPU weights need fbgemm (x86)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed=0, half_exact=False, **overrides) -> RQTransformer:

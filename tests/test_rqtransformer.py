@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import gen
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer.losses import code_loss
 from rqtransformer.model import SHORT_SEQUENCE, KVCache, causal_attention
@@ -32,22 +33,13 @@ def make_model(seed: int = 0, **overrides) -> RQTransformer:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP overhead and contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_model()
 
-
-def gen(seed: int):
-    return torch.Generator().manual_seed(seed)
 
 
 def random_codes(batch=2, seed=0):

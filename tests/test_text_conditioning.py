@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rqcore.pretrained import PretrainedMixin
+from conftest import gen
 from rqtransformer import TEXT_PAD_ID, RQTransformer, RQTransformerConfig
 from rqtransformer.losses import per_depth_nll
 
@@ -33,21 +34,13 @@ def make_model(seed: int = 0, **overrides) -> RQTransformer:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_model()
 
-
-def gen(seed: int):
-    return torch.Generator().manual_seed(seed)
 
 
 def random_codes(batch=2, seed=0):
