@@ -44,13 +44,9 @@ DISPLAY = 256  # outputs are upscaled (nearest neighbour) to about this many pix
 CACHE_ROOT = Path(os.environ.get("GRADIO_EXAMPLES_CACHE", ".gradio/cached_examples"))
 CSS = ".pixelated img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
 LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, show_error=True)  # Gradio 6: theme/css go to launch()
-LICENCES = """### Data and licences (bundled emoji-64 model)
-Trained on the 64 px emoji images of the npm packages `emoji-datasource-google` and
-`emoji-datasource-twitter` 16.0.0 ([emoji-datasource](https://github.com/iamcal/emoji-data), MIT licence).
-- Google **Noto Emoji** images: Apache License 2.0.
-- **Twemoji** images: CC-BY 4.0, © Twitter, Inc and other contributors.
-
-Method: Lee et al., *Autoregressive Image Generation using Residual Quantization*, CVPR 2022."""
+# the data and its licences are the model card's (weights/<model>/README.md), shown above this
+METHOD = """### Method
+Lee et al., *Autoregressive Image Generation using Residual Quantization*, CVPR 2022."""
 
 
 def pretty(name: str | None) -> str:
@@ -210,9 +206,9 @@ def model_card(weights: Path | None, pipe: RQPipeline) -> str:
     c = pipe.transformer.config
     facts = (f"### This model\n{pipe.resolution} px images as {h}×{w}×{D} codes from a codebook of "
              f"{c.codebook_size}; {params / 1e6:.1f} M parameters; running on `{pipe.device}`. "
-             f"Classes: {', '.join(map(pretty, pipe.class_names)) or 'none'}. "
+             f"{pipe.class_title} choices: {', '.join(map(pretty, pipe.class_names)) or 'none'}. "
              f"Prompts: {f'up to {c.max_text_len} tokens' if pipe.has_text else 'none (no text conditioning)'}.")
-    return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, LICENCES]))
+    return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, METHOD]))
 
 
 @contextmanager
@@ -236,12 +232,13 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     pipe = pipe_or_path if weights is None else RQPipeline.from_pretrained(weights)
     h, w, D = pipe.rqvae.code_shape
     K = pipe.transformer.config.codebook_size
-    choices = [RANDOM_CLASS] + [(pretty(n), n) for n in pipe.class_names]
+    title = pipe.class_title  # what the classes are ("Class", "Style", ...)
+    choices = [(f"Random {title.lower()}", RANDOM_CLASS)] + [(pretty(n), n) for n in pipe.class_names]
     has_classes = bool(pipe.class_names)  # a model without classes (unconditional or text only) hides the dropdown
     example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
     prompts = pipe.prompts
-    # a few prompts spread over the training captions; "" (no prompt) only where the model allows it
-    example_prompts = prompts[::max(1, len(prompts) // 4)][:4] or ([""] if pipe.caption_dropout != 0 else [])
+    # the first prompts of prompts.json (training puts a spread of them first); "" only where the model allows it
+    example_prompts = prompts[:5] or ([""] if pipe.caption_dropout != 0 else [])
 
     @gpu
     def generate(class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
@@ -316,7 +313,7 @@ def build_demo(pipe_or_path) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
                     prompt = prompt_box()
-                    cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class", visible=has_classes)
+                    cls = gr.Dropdown(choices, value=RANDOM_CLASS, label=title, visible=has_classes)
                     num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
                                     label="Number of images")
                     with gr.Row(equal_height=True):
@@ -336,8 +333,11 @@ def build_demo(pipe_or_path) -> gr.Blocks:
             go.click(generate, [cls, num, seed, temp, top_k, top_p, cfg, prompt], gallery, api_name="generate",
                      concurrency_id="model")
             n = min(4, pipe.max_images)
-            rows = ([[RANDOM_CLASS, n, i, p] for i, p in enumerate(example_prompts)] if pipe.has_text
-                    else [[RANDOM_CLASS, n, 0]] + [[c, n, 1] for c in pipe.class_names[:3]])
+            if pipe.has_text:  # with classes too: each example prompt in another class (e.g. style)
+                rows = [[pipe.class_names[i % len(pipe.class_names)] if has_classes else RANDOM_CLASS, n, i, p]
+                        for i, p in enumerate(example_prompts)]
+            else:
+                rows = [[RANDOM_CLASS, n, 0]] + [[c, n, 1] for c in pipe.class_names[:3]]
             if rows:
                 gr.Examples(rows, [cls, num, seed, prompt][:len(rows[0])], gallery, generate_final,
                             cache_examples=True, cache_mode="lazy", label="Examples (cached after first use)")
@@ -370,7 +370,7 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                     editor = gr.ImageEditor(type="pil", image_mode="RGBA", label="Image", brush=brush, layers=False,
                                             sources=["upload", "clipboard"], transforms=(), height=360)
                     c_prompt = prompt_box()
-                    c_cls = gr.Dropdown(choices, value=RANDOM_CLASS, label="Class", visible=has_classes)
+                    c_cls = gr.Dropdown(choices, value=RANDOM_CLASS, label=title, visible=has_classes)
                     c_num = gr.Slider(1, pipe.max_images, value=min(4, pipe.max_images), step=1,
                                       label="Number of images")
                     c_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")

@@ -14,6 +14,8 @@ import time
 import bench  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import torch
 
+from rqcore.machine import cpu_tag
+
 REPEATS = 3  # median of >= 3 timed runs for every figure
 QUICK_RUN = False  # set by parse_args(--quick): goals are not judged on tiny sizes
 
@@ -74,36 +76,6 @@ def paired_times(fns: dict, repeats: int = REPEATS, warmup: int = 1) -> dict[str
             cpu[name].append(time.process_time() - c0)
     return {name: {"seconds": statistics.median(wall[name]), "runs": [round(t, 4) for t in wall[name]],
                    "repeats": repeats, "cpu_seconds": round(statistics.median(cpu[name]), 4)} for name in names}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides fp32 / bf16 speed here
-
-
-def cpu_flags() -> list[str]:
-    """The CPU_FLAGS this CPU has (from /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return [flag for flag in CPU_FLAGS if flag in flags]
-
-
-def cpu_tag() -> dict:
-    """Attached to every record: figures from CPUs with and without AVX-512 / native bf16 differ a lot."""
-    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
-    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch_cpu_capability": capability}
 
 
 def machine_info(quick: bool = False) -> dict:

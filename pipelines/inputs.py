@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
-OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout")  # the keys of pipeline.json
+OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title")  # the keys of pipeline.json
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
 
 
@@ -21,7 +21,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_options(max_images, default_guidance_scale, caption_dropout) -> None:
+def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class") -> None:
     if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
         raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
     if not (_is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
@@ -30,6 +30,9 @@ def check_options(max_images, default_guidance_scale, caption_dropout) -> None:
     if caption_dropout is not None and not (_is_number(caption_dropout) and 0 <= caption_dropout < 1):
         raise ValueError(f"caption_dropout must be None (unknown) or the training's rate in [0, 1), "
                          f"got {caption_dropout!r}")
+    if not (isinstance(class_title, str) and 0 < len(class_title.strip()) <= 40 and class_title.isprintable()):
+        raise ValueError(f"class_title must be a short name for what the classes are (e.g. 'Style'), "
+                         f"got {class_title!r:.60}")
 
 
 def read_options(file: Path) -> dict:

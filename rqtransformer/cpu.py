@@ -28,7 +28,7 @@ def native_gelu(x: torch.Tensor) -> torch.Tensor:
     """F.gelu of x [B, n] on torch's own kernel. For contiguous float32 inputs torch calls oneDNN,
     whose per-call setup costs more than the GELU of one token's [B, 4*dim] (3-11 % of a sampling step
     on 2 cores). A non-contiguous view of the same memory takes the native kernel, whose output keeps
-    that layout, so the result reads back as [B, n]; it differs from oneDNN's in the last bit at most."""
+    that layout, so the result reads back as [B, n]; it differs from oneDNN's in the last few bits at most."""
     B, n = x.shape
     if n % 2 or not x.is_contiguous():  # (non-contiguous inputs take the native kernel anyway)
         return F.gelu(x)
@@ -64,6 +64,14 @@ class HalfWeightLinear(nn.Linear):
 
     def __getstate__(self):  # copies repack lazily: the packed matrix is an opaque handle
         return {**self.__dict__, "_packed": None, "_packed_key": None}
+
+
+def weights_fit_float16(model: nn.Module) -> bool:
+    """True when every nn.Linear weight and bias of model is exactly a float16 number (e.g. loaded from a float16
+    file), so that half_weight_copy(model) loses nothing."""
+    tensors = [t for m in model.modules() if type(m) is nn.Linear for t in (m.weight, m.bias) if t is not None]
+    with torch.no_grad():
+        return all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in tensors)
 
 
 def half_weight_copy(model: nn.Module) -> nn.Module:

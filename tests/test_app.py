@@ -14,6 +14,7 @@ from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
+from pipelines import RQPipeline  # noqa: E402
 
 from conftest import CAPTIONS, CLASSES, editor, pixels, tiny_pipeline, tiny_text_pipeline  # noqa: E402
 
@@ -218,6 +219,14 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
         assert len(boxes) == 2 and all(b.visible == has_text for b in boxes)  # Generate and Complete
         samples = [s for b in demo.blocks.values() if isinstance(b, gr.Dataset) for s in b.samples]
         assert any(set(s) & set(CAPTIONS) for s in samples) == has_text  # example prompts from pipe.prompts
+    # a text model with classes titled "Style": the dropdowns say so, and each example prompt takes another style
+    styled = RQPipeline(pipe.rqvae, pipe.transformer, class_title="Style", prompts=pipe.prompts)
+    demo = app.build_demo(styled)
+    drops = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
+    assert len(drops) == 2 and {b.label for b in drops} == {"Style"}
+    assert drops[0].choices[0] == ("Random style", app.RANDOM_CLASS)
+    rows = [s for b in demo.blocks.values() if isinstance(b, gr.Dataset) for s in b.samples]
+    assert [r[0] for r in rows] == [CLASSES[i % 3] for i in range(len(rows))] and len(rows) == 5
     out = pipe(["stars", 0], prompt="red circle")
     assert app.captions(pipe, out) == ["red circle · Stars", "red circle · Circles"]
     assert app.pick_prompt("  ") is None and app.pick_prompt(None) is None and app.pick_prompt(" a ") == " a "

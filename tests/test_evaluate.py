@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipelines import RQPipeline
-from training.evaluate import main
 from rqtransformer import RQTransformer, RQTransformerConfig
+from rqtransformer.losses import per_depth_nll
 from training.cli import run_cli
+from training.data import captioned_image_folder
+from training.evaluate import main
 
 
 @pytest.fixture
@@ -65,3 +68,138 @@ def test_figures_script_writes_the_readme_pictures(weights, image_dir, tmp_path)
     for name in ("samples.png", "depths.png", "completion.png"):
         with Image.open(tmp_path / "docs" / name) as im:
             assert im.width > 16 and im.height > 16
+
+
+# ---- captioned style folders (emoji in styles: the styles are classes, the names prompts) ----------------
+
+STYLES = ("circles", "squares")  # tiny_text_pipeline(num_classes=2)'s class names
+# (name, category): names from the tiny tokenizer's captions; the category decides the shape drawn
+EMOJI = [("red circle", "round"), ("blue square", "boxy"), ("green star", "round"), ("yellow star", "boxy"),
+         ("big blue circle", "round")]
+HELD_EMOJI, HELD_PAIRS = {"yellow star"}, {("blue square", "squares"), ("green star", "circles")}
+
+
+def make_style_folder(root, size=20):
+    """<root>/{train,test}/<style>/<n>.png + metadata.jsonl per split: the category gives the shape, the name
+    the colour, the style the background; 'yellow star' held out in every style, two (emoji, style) pairs."""
+    from PIL import Image, ImageDraw
+
+    rows = {"train": [], "test": []}
+    for si, style in enumerate(STYLES):
+        for n, (name, category) in enumerate(EMOJI):
+            heldout = "emoji" if name in HELD_EMOJI else "pair" if (name, style) in HELD_PAIRS else None
+            split = "test" if heldout else "train"
+            im = Image.new("RGB", (size, size), (255, 255, 255) if si == 0 else (200, 200, 160))
+            fill = (60 * n % 256, 255 - 50 * n, 120)
+            box = (3 + n % 3, 3, size - 3, size - 3 - n % 2)
+            (ImageDraw.Draw(im).ellipse if category == "round" else ImageDraw.Draw(im).rectangle)(box, fill=fill)
+            (root / split / style).mkdir(parents=True, exist_ok=True)
+            im.save(root / split / style / f"{n}.png")
+            row = {"file_name": f"{style}/{n}.png", "text": name, "unified": f"1F{600 + n}", "category": category}
+            rows[split].append(row | ({"heldout": heldout} if heldout else {}))
+    for split, items in rows.items():
+        (root / split / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return root
+
+
+@pytest.fixture(scope="module")
+def text_weights(tmp_path_factory):
+    from conftest import tiny_text_pipeline
+
+    path = tmp_path_factory.mktemp("text_eval") / "w"
+    tiny_text_pipeline(num_classes=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def styles(tmp_path):
+    return make_style_folder(tmp_path / "emoji")
+
+
+def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, styles, tmp_path, capsys, one_thread):
+    out = tmp_path / "eval"
+    report = main(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--train_dir",
+                   str(styles / "train"), "--out", str(out), "--classifier_steps", "3",
+                   "--classifier", str(tmp_path / "judge.safetensors")])
+    assert report["test_images"] == 4 and report["train_images"] == 6 and report["judge_categories"] == 2
+    assert report["psnr_depth1"] > 0 and 0 < report["codebook_usage"] <= 1
+    assert set(report["per_style"]) == set(STYLES)
+    for style, row in report["per_style"].items():
+        assert row["test_images"] == 2 and row["psnr_depth1"] > 0 and row["pairs"] == 1 and row["heldout_emoji"] == 1
+        # a style has 5 real images, fewer than the 10 nearest: every held-out pair is found
+        assert row["pair_retrieval_top10"] == 1.0
+    assert {"nll_depth1", "nll_depth2", "perplexity_depth2", "nll_mean_heldout_pair",
+            "nll_mean_heldout_emoji"} <= set(report)
+    # the test NLL is that of each image's own prompt and style (not the empty prompt's)
+    pipe = RQPipeline.from_pretrained(text_weights, device="cpu")
+    test = captioned_image_folder(styles / "test", 32).images()[0]
+    codes = pipe.rqvae.encode(torch.stack([test[i][0] for i in range(len(test))]))
+    text = pipe.transformer.tokenizer.encode(test.captions, 6)[0]
+    labels = torch.tensor(test.targets)
+    nll = per_depth_nll(pipe.transformer, codes, labels, text_tokens=text)
+    assert report["nll_depth1"] == pytest.approx(float(nll[0]), rel=1e-3)
+    assert report["nll_mean"] == pytest.approx(float(nll.mean()), rel=1e-3)
+    assert float(per_depth_nll(pipe.transformer, codes, labels).mean()) != pytest.approx(report["nll_mean"], rel=1e-3)
+    assert report["pairs"] == 2 and report["heldout_emoji"] == 2 and report["pair_retrieval_top10"] == 1.0
+    assert 1 <= report["pair_median_rank"] <= 5
+    for key in ("judge_test_accuracy", "judge_accuracy_heldout_pair", "judge_accuracy_heldout_emoji",
+                "pair_category_consistency", "heldout_emoji_category_consistency"):
+        assert 0 <= report[key] <= 1, key
+    for key in ("pair_category_consistency", "heldout_emoji_category_consistency"):
+        ratio = report[key + "_ratio"]
+        assert ratio is None if report["judge_test_accuracy"] == 0 else ratio >= 0
+    assert report["sampling_seconds_per_image"] > 0 and report["sampling_batch"] == 4
+    assert report["cpu"] and report["guidance_scale"] == 3.0 and report["samples_per_prompt"] == 4
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert json.loads((out / "report.json").read_text()) == report
+    md = (out / "report.md").read_text()
+    assert "| pair_retrieval_top10 | 1.0 |" in md and "| per_style | test_images |" in md and "| squares |" in md
+    for name in ("pairs.png", "heldout_emoji.png"):
+        assert (out / name).is_file()
+
+    # a quick run: one pair and one held-out emoji image, the saved judge reused
+    quick = main(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--train_dir",
+                  str(styles / "train"), "--classifier", str(tmp_path / "judge.safetensors"),
+                  "--max_pairs", "1", "--max_heldout_emoji", "1"])
+    assert quick["pairs"] == 1 and quick["heldout_emoji"] == 1
+    assert quick["judge_test_accuracy"] == report["judge_test_accuracy"]
+
+
+def test_captioned_styles_without_train_dir(text_weights, styles, one_thread):
+    report = main(["--weights", str(text_weights), "--data_dir", str(styles / "test")])
+    assert "psnr_depth2" in report and "nll_mean_heldout_emoji" in report and "pairs" not in report
+
+
+def rewrite(meta, change):
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    meta.write_text("".join(json.dumps(change(r)) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda root: rewrite(root / "test" / "metadata.jsonl", lambda r: {k: v for k, v in r.items() if k != "category"}),
+     "line 1: column 'category' is missing"),
+    (lambda root: rewrite(root / "test" / "metadata.jsonl", lambda r: r | {"heldout": "maybe"}),
+     'heldout must be "emoji", "pair" or absent'),
+    (lambda root: rewrite(root / "train" / "metadata.jsonl", lambda r: r | {"heldout": "pair"}),
+     "has held-out rows"),
+    (lambda root: (root / "train" / "metadata.jsonl").unlink(), "has no metadata.jsonl"),
+    (lambda root: ((root / "test" / "squares").rename(root / "test" / "triangles"), rewrite(
+        root / "test" / "metadata.jsonl", lambda r: r | {"file_name": r["file_name"].replace("squares", "triangles")})),
+     "has styles ['triangles'] the model does not know"),
+])
+def test_captioned_styles_refuse_bad_input(text_weights, styles, spoil, message, capsys):
+    spoil(styles)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: main(["--weights", str(text_weights), "--data_dir", str(styles / "test"),
+                              "--train_dir", str(styles / "train")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_captioned_styles_need_a_text_and_class_model(styles, tmp_path, capsys):
+    from conftest import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "classes_only")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: main(["--weights", str(tmp_path / "classes_only"), "--data_dir", str(styles / "test")]))
+    assert "needs a model with prompts and style classes" in capsys.readouterr().err

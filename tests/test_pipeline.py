@@ -389,3 +389,17 @@ def test_models_without_text_have_no_prompts(pipe, tmp_path):
     assert "caption_dropout" not in json.loads((tmp_path / "p" / "pipeline.json").read_text())
     loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu")
     assert loaded.prompts == [] and not loaded.has_text and loaded.caption_dropout is None
+
+
+def test_class_title_round_trip_and_bad_values(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "plain")
+    assert "class_title" not in json.loads((tmp_path / "plain" / "pipeline.json").read_text())
+    assert RQPipeline.from_pretrained(tmp_path / "plain").class_title == "Class"
+    RQPipeline(pipe.rqvae, pipe.transformer, class_title="Style").save_pretrained(tmp_path / "styled")
+    assert RQPipeline.from_pretrained(tmp_path / "styled").class_title == "Style"
+    for bad in ("", "   ", 3, "x" * 41, "a\nb"):
+        with pytest.raises(ValueError, match="class_title must be a short name"):
+            RQPipeline(pipe.rqvae, pipe.transformer, class_title=bad)
+    (tmp_path / "styled" / "pipeline.json").write_text(json.dumps({"class_title": ["Style"]}))
+    with pytest.raises(ValueError, match="class_title must be a short name"):
+        RQPipeline.from_pretrained(tmp_path / "styled")

@@ -34,6 +34,13 @@ def spread(items: list, count: int) -> list:
     return [items[i] for i in torch.linspace(0, len(items) - 1, min(count, len(items))).round().long().tolist()]
 
 
+def examples_first(prompts: list[str], count: int = 5) -> list[str]:
+    """prompts with `count` of them, spread over all, moved to the front: the app's examples are the first
+    prompts of prompts.json (edit its order to choose them)."""
+    head = spread(prompts, count)
+    return head + [p for p in prompts if p not in set(head)]
+
+
 def caption_tokenizer(captions: list[str], vocab_size: int, cache_dir: Path) -> tuple[PromptTokenizer, Path]:
     """(the prompt tokenizer of these captions, its file in --output_dir): loaded from the file when an
     earlier start of this run saved it (so a resumed run tokenizes exactly as before), else trained."""

@@ -1,21 +1,35 @@
-"""Build the emoji demo set: an ImageFolder tree of 64 px emoji, by category, with a fixed test split.
+"""Build the emoji data: 64 px emoji in five styles, captioned with their names (default), or the older
+tree by category.
 
-    python -m training.emoji --out data/emoji [--version 16.0.0] [--styles google,twitter]
-                          [--skin_tones | --no-skin_tones] [--cache_dir DIR] [--overwrite]
+    python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
+    python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
+        [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
+        [--skin_tones | --no-skin_tones] [--cache_dir DIR] [--overwrite]
 
-Fetches the npm packages emoji-datasource-<style> with `npm pack` (needs Node.js/npm), reads
-package/emoji.json and package/img/<style>/64/*.png, drops the "Component" category (bare skin-tone
-swatches), composites RGBA on white and writes RGB PNGs to
+Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
+emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
+(icons/flat and icons/modern SVGs). SVGs are rendered antialiased at 64 px; everything is composited on
+white and written as RGB PNG. The "Component" category (bare skin-tone swatches) is dropped.
 
-    <out>/{train,test}/<category>/<style>_<image>.png     plus categories.json and manifest.json
+Styles layout (default), a captioned folder per split whose class sub-folders are the styles:
 
-An emoji is held out (test) when zlib.crc32(unified.encode()) % 100 < 10, `unified` being the BASE
-emoji's code, so all its styles and skin variations share a split. Skin-tone variations are OFF by
-default: they differ from the base emoji only in skin colour and would make "People & Body" ~8x
-larger than any other class (2261 vs 270 per style in 16.0.0); --skin_tones includes them.
+    <out>/{train,test}/<style>/<image>.png, <out>/{train,test}/metadata.jsonl, manifest.json, unmatched.json
 
-Licences: emoji-datasource is MIT; Google Noto Emoji images are Apache-2.0; Twemoji images are
-CC-BY 4.0 by Twitter, Inc and other contributors (credit them when showing the data or samples).
+metadata rows: file_name ("noto/1f600.png"), text (the emoji's CLDR name, lower-cased, as OpenMoji lists it:
+"enraged face"; emoji-datasource's name where OpenMoji has none), unified, category, unicode_name
+(emoji-datasource's name, sometimes an old Unicode one: "pouting face") and, in test/, heldout. Split, so anyone can rebuild it: an
+emoji is held out in every style ("emoji") when zlib.crc32(unified.encode()) % 100 < 10 (the base emoji's
+code, e.g. "1F600"); else the (emoji, style) pair is held out ("pair") when
+zlib.crc32(f"{unified}/{style}".encode()) % 100 < 10, the emoji staying in train in its other styles.
+
+Categories layout (the v5 data): <out>/{train,test}/<category>/<style>_<image>.png plus categories.json
+and manifest.json, an emoji held out (all its styles) by the first rule alone.
+
+Skin-tone variations are OFF by default: they differ from the base emoji only in skin colour and would
+make people ~8x more frequent than anything else; --skin_tones includes them (same split as the base).
+
+Licences: emoji-datasource MIT; Noto Emoji Apache-2.0 (Google); Twemoji CC-BY 4.0 (Twitter, Inc and
+other contributors); OpenMoji CC BY-SA 4.0; Fluent Emoji MIT (Microsoft). Credit them with the data.
 """
 from __future__ import annotations
 
@@ -24,28 +38,47 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-DEFAULT_VERSION = "16.0.0"
-STYLES = ("google", "twitter")  # apple/facebook images are not openly licensed
-DROPPED_CATEGORY = "Component"
+from training.emoji_sources import (DROPPED_CATEGORY, EmojiError, check_renderer, fetch_package, fluent_variant,
+                                    load_png, match_fluent, no_fe0f, openmoji_index, package_root, read_emoji_json,
+                                    render_svg, variant_text, variants)
+
+__all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "main"]
+
+DEFAULT_VERSION = "16.0.0"  # emoji-datasource-*
+VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0"}
+STYLES = ("google", "twitter")  # categories layout; apple/facebook images are not openly licensed
+# styles layout: style -> (npm package, image dir inside it)
+SOURCES = {
+    "noto": ("emoji-datasource-google", "img/google/64"),
+    "twemoji": ("emoji-datasource-twitter", "img/twitter/64"),
+    "openmoji": ("openmoji", "color/svg"),
+    "fluent_flat": ("fluentui-emoji", "icons/flat"),
+    "fluent_modern": ("fluentui-emoji", "icons/modern"),
+}
+SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern"}
+WANTED = {  # what to unpack from each tarball
+    "emoji-datasource-google": ("package/emoji.json", "package/img/google/64/"),
+    "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
+    "openmoji": ("package/data/openmoji.json", "package/color/svg/"),
+    "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
+}
 LICENCES = {
     "emoji-datasource": "MIT (c) Cal Henderson and contributors",
     "google": "Noto Emoji images by Google, Apache-2.0",
     "twitter": "Twemoji images (c) Twitter, Inc and other contributors, CC-BY 4.0",
+    "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0",
+    "fluent": "Fluent Emoji (c) Microsoft Corporation, MIT (npm fluentui-emoji repackaging, MIT)",
 }
-
-
-class EmojiError(Exception):
-    """A problem reported to the user as one line (exit code 2), without a traceback."""
+STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
+                 "fluent_flat": "fluent", "fluent_modern": "fluent"}
 
 
 def slug(category: str) -> str:
@@ -58,70 +91,17 @@ def split_of(unified: str) -> str:
     return "test" if zlib.crc32(unified.encode()) % 100 < 10 else "train"
 
 
-def _npm_error(stderr: str) -> str:
-    # npm's literal last line is "A complete log ... can be found in ..."; show its first real message
-    lines = [re.sub(r"^npm (error|ERR!)\s*", "", s.strip()) for s in stderr.splitlines()
-             if s.startswith(("npm error", "npm ERR!")) and "complete log of this run" not in s]
-    code = next((s.split()[1] for s in lines if s.startswith("code ")), "")
-    msg = next((s for s in lines if s and s.split()[0] not in ("code", "errno", "syscall")), "")
-    last = next((s.strip() for s in reversed(stderr.splitlines()) if s.strip()), "no output")
-    return f"{code}: {msg}" if code and msg else (msg or code or last)
-
-
-def fetch_package(style: str, version: str, cache_dir: Path) -> Path:
-    """npm pack emoji-datasource-<style>@<version> into cache_dir (reused if present) and unpack
-    emoji.json + the 64 px images (not the large sprite sheets). Returns the unpacked package/ dir."""
-    name = f"emoji-datasource-{style}"
-    dest = cache_dir / f"{name}-{version}"
-    if (dest / "package" / "emoji.json").is_file():
-        return dest / "package"
-    tgz = cache_dir / f"{name}-{version}.tgz"
-    if not tgz.is_file():
-        if shutil.which("npm") is None:
-            raise EmojiError("npm not found on PATH: install Node.js/npm (https://nodejs.org) "
-                             "to fetch the emoji packages")
-        try:
-            r = subprocess.run(["npm", "pack", f"{name}@{version}"], cwd=cache_dir,
-                               capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            raise EmojiError(f"npm pack {name}@{version} timed out after 15 min") from None
-        if r.returncode != 0:
-            raise EmojiError(f"npm pack {name}@{version} failed: {_npm_error(r.stderr)}")
-        packed = cache_dir / (r.stdout.strip().splitlines() or [""])[-1]
-        if not packed.is_file():
-            raise EmojiError(f"npm pack {name}@{version} did not produce a tarball (stdout: {r.stdout.strip()!r})")
-        packed.replace(tgz)
-    wanted = ("package/emoji.json", f"package/img/{style}/64/")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-    try:
-        with tarfile.open(tgz) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(wanted)]
-            tar.extractall(tmp, members=members, filter="data")  # "data" refuses paths escaping tmp
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # TarError includes FilterError
-        raise EmojiError(f"cannot unpack {tgz} ({e}); delete it and retry") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest / "package"
+def heldout_of(unified: str, style: str) -> str | None:
+    """"emoji" (held out in every style), "pair" (held out in this style only) or None (train)."""
+    if split_of(unified) == "test":
+        return "emoji"
+    return "pair" if zlib.crc32(f"{unified}/{style}".encode()) % 100 < 10 else None
 
 
 def load_entries(package_dir: Path, style: str, skin_tones: bool = False) -> list[tuple[str, str, str]]:
     """(base unified, category, image file) for every image of `style` to include, Component dropped."""
-    root = package_dir / "package" if (package_dir / "package").is_dir() else package_dir
-    try:
-        data = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EmojiError(f"{root} has no emoji.json: not an emoji-datasource package") from None
-    except ValueError as e:
-        raise EmojiError(f"{root / 'emoji.json'} is not valid JSON ({e})") from None
-    out = []
-    for e in data:
-        if e["category"] == DROPPED_CATEGORY:
-            continue
-        variants = [e] + (list((e.get("skin_variations") or {}).values()) if skin_tones else [])
-        out += [(e["unified"], e["category"], v["image"]) for v in variants if v.get(f"has_img_{style}")]
-    return out
+    return [(e["unified"], e["category"], v["image"]) for e in read_emoji_json(package_dir)
+            for v, _ in variants(e, skin_tones) if v.get(f"has_img_{style}")]
 
 
 def _write_json(path: Path, obj) -> None:
@@ -133,17 +113,34 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise EmojiError(f"{out} already exists; pass --overwrite to replace it")
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished tree at tmp to out (--overwrite: swap in the new tree, then drop the old one)."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+
+
+def _tmp_for(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bool = False, *,
                         overwrite: bool = False, version: str | None = None) -> dict:
-    """Lay out unpacked packages ({style: dir with package/ or emoji.json}) as the ImageFolder tree
-    at `out`, atomically (build in <out>.tmp-<pid>, then rename). Returns the manifest."""
+    """Categories layout: lay out unpacked emoji-datasource packages ({style: dir}) as the ImageFolder
+    tree at `out`, atomically (built in <out>.tmp-<pid>, then renamed). Returns the manifest."""
     out = Path(out)
     _check_out(out, overwrite)
     jobs, categories, emojis = [], {}, {"train": set(), "test": set()}
     for style, pkg in package_dirs.items():
-        root = Path(pkg) / "package" if (Path(pkg) / "package").is_dir() else Path(pkg)
-        img_dir = root / "img" / style / "64"
-        entries = load_entries(root, style, skin_tones)
+        img_dir = package_root(pkg) / "img" / style / "64"
+        entries = load_entries(pkg, style, skin_tones)
         missing = [img for _, _, img in entries if not (img_dir / img).is_file()]
         if missing:
             raise EmojiError(f"{img_dir}: {len(missing)} of {len(entries)} images missing (e.g. {missing[0]})")
@@ -155,18 +152,13 @@ def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bo
     if not jobs:
         raise EmojiError("no images selected: check --styles and the packages")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _tmp_for(out)
     counts = {s: {f: 0 for f in sorted(categories)} for s in ("train", "test")}
     try:
         for src, split, folder, name in tqdm(jobs, desc="emoji", unit="img", mininterval=2):
             dst = tmp / split / folder / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(src) as im:  # twemoji has some palette PNGs: go through RGBA
-                rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            Image.alpha_composite(white, rgba).convert("RGB").save(dst)
+            load_png(src).save(dst)
             counts[split][folder] += 1
         manifest = {
             "version": version, "styles": list(package_dirs), "skin_tones": skin_tones,
@@ -175,17 +167,11 @@ def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bo
             "emojis": {s: len(v) for s, v in emojis.items()},
             "images": {s: sum(c.values()) for s, c in counts.items()},
             "counts": counts,
-            "licences": {k: v for k, v in LICENCES.items() if k not in STYLES or k in package_dirs},
+            "licences": {k: v for k, v in LICENCES.items() if k == "emoji-datasource" or k in package_dirs},
         }
         _write_json(tmp / "categories.json", dict(sorted(categories.items())))  # sorted = class index
         _write_json(tmp / "manifest.json", manifest)
-        if out.exists():  # --overwrite: swap in the new tree, then drop the old one
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
+        _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for split, c in counts.items():  # an empty class folder would shift ImageFolder's class indices
@@ -194,45 +180,196 @@ def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bo
     return manifest
 
 
-def build(out: Path, version: str = DEFAULT_VERSION, styles=STYLES, skin_tones: bool = False,
-          cache_dir: Path | None = None, overwrite: bool = False) -> dict:
-    """Fetch the packages (into cache_dir, or a temporary dir) and build the tree at `out`."""
-    _check_out(Path(out), overwrite)  # fail before downloading ~140 MB
+def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, cldr: dict[str, str]):
+    """([(base entry, variant entry, tone key, source file)], [unmatched base entries], [unused files])."""
+    img_dir = root / SOURCES[style][1]
+    if not img_dir.is_dir():
+        raise EmojiError(f"{root} has no {SOURCES[style][1]}/: not a {SOURCES[style][0]} package")
+    found, unmatched, unused = [], [], []
+    if style in ("noto", "twemoji"):
+        flag = f"has_img_{STYLE_LICENCE[style]}"  # has_img_google / has_img_twitter
+        for e in emojis:
+            hits = [(e, v, t, img_dir / v["image"]) for v, t in variants(e, skin_tones) if v.get(flag)]
+            found += hits
+            unmatched += [] if e.get(flag) else [e]
+        missing = [str(p.name) for *_, p in found if not p.is_file()]
+        if missing:
+            raise EmojiError(f"{img_dir}: {len(missing)} of {len(found)} images missing (e.g. {missing[0]})")
+    elif style == "openmoji":
+        svgs, _ = openmoji_index(root)
+        for e in emojis:
+            found += [(e, v, t, svgs[no_fe0f(v["unified"])]) for v, t in variants(e, skin_tones)
+                      if no_fe0f(v["unified"]) in svgs]
+            unmatched += [] if no_fe0f(e["unified"]) in svgs else [e]
+    else:
+        files = {p.stem for p in img_dir.glob("*.svg")}
+        matched, unused = match_fluent(emojis, files, cldr)
+        for e in emojis:
+            if e["unified"] not in matched:
+                unmatched.append(e)
+                continue
+            for v, t in variants(e, skin_tones):
+                if f := fluent_variant(matched[e["unified"]], t, files):
+                    found.append((e, v, t, img_dir / f"{f}.svg"))
+    return found, unmatched, unused
+
+
+def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tuple(SOURCES),
+                               skin_tones: bool = False, *, overwrite: bool = False,
+                               versions: dict | None = None) -> dict:
+    """Styles layout from unpacked packages ({npm name: dir}): emoji.json from emoji-datasource-google
+    (or -twitter), OpenMoji's CLDR names (when given) for matching Fluent files. Writes the captioned
+    folders at `out` atomically and returns the manifest (with per-style match counts)."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    ds = next((packages[n] for n in ("emoji-datasource-google", "emoji-datasource-twitter") if n in packages), None)
+    if ds is None:
+        raise EmojiError("no emoji-datasource package given: emoji.json lists the emoji and their names")
+    emojis = read_emoji_json(ds)
+    cldr = openmoji_index(packages["openmoji"])[1] if "openmoji" in packages else {}
+    jobs, match, unmatched_out = [], {}, {}
+    for style in styles:
+        if SOURCES[style][0] not in packages:
+            raise EmojiError(f"style {style} needs the {SOURCES[style][0]} package")
+        found, unmatched, unused = _style_images(style, package_root(packages[SOURCES[style][0]]), emojis,
+                                                 skin_tones, cldr)
+        match[style] = {"matched": len(emojis) - len(unmatched), "unmatched": len(unmatched),
+                        "unmatched_by_category": dict(Counter(e["category"] for e in unmatched).most_common()),
+                        "unused_files": len(unused)}
+        unmatched_out[style] = {"emoji": [{"unified": e["unified"], "text": e["name"].lower(),
+                                           "category": e["category"]} for e in unmatched],
+                                "unused_files": [f"{f}.svg" for f in unused]}
+        for e, v, tone, src in found:
+            row = {"file_name": f"{style}/{v['image']}",
+                   "text": variant_text(cldr.get(no_fe0f(e["unified"]), e["name"]), tone),
+                   "unified": v["unified"], "category": e["category"], "unicode_name": variant_text(e["name"], tone)}
+            if tone:
+                row["base_unified"] = e["unified"]
+            if held := heldout_of(e["unified"], style):
+                row["heldout"] = held
+            jobs.append((src, "test" if held else "train", row))
+    if not jobs:
+        raise EmojiError("no images selected: check --styles and the packages")
+
+    tmp = _tmp_for(out)
+    counts = {s: {st: 0 for st in styles} for s in ("train", "test")}
+    heldout = Counter()
+    try:
+        rows = {"train": [], "test": []}
+        for src, split, row in tqdm(jobs, desc="emoji", unit="img", mininterval=2):
+            dst = tmp / split / row["file_name"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (render_svg(src) if src.suffix == ".svg" else load_png(src)).save(dst)
+            rows[split].append(row)
+            counts[split][row["file_name"].split("/")[0]] += 1
+            heldout[row.get("heldout", "train")] += 1
+        for split, rs in rows.items():
+            (tmp / split).mkdir(parents=True, exist_ok=True)
+            (tmp / split / "metadata.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), encoding="utf-8")
+        manifest = {
+            "layout": "styles", "versions": versions, "styles": list(styles), "skin_tones": skin_tones,
+            "dropped_category": DROPPED_CATEGORY,
+            "split_rule": {"emoji": "test (heldout 'emoji') if zlib.crc32(unified.encode()) % 100 < 10",
+                           "pair": "else test (heldout 'pair') if zlib.crc32(f'{unified}/{style}'.encode()) "
+                                   "% 100 < 10, unified being the base emoji's code"},
+            "emojis": len(emojis), "images": {s: sum(c.values()) for s, c in counts.items()},
+            "counts": counts, "heldout_images": {k: heldout[k] for k in ("emoji", "pair")}, "match": match,
+            "licences": {k: LICENCES[k] for k in dict.fromkeys(
+                ["emoji-datasource"] + [STYLE_LICENCE[s] for s in styles])},
+        }
+        _write_json(tmp / "manifest.json", manifest)
+        _write_json(tmp / "unmatched.json", unmatched_out)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for split, c in counts.items():  # an empty style folder would shift the class indices
+        if empty := [st for st, n in c.items() if n == 0]:
+            print(f"warning: {split} has no images for {', '.join(empty)}", file=sys.stderr)
+    return manifest
+
+
+def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = False, cache_dir: Path | None = None,
+          overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None) -> dict:
+    """Fetch the packages (into cache_dir, or a temporary dir) and build `layout` at `out`."""
+    _check_out(Path(out), overwrite)  # fail before downloading ~160 MB
+    versions = {"emoji-datasource": version, **VERSIONS, **(versions or {})}
+    styles = list(styles or (STYLES if layout == "categories" else SOURCES))
+    if layout == "styles" and set(styles) & SVG_STYLES:
+        check_renderer()
     with tempfile.TemporaryDirectory(prefix="emoji-npm-") as tmp:
         cache = Path(cache_dir) if cache_dir else Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
-        dirs = {s: fetch_package(s, version, cache) for s in styles}
-        return build_from_packages(dirs, Path(out), skin_tones, overwrite=overwrite, version=version)
+
+        def get(name):
+            v = versions["emoji-datasource"] if name.startswith("emoji-datasource") else versions[name]
+            return fetch_package(name, v, cache, WANTED[name])
+
+        if layout == "categories":
+            dirs = {s: get(f"emoji-datasource-{s}") for s in styles}
+            return build_from_packages(dirs, Path(out), skin_tones, overwrite=overwrite, version=version)
+        names = [SOURCES[s][0] for s in styles]
+        if "emoji-datasource-google" not in names and "emoji-datasource-twitter" not in names:
+            names.insert(0, "emoji-datasource-google")  # for emoji.json alone
+        if "fluentui-emoji" in names:
+            names.append("openmoji")  # its CLDR names match Fluent's file names
+        pkgs = {n: get(n) for n in dict.fromkeys(names)}
+        return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
+                                          versions={n: versions["emoji-datasource"] if n.startswith("emoji-")
+                                                    else versions[n] for n in pkgs})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.emoji", description=__doc__.split("\n")[0],
-                                epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc "
-                                       "and other contributors); emoji-datasource (MIT).")
+                                epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc and "
+                                       "other contributors), OpenMoji (CC BY-SA 4.0), Fluent Emoji (MIT, "
+                                       "Microsoft); emoji-datasource (MIT).")
     p.add_argument("--out", required=True, type=Path, help="output root (gets train/ and test/)")
+    p.add_argument("--layout", choices=("styles", "categories"), default="styles",
+                   help="styles: captioned, one class per style (default); categories: the v5 tree")
+    p.add_argument("--styles", default=None, help=f"comma-separated; styles layout: {','.join(SOURCES)} "
+                   f"(default all); categories layout: {','.join(STYLES)} (default both)")
     p.add_argument("--version", default=DEFAULT_VERSION, help="emoji-datasource-* npm version (default %(default)s)")
-    p.add_argument("--styles", default=",".join(STYLES), help="comma-separated, from: google,twitter")
+    p.add_argument("--openmoji_version", default=VERSIONS["openmoji"],
+                   help="openmoji npm version (default %(default)s)")
+    p.add_argument("--fluent_version", default=VERSIONS["fluentui-emoji"],
+                   help="fluentui-emoji npm version (default %(default)s)")
     p.add_argument("--skin_tones", action=argparse.BooleanOptionalAction, default=False,
                    help="include skin-tone variations (default off: colour-only near-duplicates that "
-                        "would make People & Body ~8x larger than any other class)")
+                        "would make people ~8x more frequent than anything else)")
     p.add_argument("--cache_dir", type=Path, default=None,
                    help="keep the npm tarballs here and reuse them (default: temporary dir)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    args.styles = [s.strip() for s in args.styles.split(",") if s.strip()]
-    if not args.styles or set(args.styles) - set(STYLES) or len(set(args.styles)) < len(args.styles):
-        p.error(f"--styles must be distinct names from {','.join(STYLES)}, got {','.join(args.styles)}")
+    known = STYLES if args.layout == "categories" else tuple(SOURCES)
+    args.styles = [s.strip() for s in (args.styles or ",".join(known)).split(",") if s.strip()]
+    if not args.styles or set(args.styles) - set(known) or len(set(args.styles)) < len(args.styles):
+        p.error(f"--styles must be distinct names from {','.join(known)} for --layout {args.layout}, "
+                f"got {','.join(args.styles)}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        m = build(args.out, args.version, args.styles, args.skin_tones, args.cache_dir, args.overwrite)
+        m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
+                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version})
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: " + ", ".join(f"{s} {n} images ({m['emojis'][s]} emoji)" for s, n in m["images"].items()))
+    if args.layout == "categories":
+        print(f"wrote {args.out}: " + ", ".join(f"{s} {n} images ({m['emojis'][s]} emoji)"
+                                                for s, n in m["images"].items()))
+        return 0
+    for style, c in m["match"].items():
+        why = ", ".join(f"{n} {cat}" for cat, n in c["unmatched_by_category"].items())
+        unused = f"; {c['unused_files']} files matched no emoji" if c["unused_files"] else ""
+        print(f"{style}: {c['matched']} of {m['emojis']} emoji matched, {c['unmatched']} not"
+              f"{f' ({why})' if why else ''}{unused}; train {m['counts']['train'][style]}, "
+              f"test {m['counts']['test'][style]} images")
+    print(f"wrote {args.out}: train {m['images']['train']}, test {m['images']['test']} images "
+          f"(held out: {m['heldout_images']['emoji']} of unseen emoji, {m['heldout_images']['pair']} pairs); "
+          f"unmatched listed in {args.out / 'unmatched.json'}")
     return 0
 
 

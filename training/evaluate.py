@@ -7,6 +7,10 @@ Measures: reconstruction PSNR at each depth 1..D and codebook usage on the test 
 negative log-likelihood and perplexity per depth; class consistency of class-conditional samples,
 judged by a small CNN classifier trained here on --train_dir (its accuracy on the real test images
 is printed beside it, as the ceiling the samples can be compared with).
+
+Captioned folders (a metadata.jsonl with a `category` column: emoji drawn in styles, the styles being the
+model's classes and the names its prompts) are evaluated as in evaluate_text.py: per-style PSNR, NLL
+given the test prompts, retrieval of held-out (emoji, style) pairs and category consistency of samples.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from rqtransformer.losses import per_depth_nll
 from rqvae import RQVAE
 
 from .cli import positive_int, run_cli
-from .data import image_folder
+from .data import has_captions, image_folder
 
 
 @torch.no_grad()
@@ -62,16 +66,24 @@ class SmallClassifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(cin, num_classes))
 
+    def embed(self, x):  # [B,3,H,W] in [-1,1] -> pooled penultimate features [B,F] (for retrieval)
+        return self.features(x).mean((2, 3))
+
     def forward(self, x):  # [B,3,H,W] in [-1,1] -> logits [B,C]
-        return self.head(self.features(x).mean((2, 3)))
+        return self.head(self.embed(x))
 
 
 def train_classifier(train_dir: str, classes: list[str], resolution: int, steps: int, seed: int = 0):
     ds = image_folder(train_dir, resolution, hflip=True)
     if ds.classes != classes:
         raise ValueError(f"{train_dir} has classes {ds.classes}, the model was trained on {classes}")
+    return fit_classifier(ds, len(classes), steps, seed)
+
+
+def fit_classifier(ds, num_classes: int, steps: int, seed: int = 0) -> SmallClassifier:
+    """A SmallClassifier trained for `steps` steps on `ds` (items (image [3,R,R], label, ...))."""
     torch.manual_seed(seed)
-    model = SmallClassifier(len(classes))
+    model = SmallClassifier(num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     loader = DataLoader(ds, batch_size=64, shuffle=True, drop_last=len(ds) > 64, num_workers=1,
@@ -79,7 +91,7 @@ def train_classifier(train_dir: str, classes: list[str], resolution: int, steps:
     model.train()
     step, bar = 0, tqdm(total=steps, desc="classifier")
     while step < steps:
-        for x, y in loader:
+        for x, y, *_ in loader:
             loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -104,14 +116,14 @@ def per_class_accuracy(classifier: nn.Module, images, labels, names: list[str]) 
             for c, name in enumerate(names) if bool((labels == c).any())}
 
 
-def judge(args, classes: list[str], resolution: int) -> SmallClassifier:
-    """The class judge: loaded from --classifier when that file exists, else trained (and saved there)."""
+def judge(args, num_classes: int, train) -> SmallClassifier:
+    """The judge: loaded from --classifier when that file exists, else train() (and saved there)."""
     path = Path(args.classifier) if args.classifier else None
     if path is not None and path.is_file():
-        model = SmallClassifier(len(classes))
+        model = SmallClassifier(num_classes)
         load_weights(model, path)
         return model.eval()
-    model = train_classifier(args.train_dir, classes, resolution, args.classifier_steps, args.seed)
+    model = train()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)
@@ -121,8 +133,9 @@ def judge(args, classes: list[str], resolution: int) -> SmallClassifier:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a saved RQPipeline folder")
-    p.add_argument("--data_dir", required=True, help="held-out ImageFolder (same class folders as training)")
-    p.add_argument("--train_dir", default=None, help="training ImageFolder for the judge classifier")
+    p.add_argument("--data_dir", required=True,
+                   help="held-out ImageFolder (same class folders as training), or a captioned test split")
+    p.add_argument("--train_dir", default=None, help="training split: the judge classifier is trained on it")
     p.add_argument("--out", default=None, help="folder for report.json, report.md and sample grids")
     p.add_argument("--classifier", default=None,
                    help="safetensors file: the judge classifier is loaded from it if it exists, else trained and saved")
@@ -132,13 +145,16 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    c = p.add_argument_group("captioned test splits (a metadata.jsonl with a category column)")
+    c.add_argument("--max_pairs", type=positive_int, default=None,
+                   help="held-out (emoji, style) pairs sampled, spread over all (default: all)")
+    c.add_argument("--max_heldout_emoji", type=positive_int, default=None,
+                   help="test images of held-out emoji sampled, spread over all (default: all)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.time()
-    pipe = RQPipeline.from_pretrained(args.weights, device="cpu")
+def evaluate_classes(args, pipe: RQPipeline) -> dict:
+    """The metrics of a class-conditional (or unconditional) model on an ImageFolder."""
     vae, tf = pipe.rqvae, pipe.transformer
     test = image_folder(args.data_dir, vae.config.resolution)
     images = torch.stack([test[i][0] for i in range(len(test))])  # [N,3,R,R]
@@ -151,12 +167,12 @@ def main(argv=None) -> dict:
     if conditional and test.classes != pipe.class_names:
         raise ValueError(f"{args.data_dir} has classes {test.classes}, the model knows {pipe.class_names}")
     nll = per_depth_nll(tf, codes, labels if conditional else torch.full_like(labels, tf.null_class))
-    report.update({f"nll_depth{d + 1}": round(float(v), 4) for d, v in enumerate(nll)})
-    report.update({f"perplexity_depth{d + 1}": round(math.exp(v), 2) for d, v in enumerate(nll.tolist())})
-    report["nll_mean"] = round(float(nll.mean()), 4)
+    report.update(nll_report(nll))
 
     if conditional and args.train_dir:
-        classifier = judge(args, pipe.class_names, vae.config.resolution)
+        resolution = vae.config.resolution
+        classifier = judge(args, len(pipe.class_names), lambda: train_classifier(
+            args.train_dir, pipe.class_names, resolution, args.classifier_steps, args.seed))
         report["classifier_test_accuracy"] = accuracy(classifier, images, labels)
         report["classifier_test_accuracy_per_class"] = per_class_accuracy(classifier, images, labels,
                                                                           pipe.class_names)
@@ -179,15 +195,53 @@ def main(argv=None) -> dict:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             save_image(samples * 0.5 + 0.5, Path(args.out) / "samples.png", nrow=args.samples_per_class)
+    return report
+
+
+def nll_report(nll: torch.Tensor) -> dict:
+    """Per-depth NLL [D] (nats) -> nll_depth*, perplexity_depth*, nll_mean."""
+    out = {f"nll_depth{d + 1}": round(float(v), 4) for d, v in enumerate(nll)}
+    out.update({f"perplexity_depth{d + 1}": round(math.exp(v), 2) for d, v in enumerate(nll.tolist())})
+    out["nll_mean"] = round(float(nll.mean()), 4)
+    return out
+
+
+def rounded(value):
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def write_report(report: dict, out: Path) -> None:
+    """report.json, and report.md: a table of the scalar figures, then one table per dict of dicts
+    (e.g. per style: one row each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in report.items() if not isinstance(v, dict))
+    md = f"| metric | value |\n|---|---|\n{rows}\n"
+    for key, table in report.items():
+        if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
+            cols = list(dict.fromkeys(c for v in table.values() for c in v))
+            md += f"\n| {key} | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
+            md += "".join(f"| {name} | " + " | ".join(str(v.get(c, "")) for c in cols) + " |\n"
+                          for name, v in table.items())
+    (out / "report.md").write_text(md)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    pipe = RQPipeline.from_pretrained(args.weights, device="cpu")
+    if has_captions(args.data_dir):
+        from .evaluate_text import evaluate_captioned  # it builds on this module's helpers: imported here
+        report = evaluate_captioned(args, pipe)
+    else:
+        report = evaluate_classes(args, pipe)
     report["seconds"] = round(time.time() - start, 1)
-    report = {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
+    report = rounded(report)
     print(json.dumps(report))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        rows = "\n".join(f"| {k} | {v} |" for k, v in report.items() if not isinstance(v, dict))
-        (out / "report.md").write_text(f"| metric | value |\n|---|---|\n{rows}\n")
+        write_report(report, Path(args.out))
     return report
 
 

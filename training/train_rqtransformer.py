@@ -37,6 +37,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pipelines import RQPipeline
+from pipelines.inputs import check_options
 from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
 from rqtransformer.losses import code_loss, per_depth_nll
 from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
@@ -44,8 +45,8 @@ from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
 from rqvae import RQVAE, RQVAEConfig
 
 from . import cli, trainer
-from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, caption_tokenizer, prompt_batch,
-                       spread, tokenize)
+from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, caption_tokenizer, examples_first,
+                       prompt_batch, spread, tokenize)
 from .data import METADATA, CaptionedImageFolder, any_image_folder, has_captions
 
 
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--validation_dir", default=None,
                    help="held-out ImageFolder (captioned too when --data_dir is): test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--class_title", default="Class",
+                   help="what the class sub-folders are, as the app labels its dropdown (e.g. Style)")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
     p.add_argument("--sample_guidance_scale", type=float, default=3.0,
                    help="classifier-free guidance of the validation samples; also the saved pipeline's default")
@@ -106,6 +109,10 @@ def parse_args(argv=None):
                 f"got {args.text_vocab_size}")
     if args.sample_guidance_scale < 0:
         p.error("--sample_guidance_scale must be >= 0")
+    try:
+        check_options(1, 1.0, None, args.class_title)  # (the other options are checked above)
+    except ValueError as e:
+        p.error(str(e).replace("class_title", "--class_title"))
     return args
 
 
@@ -390,10 +397,10 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):  # the EMA weights (the tokenizer is not a weight: it stays)
-            prompts = spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS) if tokenizer else None
+            prompts = examples_first(spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS)) if tokenizer else None
             RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale,
                        caption_dropout=args.caption_dropout if tokenizer else None,
-                       prompts=prompts).save_pretrained(out)  # prompts: rqtransformer/prompts.json
+                       prompts=prompts, class_title=args.class_title).save_pretrained(out)  # prompts: rqtransformer/prompts.json
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),

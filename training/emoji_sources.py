@@ -1,0 +1,230 @@
+"""Where the emoji images come from: npm packages fetched with `npm pack`, emoji-datasource's emoji.json
+(the master list: code, name, category), SVG rendering, and matching OpenMoji / Fluent files to emoji.
+
+OpenMoji files are named by code (color/svg/1F600.svg). Fluent files are named by a slug of the emoji's
+CLDR name (icons/flat/grinning-face.svg, skin-toned ones as <name>-default.svg / -light.svg / ...), so
+they are matched by name: first a few known renames (FLUENT_ALIASES), then the CLDR name that OpenMoji's
+data/openmoji.json gives for the code, then emoji-datasource's own names; each file goes to one emoji.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import unicodedata
+import zlib
+from pathlib import Path
+
+from PIL import Image
+
+DROPPED_CATEGORY = "Component"  # bare skin-tone swatches and hair components, not emoji
+TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark", "1F3FF": "dark"}
+
+# emoji-datasource code -> Fluent file name (without .svg), for files whose name is not the CLDR name.
+# Checked by eye against the rendered files; each is tried before any name, so the old Unicode name
+# "WOMAN WITH BUNNY EARS" of 1F46F cannot take the file of 1F46F-200D-2640-FE0F.
+FLUENT_ALIASES = {
+    "0023-FE0F-20E3": "keycap-hashtag", "002A-FE0F-20E3": "keycap-asterisk",
+    "1F426-200D-1F525": "phoenix-bird", "1F426-200D-2B1B": "blackbird", "1F53A": "red-triangle",
+    "1F635": "knocked-out-face", "1F959": ("stuffedbread-flat", "stuffedbread"), "1F93C": "person-wrestling",
+    "1F46F": "person-with-bunny-ears", "1F46F-200D-2640-FE0F": "woman-with-bunny-ears",
+    "1F46F-200D-2642-FE0F": "man-with-bunny-ears",
+    "1F471": "person-blonde-hair", "1F471-200D-2640-FE0F": "woman-blonde-hair",
+    "1F471-200D-2642-FE0F": "man-blonde-hair",
+    "1F9CF": "person-deaf", "1F9CF-200D-2640-FE0F": "woman-deaf", "1F9CF-200D-2642-FE0F": "man-deaf",
+    "1F9DC": "person-merpeople", "1F9DC-200D-2640-FE0F": "woman-merpeople",
+    "1F9DC-200D-2642-FE0F": "man-merpeople",
+    "1F9B8": "person-superhero", "1F9B9": "person-supervillain", "1F9D9": "person-mage",
+    "1F9DA": "person-fairy", "1F9DB": "person-vampire", "1F9DD": "person-elf", "1F9DE": "person-genie",
+    "1F9DF": "person-zombie",
+}
+
+
+class EmojiError(Exception):
+    """A problem reported to the user as one line (exit code 2), without a traceback."""
+
+
+def _npm_error(stderr: str) -> str:
+    # npm's literal last line is "A complete log ... can be found in ..."; show its first real message
+    lines = [re.sub(r"^npm (error|ERR!)\s*", "", s.strip()) for s in stderr.splitlines()
+             if s.startswith(("npm error", "npm ERR!")) and "complete log of this run" not in s]
+    code = next((s.split()[1] for s in lines if s.startswith("code ")), "")
+    msg = next((s for s in lines if s and s.split()[0] not in ("code", "errno", "syscall")), "")
+    last = next((s.strip() for s in reversed(stderr.splitlines()) if s.strip()), "no output")
+    return f"{code}: {msg}" if code and msg else (msg or code or last)
+
+
+def fetch_package(name: str, version: str, cache_dir: Path, wanted: tuple[str, ...]) -> Path:
+    """npm pack <name>@<version> into cache_dir (tarball and unpacked dir reused if present) and unpack
+    only the members under `wanted` (paths inside the tarball, e.g. "package/emoji.json"), not the
+    large sprite sheets or fonts. Returns the unpacked package/ dir."""
+    dest = cache_dir / f"{name}-{version}"
+    if all((dest / w).exists() for w in wanted):  # renamed into place only once complete
+        return dest / "package"
+    tgz = cache_dir / f"{name}-{version}.tgz"
+    if not tgz.is_file():
+        if shutil.which("npm") is None:
+            raise EmojiError("npm not found on PATH: install Node.js/npm (https://nodejs.org) "
+                             "to fetch the emoji packages")
+        try:
+            r = subprocess.run(["npm", "pack", f"{name}@{version}"], cwd=cache_dir,
+                               capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise EmojiError(f"npm pack {name}@{version} timed out after 15 min") from None
+        if r.returncode != 0:
+            raise EmojiError(f"npm pack {name}@{version} failed: {_npm_error(r.stderr)}")
+        packed = cache_dir / (r.stdout.strip().splitlines() or [""])[-1]
+        if not packed.is_file():
+            raise EmojiError(f"npm pack {name}@{version} did not produce a tarball (stdout: {r.stdout.strip()!r})")
+        packed.replace(tgz)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    try:
+        with tarfile.open(tgz) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(wanted)]
+            tar.extractall(tmp, members=members, filter="data")  # "data" refuses paths escaping tmp
+        (tmp / "package").mkdir(exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # TarError includes FilterError
+        raise EmojiError(f"cannot unpack {tgz} ({e}); delete it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "package"
+
+
+def package_root(path: Path) -> Path:
+    """Accept either an unpacked tarball (with package/) or the package dir itself."""
+    path = Path(path)
+    return path / "package" if (path / "package").is_dir() else path
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmojiError(f"{path.parent} has no {path.name}: not {what}") from None
+    except ValueError as e:
+        raise EmojiError(f"{path} is not valid JSON ({e})") from None
+
+
+def read_emoji_json(package_dir: Path) -> list[dict]:
+    """emoji-datasource's emoji.json, the "Component" category dropped."""
+    data = _read_json(package_root(package_dir) / "emoji.json", "an emoji-datasource package")
+    if not isinstance(data, list) or not all(isinstance(e, dict) and {"unified", "name", "category", "image"}
+                                             <= e.keys() for e in data):
+        raise EmojiError(f"{package_root(package_dir) / 'emoji.json'}: expected a list of emoji objects with "
+                         "unified, name, category and image")
+    return [e for e in data if e["category"] != DROPPED_CATEGORY]
+
+
+def variants(e: dict, skin_tones: bool) -> list[tuple[dict, str]]:
+    """(entry, skin-tone key or "") for the base emoji and, with skin_tones, its skin variations."""
+    skins = (e.get("skin_variations") or {}).items() if skin_tones else ()
+    return [(e, "")] + [(v, k) for k, v in skins]
+
+
+def variant_text(name: str, tone_key: str) -> str:
+    """The caption: emoji-datasource's name, lower-cased; a skin variation gets CLDR's tone suffix."""
+    text = name.lower()
+    if tone_key:
+        text += ": " + ", ".join(f"{TONES.get(t, t)} skin tone" for t in tone_key.split("-"))
+    return text
+
+
+def no_fe0f(code: str) -> str:
+    # emoji-datasource writes fully-qualified codes (263A-FE0F); OpenMoji's files do not always
+    return code.upper().replace("-FE0F", "")
+
+
+def openmoji_index(package_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """({code without FE0F: color SVG}, {code without FE0F: CLDR name}) from an unpacked openmoji package."""
+    root = package_root(package_dir)
+    svg_dir = root / "color" / "svg"
+    if not svg_dir.is_dir():
+        raise EmojiError(f"{root} has no color/svg/: not an openmoji package")
+    data = _read_json(root / "data" / "openmoji.json", "an openmoji package")
+    names = {no_fe0f(o["hexcode"]): o["annotation"] for o in data
+             if isinstance(o, dict) and isinstance(o.get("hexcode"), str) and o.get("annotation")}
+    return {no_fe0f(p.stem): p for p in sorted(svg_dir.glob("*.svg"))}, names
+
+
+def fluent_slug(name: str) -> str:
+    """A CLDR name as Fluent names its files: "A button (blood type)" -> "a-button-blood-type"."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # piñata -> pinata
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
+
+
+def match_fluent(emojis: list[dict], files: set[str], cldr: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Match Fluent file names (no .svg) to emoji-datasource entries. Returns ({unified: base file name,
+    e.g. "waving-hand-default" when the file has skin tones}, unused base file names). Passes in order
+    of trust (aliases, CLDR name, emoji-datasource names), each file taken at most once."""
+    # "<name>-light" is a skin tone only beside "<name>-default": "police-car-light" is an emoji
+    toned = {f for f in files for t in TONES.values() if f.endswith(f"-{t}") and f"{f[:-len(t)]}default" in files}
+    base_files = files - toned
+    matched: dict[str, str] = {}
+    taken: set[str] = set()
+
+    def take(unified: str, names) -> None:
+        for n in names:
+            for f in (n, f"{n}-default"):
+                if unified not in matched and f in base_files and f not in taken:
+                    matched[unified] = f
+                    taken.add(f)
+
+    for e in emojis:
+        alias = FLUENT_ALIASES.get(e["unified"], ())
+        take(e["unified"], (alias,) if isinstance(alias, str) else alias)
+    for e in emojis:
+        take(e["unified"], [fluent_slug(cldr.get(no_fe0f(e["unified"]), ""))])
+    for e in emojis:
+        take(e["unified"], [fluent_slug(n) for n in [e["name"], *(e.get("short_names") or [])]])
+    return matched, sorted(base_files - taken)
+
+
+def fluent_variant(base_file: str, tone_key: str, files: set[str]) -> str | None:
+    """The Fluent file of a skin variation: "<name>-default" -> "<name>-light" etc. (single tones only)."""
+    if not tone_key:
+        return base_file
+    if not base_file.endswith("-default") or tone_key not in TONES:
+        return None
+    f = base_file[: -len("default")] + TONES[tone_key]
+    return f if f in files else None
+
+
+def on_white(rgba: Image.Image) -> Image.Image:
+    """Composite on white and drop alpha: the models see RGB."""
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def load_png(path: Path) -> Image.Image:
+    with Image.open(path) as im:  # twemoji has some palette PNGs: go through RGBA
+        return on_white(im.convert("RGBA"))
+
+
+def check_renderer() -> None:
+    """Fail before any download when the SVG renderer is not installed."""
+    try:
+        import resvg_py  # noqa: F401
+    except ImportError:
+        raise EmojiError("SVG renderer missing: pip install resvg-py (listed in requirements.txt)") from None
+
+
+def render_svg(path: Path, size: int = 64) -> Image.Image:
+    """Render an SVG antialiased into a size x size box (aspect kept, centred), composited on white."""
+    import resvg_py
+    try:
+        # no system fonts: the emoji SVGs draw no text, and the output must not depend on the machine
+        data = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size, skip_system_fonts=True,
+                                     shape_rendering="geometric_precision")
+    except ValueError as e:
+        raise EmojiError(f"cannot render {path}: {e}") from None
+    with Image.open(io.BytesIO(data)) as im:
+        rgba = im.convert("RGBA")
+    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))  # a few Fluent viewBoxes are 32x33
+    canvas.paste(rgba, ((size - rgba.width) // 2, (size - rgba.height) // 2))
+    return on_white(canvas)

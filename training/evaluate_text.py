@@ -1,0 +1,272 @@
+"""Evaluation of a text+class model on captioned style folders, run by training.evaluate when --data_dir has
+a metadata.jsonl:
+
+    <root>/{train,test}/<style>/<file>.png, and per split a metadata.jsonl: file_name, text (the emoji's name:
+    the prompt), category, and on test rows heldout: "emoji" (the emoji is in no style in training) or
+    "pair" (this (emoji, style) pair is held out; the emoji is trained in its other styles).
+
+The styles are the model's classes. Reported: reconstruction PSNR per depth (overall and per style) and
+codebook usage; test NLL per depth given each image's prompt and style; a judge CNN trained on the train
+split to tell the category (its accuracy on the real test images); held-out pairs: SAMPLES samples of
+(name, style) each, retrieved when the real image is among the TOP_K nearest of all real images of that
+style (train + test) to the samples' mean feature (cosine, the judge's penultimate features; goal >= 50 %);
+category consistency of the pair samples and of held-out emoji samples, and its ratio to the judge's
+accuracy on real test images (goal >= 0.9); sampling seconds per image at batch 4 on this CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from pipelines import RQPipeline
+from rqcore.images import image_transform
+from rqcore.machine import cpu_model
+from rqtransformer.losses import per_depth_nll
+
+from .captions import spread
+from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions
+from .evaluate import accuracy, evaluate_depths, fit_classifier, judge, nll_report
+
+SAMPLES = 4  # samples per held-out pair / held-out emoji image
+TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style
+TIMED_BATCH, TIMED_CALLS = 4, 3  # the app's default batch; the median of 3 calls after a warm-up
+HELDOUT = ("emoji", "pair")
+GRID_ROWS = 16  # rows (real image, then its samples) in pairs.png / heldout_emoji.png
+
+
+@dataclass
+class Split:
+    """The distinct images of a captioned split, with their columns; styles as the model's class indices."""
+    ds: CaptionedImageFolder
+    styles: torch.Tensor  # [N]
+    names: list[str]
+    categories: list[str]
+    heldout: list[str | None]
+
+
+class _Labeled(Dataset):
+    """(image, label) items: a folder's images with other labels (the judge learns categories, not styles)."""
+
+    def __init__(self, ds, labels: list[int]):
+        self.ds, self.labels = ds, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.ds[i][0], self.labels[i]
+
+
+def read_columns(meta: Path) -> dict[str, tuple[str, str | None]]:
+    """metadata.jsonl (rows already checked by captioned_image_folder) -> {file_name (normalised): (category,
+    heldout)} of each image's first row; a missing or bad category or heldout value is one ValueError line."""
+    columns = {}
+    for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        if not line:
+            continue
+        row = json.loads(line)
+        category, heldout = row.get("category"), row.get("heldout")
+        if "category" not in row:
+            raise ValueError(f"{meta} line {n}: column 'category' is missing (columns: {', '.join(row)}); a captioned "
+                             f"test split is evaluated by each emoji's category")
+        if not isinstance(category, str) or not category.strip():
+            raise ValueError(f"{meta} line {n}: category must be a non-empty string, got {json.dumps(category)[:60]}")
+        if heldout not in (None, *HELDOUT):
+            raise ValueError(f"{meta} line {n}: heldout must be \"emoji\", \"pair\" or absent, "
+                             f"got {json.dumps(heldout)[:60]}")
+        columns.setdefault(os.path.normpath(row["file_name"]), (category, heldout))
+    return columns
+
+
+def load_split(folder: str, resolution: int, pipe: RQPipeline) -> Split:
+    ds = captioned_image_folder(folder, resolution).images()[0]  # each file once, with its first caption
+    if not ds.classes:
+        raise ValueError(f"{folder}: expected style sub-folders <style>/<image> (the model's classes "
+                         f"{pipe.class_names}), found images at the root only")
+    unknown = [c for c in ds.classes if c not in pipe.class_names]
+    if unknown:
+        raise ValueError(f"{folder} has styles {unknown} the model does not know (its classes: {pipe.class_names})")
+    columns = read_columns(Path(folder) / METADATA)
+    rows = [columns[os.path.normpath(os.path.relpath(path, ds.root))] for path, _ in ds.samples]
+    styles = torch.tensor([pipe.class_names.index(ds.classes[t]) for t in ds.targets])
+    return Split(ds, styles, list(ds.captions), [c for c, _ in rows], [h for _, h in rows])
+
+
+@torch.no_grad()
+def judged(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [N,3,R,R] -> (unit-norm judge features [N,F], predicted categories [N])."""
+    feats = torch.cat([classifier.embed(x) for x in images.split(128)])
+    return F.normalize(feats, dim=1), classifier.head(feats).argmax(-1)
+
+
+@torch.no_grad()
+def folder_features(classifier, ds) -> torch.Tensor:
+    loader = DataLoader(ds, batch_size=128, num_workers=1)
+    return torch.cat([judged(classifier, x)[0] for x, *_ in tqdm(loader, desc="judge features")])
+
+
+def sample(pipe: RQPipeline, rows: list[tuple[str, int]], args, generator, desc: str) -> torch.Tensor:
+    """SAMPLES images of each (prompt, style) row -> [len(rows) * SAMPLES, 3, R, R] in [-1,1], in row order;
+    several rows per call (one prompt and label per image), up to pipe.max_images images a call."""
+    jobs = [row for row in rows for _ in range(SAMPLES)]
+    out = []
+    for i in tqdm(range(0, len(jobs), pipe.max_images), desc=desc):
+        prompts, labels = zip(*jobs[i:i + pipe.max_images])
+        images = pipe(list(labels), prompt=list(prompts), guidance_scale=args.guidance_scale,
+                      temperature=args.temperature, top_k=args.top_k, generator=generator, output_type="pt").images
+        out.append(images * 2 - 1)
+    return torch.cat(out) if out else torch.zeros(0, 3, pipe.resolution, pipe.resolution)
+
+
+def seconds_per_image(pipe: RQPipeline, prompt: str, style: int, args) -> tuple[float, int]:
+    """Median seconds per image of TIMED_CALLS calls at the app's batch (after a warm-up call), and the batch."""
+    batch = min(TIMED_BATCH, pipe.max_images)
+
+    def call():  # PIL images out, as the app asks for them
+        pipe(style, prompt=prompt, num_images=batch, guidance_scale=args.guidance_scale,
+             temperature=args.temperature, top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+
+    call()
+    times = []
+    for _ in tqdm(range(TIMED_CALLS), desc="timing"):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / batch, batch
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def mean(x: torch.Tensor) -> float | None:
+    return float(x.float().mean()) if x.numel() else None
+
+
+def save_rows(images: torch.Tensor, samples: torch.Tensor, rows: list[int], file: Path) -> None:
+    """A grid: for up to GRID_ROWS rows (spread), the real image, then its SAMPLES samples."""
+    shown = spread(list(range(len(rows))), GRID_ROWS)
+    if shown:
+        grid = torch.cat([torch.cat([images[rows[k]][None], samples[SAMPLES * k:SAMPLES * (k + 1)]]) for k in shown])
+        save_image(grid * 0.5 + 0.5, file, nrow=SAMPLES + 1)
+
+
+def evaluate_captioned(args, pipe: RQPipeline) -> dict:
+    """training.evaluate's report for a captioned --data_dir (and --train_dir): see the module's docstring."""
+    vae, tf = pipe.rqvae, pipe.transformer
+    if not (pipe.has_text and tf.config.num_classes > 0):
+        has = "no text conditioning" if not pipe.has_text else "no style classes"
+        raise ValueError(f"--data_dir {args.data_dir} is captioned ({METADATA}): its evaluation needs a model with "
+                         f"prompts and style classes, {args.weights} has {has}")
+    R, names = vae.config.resolution, pipe.class_names
+    test, train = load_split(args.data_dir, R, pipe), None
+    if args.train_dir:  # checked in full before anything is measured
+        if not has_captions(args.train_dir):
+            raise ValueError(f"--train_dir {args.train_dir} has no {METADATA}: with a captioned --data_dir it must "
+                             f"be the captioned train split")
+        train = load_split(args.train_dir, R, pipe)
+        if any(train.heldout):
+            raise ValueError(f"--train_dir {args.train_dir} has held-out rows (a heldout column): pass the train "
+                             f"split there and the test split as --data_dir")
+    images = torch.stack([test.ds[i][0] for i in range(len(test.ds))])  # [N,3,R,R]
+    report: dict = {"weights": str(args.weights), "test_images": len(images)}
+    report.update(evaluate_depths(vae, images))  # psnr_depth1..D, codebook_usage
+    per_style = {}
+    for s in test.styles.unique().tolist():
+        m = test.styles == s
+        per_style[names[s]] = {"test_images": int(m.sum()), **evaluate_depths(vae, images[m])}
+
+    # NLL given each test image's prompt and style (as training's validation loss on captioned data)
+    codes = torch.cat([vae.encode(x) for x in images.split(64)])  # [N,h,w,D]
+    text = tf.tokenizer.encode(test.names, tf.config.max_text_len)[0]  # [N,L]
+    report.update(nll_report(per_depth_nll(tf, codes, test.styles, text_tokens=text)))
+    for kind in HELDOUT:
+        m = torch.tensor([h == kind for h in test.heldout])
+        if m.any():
+            nll = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=text[m])
+            report[f"nll_mean_heldout_{kind}"] = float(nll.mean())
+
+    if train is not None:
+        report.update(judge_samples(args, pipe, test, train, images, per_style))
+    report["per_style"] = per_style
+    return report
+
+
+def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: torch.Tensor, per_style: dict) -> dict:
+    """The judge's figures: its accuracy on real test images, held-out pair retrieval, category
+    consistency of samples, and the sampling time."""
+    names, R = pipe.class_names, pipe.resolution
+    categories = sorted(set(train.categories))
+    index = {c: i for i, c in enumerate(categories)}
+    flipped = copy.copy(train.ds)
+    flipped.transform = image_transform(R, hflip=True)
+    classifier = judge(args, len(categories), lambda: fit_classifier(
+        _Labeled(flipped, [index[c] for c in train.categories]), len(categories), args.classifier_steps, args.seed))
+    test_cats = torch.tensor([index.get(c, -1) for c in test.categories])  # -1: a category no train image has
+    report: dict = {"train_images": len(train.ds), "judge_categories": len(categories),
+                    "judge_test_accuracy": accuracy(classifier, images, test_cats)}
+    for kind in HELDOUT:
+        m = torch.tensor([h == kind for h in test.heldout])
+        if m.any():
+            report[f"judge_accuracy_heldout_{kind}"] = accuracy(classifier, images[m], test_cats[m])
+
+    # every real image of every style (train, then test): the retrieval gallery
+    test_feats = judged(classifier, images)[0]
+    gallery = torch.cat([folder_features(classifier, train.ds), test_feats])  # [M,F]
+    gallery_styles = torch.cat([train.styles, test.styles])  # [M]
+    g = torch.Generator().manual_seed(args.seed)
+
+    pairs = [i for i, h in enumerate(test.heldout) if h == "pair"]
+    pairs = spread(pairs, args.max_pairs) if args.max_pairs else pairs
+    samples = sample(pipe, [(test.names[i], int(test.styles[i])) for i in pairs], args, g, "pair samples")
+    feats, preds = judged(classifier, samples)
+    query = F.normalize(feats.view(len(pairs), SAMPLES, feats.shape[1]).mean(1), dim=1)  # [P,F]
+    styles = test.styles[pairs]  # [P]
+    sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
+    target = sims[torch.arange(len(pairs)), len(train.ds) + torch.tensor(pairs, dtype=torch.long)]  # [P]
+    ranks = (sims > target[:, None]).sum(1) + 1  # 1 = nearest
+    hits = ranks <= TOP_K
+    right = (preds == test_cats[pairs].repeat_interleave(SAMPLES)).view(len(pairs), SAMPLES)  # [P,SAMPLES]
+    report.update({"pairs": len(pairs), f"pair_retrieval_top{TOP_K}": mean(hits),
+                   "pair_median_rank": float(ranks.float().median()) if len(pairs) else None,
+                   "pair_category_consistency": mean(right)})
+    report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
+                                                      report["judge_test_accuracy"])
+
+    emoji = [i for i, h in enumerate(test.heldout) if h == "emoji"]
+    emoji = spread(emoji, args.max_heldout_emoji) if args.max_heldout_emoji else emoji
+    emoji_samples = sample(pipe, [(test.names[i], int(test.styles[i])) for i in emoji], args, g, "held-out emoji")
+    emoji_right = (judged(classifier, emoji_samples)[1] == test_cats[emoji].repeat_interleave(SAMPLES)).view(
+        len(emoji), SAMPLES)
+    report.update({"heldout_emoji": len(emoji), "heldout_emoji_category_consistency": mean(emoji_right)})
+    report["heldout_emoji_category_consistency_ratio"] = ratio(report["heldout_emoji_category_consistency"],
+                                                               report["judge_test_accuracy"])
+    for s, name in enumerate(names):
+        if name in per_style:
+            p, e = styles == s, test.styles[emoji] == s
+            per_style[name].update({"pairs": int(p.sum()), f"pair_retrieval_top{TOP_K}": mean(hits[p]),
+                                    "pair_category_consistency": mean(right[p]), "heldout_emoji": int(e.sum()),
+                                    "heldout_emoji_category_consistency": mean(emoji_right[e])})
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        save_rows(images, samples, pairs, Path(args.out) / "pairs.png")
+        save_rows(images, emoji_samples, emoji, Path(args.out) / "heldout_emoji.png")
+
+    seconds, batch = seconds_per_image(pipe, test.names[0], int(test.styles[0]), args)
+    report.update({"samples_per_prompt": SAMPLES, "guidance_scale": pipe.default_guidance_scale
+                   if args.guidance_scale is None else args.guidance_scale,
+                   "sampling_seconds_per_image": seconds, "sampling_batch": batch, "cpu": cpu_model(),
+                   "threads": torch.get_num_threads()})
+    return report
