@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WEIGHTS ?= weights/emoji-64
 
-.PHONY: app test bench venv clean
+.PHONY: app test bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ $(VENV)/.bench-installed: $(STAMP) bench/requirements.txt
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench.run
+
+# With CUDA: the tests marked cuda and sampling on the GPU, one JSON line per figure. Without: one line, exit 0.
+gpu-check: $(VENV)/.bench-installed
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """Gradio app over an RQPipeline: generate (with streamed coarse-to-fine previews), reconstruct per
 depth, complete a masked region. Runs unchanged as a Hugging Face Space.
 
-    python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; host/port: GRADIO_SERVER_NAME/_PORT
+    python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; DIR may be a Hub repo id user/name;
+                                         # host/port: GRADIO_SERVER_NAME/_PORT
 
 API (gradio_client; every input but the image has a default):
     client.predict(api_name="/generate")                          # class_name, num_images, seed, ..., prompt
@@ -227,9 +228,10 @@ def examples_cache(weights: Path | None):
 
 
 def build_demo(pipe_or_path) -> gr.Blocks:
-    """A Blocks app around an RQPipeline or a saved pipeline folder (ValueError if it can't be loaded)."""
-    weights = None if isinstance(pipe_or_path, RQPipeline) else Path(pipe_or_path)
-    pipe = pipe_or_path if weights is None else RQPipeline.from_pretrained(weights)
+    """A Blocks app around an RQPipeline, a saved pipeline folder or a Hub repo id (ValueError if it can't be
+    loaded)."""
+    pipe = pipe_or_path if isinstance(pipe_or_path, RQPipeline) else RQPipeline.from_pretrained(pipe_or_path)
+    weights = None if pipe is pipe_or_path else pipe.folder  # for a Hub repo id: its snapshot in the Hub cache
     h, w, D = pipe.rqvae.code_shape
     K = pipe.transformer.config.codebook_size
     title = pipe.class_title  # what the classes are ("Class", "Style", ...)
@@ -408,7 +410,8 @@ def error_demo(message: str) -> gr.Blocks:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(DEFAULT_WEIGHTS),
-                        help="saved RQPipeline folder (default: $RQ_WEIGHTS or weights/emoji-64)")
+                        help="saved RQPipeline folder or Hub repo id user/name (default: $RQ_WEIGHTS or "
+                             "weights/emoji-64)")
     args = parser.parse_args(argv)
     try:
         ui = build_demo(args.weights)

@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from einops import repeat
 from PIL import Image
 
+from rqcore.hub import resolve_folder
 from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqtransformer.cpu import weights_fit_float16
 from rqvae import RQVAE
 
+from .hub import push_to_hub
 from .inputs import (batch_size, check_num_images, check_options, check_prompt_list,
                      clean_prompt, is_whole, label_list, prompt_list, read_options, read_prompts)
 
@@ -90,16 +92,21 @@ class RQPipeline:
         self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
         self.caption_dropout = None if caption_dropout is None else float(caption_dropout)
         self._prompts, self.class_title = prompts, class_title.strip()
+        self.folder: Path | None = None  # set by from_pretrained; push_to_hub reuses its card and examples
 
     # ---- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, cpu_float16_weights: bool | None = None) -> "RQPipeline":
-        """cpu_float16_weights: on the CPU, sample with the transformer's float16-weight copy
+    def from_pretrained(cls, path, device=None, dtype=None, cpu_float16_weights: bool | None = None, *,
+                        revision: str | None = None, local_files_only: bool = False, cache_dir=None,
+                        token: str | bool | None = None) -> "RQPipeline":
+        """path: a saved pipeline folder or a Hub repo id "user/name" (at `revision`; see rqcore.hub).
+        cpu_float16_weights: on the CPU, sample with the transformer's float16-weight copy
         (RQTransformer.quantized_for_cpu: 1.2-2x faster sampling). None (default): only where that loses
         nothing, i.e. the weights were stored as float16 (the bundled model's) and this CPU has the kernels;
         True: always (other weights are rounded, samples may drift); False: never."""
-        path = Path(path)
+        path = Path(resolve_folder(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                                   token=token))
         if not path.is_dir():
             what = "is a file, not a folder" if path.exists() else "does not exist"
             raise ValueError(f"pipeline folder {path} {what} (expected rqvae/ and rqtransformer/ inside)")
@@ -115,6 +122,7 @@ class RQPipeline:
             pipe = cls(rqvae, transformer, prompts=prompts, **options)
         except ValueError as e:  # options of pipeline.json, or a transformer made for another RQ-VAE
             raise ValueError(f"{path}: {e}") from None
+        pipe.folder = path
         pipe.to(device or default_device(), dtype)
         if cpu_float16_weights is not False and pipe.device.type == "cpu" and dtype in (None, torch.float32):
             if cpu_float16_weights or weights_fit_float16(transformer):
@@ -138,6 +146,8 @@ class RQPipeline:
         if self._prompts:
             (path / "rqtransformer" / PROMPTS_FILE).write_text(
                 json.dumps(self._prompts, indent=0, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    push_to_hub = push_to_hub  # (repo_id, token=None, private=False, commit_message=...): see pipelines.hub
 
     def to(self, device=None, dtype=None) -> "RQPipeline":
         """Move both models to `device`; `dtype` (e.g. torch.bfloat16 on a GPU) is the transformer's.

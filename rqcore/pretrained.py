@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .hub import resolve_folder
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -149,9 +151,14 @@ class PretrainedMixin:
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
-        """Load a model saved by `save_pretrained` (strict: every tensor must match)."""
-        path = Path(path)
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *,
+                        revision: str | None = None, local_files_only: bool = False, cache_dir=None,
+                        token: str | bool | None = None, subfolder: str = ""):
+        """Load a model saved by `save_pretrained` (strict: every tensor must match) from a folder or a Hub
+        repo id "user/name" (at `revision`; `local_files_only`: from the Hub cache only; `subfolder`, e.g.
+        "rqvae" of a saved pipeline). See rqcore.hub."""
+        path = Path(resolve_folder(path, revision=revision, local_files_only=local_files_only,
+                                   cache_dir=cache_dir, token=token, subfolder=subfolder))
         if not path.is_dir():
             raise ValueError(f"weights folder {path} does not exist")
         config = load_config(cls.config_class, path)

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from rqcore.hub import resolve_folder
 from rqcore.pretrained import PretrainedMixin
 
 from .cpu import half_weight_copy, native_gelu
@@ -422,9 +423,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
             self.tokenizer.save(Path(path) / TOKENIZER_NAME)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, **hub):
         """Load a model saved by save_pretrained; a text model strictly needs its tokenizer.json (models
-        without text ignore one)."""
+        without text ignore one). `hub`: revision, local_files_only, ... for a Hub repo id (PretrainedMixin)."""
+        path = resolve_folder(path, **hub)  # a local folder from here on
         model = super().from_pretrained(path, device=device, dtype=dtype)
         if model.has_text:
             file = Path(path) / TOKENIZER_NAME
@@ -448,4 +450,11 @@ PRESETS = {
     "emoji-64": dict(dim=192, heads=3, spatial_layers=4, depth_layers=2, dropout=0.1),
     # the reference configuration of the design notes (~6.6 M parameters with a 512 codebook)
     "reference": dict(dim=256, heads=4, spatial_layers=6, depth_layers=2, dropout=0.0),
+    # the paper's models for 8x8x4 codes at 256 px, as its official configs (FFHQ 350M; ImageNet 480M, 821M,
+    # 1.4B, 3.8B), residual dropout 0.1; counts differ a little: ours learns its own code embeddings and head
+    "paper-350m": dict(dim=1024, heads=16, spatial_layers=24, depth_layers=4, dropout=0.1),
+    "paper-480m": dict(dim=1536, heads=24, spatial_layers=12, depth_layers=4, dropout=0.1),
+    "paper-821m": dict(dim=1536, heads=24, spatial_layers=24, depth_layers=4, dropout=0.1),
+    "paper-1.4b": dict(dim=1536, heads=24, spatial_layers=42, depth_layers=6, dropout=0.1),
+    "paper-3.8b": dict(dim=2560, heads=40, spatial_layers=42, depth_layers=6, dropout=0.1),
 }

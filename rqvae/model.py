@@ -342,4 +342,10 @@ PRESETS = {
     # the bundled default: 64 px -> 8x8x4 codes, codebook 512
     "emoji-64": dict(resolution=64, codebook_size=512, code_depth=4, downsample=8, channels=32,
                      channel_mult=(1, 2, 4, 4), latent_dim=64),
+    # the paper's 256 px models (its official 8x8x4 configs): 256 px -> 8x8x4 codes (f = 32), latent 256,
+    # 2 residual blocks per level; attention only in the middle blocks at 8x8 (theirs adds some per level)
+    "ffhq-256": dict(resolution=256, codebook_size=2048, code_depth=4, downsample=32, channels=128,
+                     channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, latent_dim=256),
+    "imagenet-256": dict(resolution=256, codebook_size=16384, code_depth=4, downsample=32, channels=128,
+                         channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, latent_dim=256),
 }

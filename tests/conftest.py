@@ -18,6 +18,16 @@ if "OMP_NUM_THREADS" not in os.environ:  # let a developer share the cores with 
     torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda need a GPU: skipped where torch sees none (python -m bench.gpu_check runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
 def make_image_folder(root, classes=("circles", "squares"), per_class=8, size=20, seed=0):
     """RGBA shapes on transparent backgrounds, one colour family per class."""
     rng = np.random.default_rng(seed)

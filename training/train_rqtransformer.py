@@ -260,6 +260,7 @@ def main(argv=None):
         tokenizer.save(tokenizer_file)  # a resumed run loads this one instead of training another
     model = RQTransformer(config)
     model.tokenizer = tokenizer  # saved with the model (tokenizer.json)
+    accelerator.print(f"RQ-Transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     cli.load_init_from(model, args.init_from)
     vae.to(accelerator.device)
     drawn = args.stochastic_codes or args.soft_labels  # codes / targets drawn from cached latents every step

@@ -88,6 +88,8 @@ def main(argv=None):
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
+    accelerator.print(f"RQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+                      f"({sum(p.numel() for p in trained) / 1e6:.2f} M trained), codebook {config.codebook_size}")
     optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, betas=(0.9, 0.99),
                                   weight_decay=args.adam_weight_decay)
     scheduler = trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
