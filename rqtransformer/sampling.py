@@ -9,6 +9,7 @@ a guard on the cache, not a second implementation.
 """
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from typing import Callable
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+GUIDANCE_CUTOFF = 0.0  # generate()'s default guidance_cutoff (see there)
 ONE_THREAD_MAX_ROWS = 32  # num_threads="auto": one intra-op thread up to this many rows (see auto_threads)
 
 
@@ -146,7 +148,8 @@ def _parse_prefix(model, prefix):
 def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch.Tensor | None = None,
              num_samples: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             guidance_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+             guidance_scale: float = 1.0, guidance_cutoff: float = GUIDANCE_CUTOFF,
+             generator: torch.Generator | None = None, use_cache: bool = True,
              prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
              callback: Callable[[int, torch.Tensor], object] | None = None,
              num_threads: int | str | None = "auto") -> torch.Tensor:
@@ -160,6 +163,9 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     TEXT_PAD_ID (batch 1 is broadcast); None = the empty prompt.
     top_k=1 is greedy decoding. guidance_scale != 1 with labels or text runs conditional rows and
     unconditional rows (null class and empty prompt) in one batch of 2B: logits = uncond + scale * (cond - uncond).
+    guidance_cutoff: with guidance_scale > 1, codes whose conditional probability is below this fraction of the
+    most likely code's are never drawn (0 = off). Guidance can favour a code the conditional model finds very
+    unlikely, only because the unconditional one finds it even less likely; the cutoff keeps them out.
     prefix: (codes [B or 1, h, w, D], keep_mask [B or 1, h, w] bool) forces the codes where keep_mask
     is True; batch 1 is broadcast to B.
     use_cache=False re-runs the teacher-forced forward for every code: slow, the same codes for the
@@ -172,6 +178,9 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     tiny sequential steps), else torch's setting; None: torch's setting.
     """
     _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads)
+    if isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float)) \
+            or not 0 <= guidance_cutoff < 1:
+        raise ValueError(f"guidance_cutoff must be a number in [0, 1) (0 = off), got {guidance_cutoff!r}")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -219,7 +228,8 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
             num_threads = auto_threads(rows.shape[0], use_cache)
         with torch.inference_mode(), _intra_op_threads(num_threads, device):
             run = _sample_cached if use_cache else _sample_uncached
-            codes = run(model, rows, text, B, cfg, float(guidance_scale), float(temperature), top_k, top_p,
+            codes = run(model, rows, text, B, cfg, float(guidance_scale), math.log(guidance_cutoff) if guidance_cutoff
+                        else -math.inf, float(temperature), top_k, top_p,
                         generator, forced, keep, callback)
     finally:
         for m in training:
@@ -228,7 +238,7 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     return rearrange(codes, "b (h w) d -> b h w d", h=h)
 
 
-def _setup(model, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep):
+def _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, forced, keep):
     h, w, D = model.config.code_shape
     device = model.head.weight.device
     codes = torch.full((B, h * w, D), -1, dtype=torch.long, device=device)  # -1 = not generated yet
@@ -240,8 +250,12 @@ def _setup(model, B, cfg, scale, temperature, top_k, top_p, generator, forced, k
 
     def pick(logits: torch.Tensor, t: int, d: int) -> torch.Tensor:  # logits [R, K] of code (t, d) -> codes [B]
         logits = logits if logits.dtype == torch.float32 else logits.float()
-        if cfg:  # uncond + scale * (cond - uncond)
-            logits = torch.lerp(logits[B:], logits[:B], scale)
+        if cfg:  # uncond + scale * (cond - uncond), among the codes the conditional rows find plausible
+            cond = logits[:B]
+            logits = torch.lerp(logits[B:], cond, scale)
+            if cutoff > -math.inf and scale > 1:  # p_cond(k) < cutoff * max p_cond: never drawn (logit gaps
+                # are log-ratios); only when extrapolating, so that scale 0 stays the unconditional model
+                logits = logits.masked_fill(cond < cond.amax(-1, keepdim=True) + cutoff, -math.inf)
         code = sample_logits(logits, temperature, top_k, top_p, generator)
         if keep is not None:
             code = torch.where(keep[:, t], forced[:, t, d], code)
@@ -255,11 +269,11 @@ def _setup(model, B, cfg, scale, temperature, top_k, top_p, generator, forced, k
     return codes, all_forced, pick, report
 
 
-def _sample_cached(model, rows, text, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep,
+def _sample_cached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, forced, keep,
                    callback):
     h, w, D = model.config.code_shape
     L = model.config.max_text_len
-    codes, all_forced, pick, report = _setup(model, B, cfg, scale, temperature, top_k, top_p, generator,
+    codes, all_forced, pick, report = _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator,
                                              forced, keep)
     R = rows.shape[0]
     spatial_caches, depth_caches = model.new_caches(R), model.new_caches(R, depth=True)
@@ -298,11 +312,11 @@ def _prefill(model, text: torch.Tensor, caches: nn.ModuleList) -> None:
         cache.kv[:, :, :, :L] = one.kv[index, :, :, :L]  # [R, 2, heads, L, dim_head]
 
 
-def _sample_uncached(model, rows, text, B, cfg, scale, temperature, top_k, top_p, generator, forced, keep,
+def _sample_uncached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, forced, keep,
                      callback):
     """The check on the cache: re-run the teacher-forced forward for every code (same draws, same order)."""
     h, w, D = model.config.code_shape
-    codes, all_forced, pick, report = _setup(model, B, cfg, scale, temperature, top_k, top_p, generator,
+    codes, all_forced, pick, report = _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator,
                                              forced, keep)
     reps = 2 if cfg else 1
     for t in range(h * w):

@@ -203,3 +203,17 @@ def test_captioned_styles_need_a_text_and_class_model(styles, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(lambda: main(["--weights", str(tmp_path / "classes_only"), "--data_dir", str(styles / "test")]))
     assert "needs a model with prompts and style classes" in capsys.readouterr().err
+
+
+def test_figures_of_a_text_model_show_a_row_per_prompt_and_a_column_per_style(text_weights, styles, tmp_path,
+                                                                             one_thread):
+    from PIL import Image
+
+    from training.figures import main as figures
+
+    figures(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--out", str(tmp_path / "docs"),
+             "--prompts", "red circle, blue square, green star", "--scale", "1"])
+    with Image.open(tmp_path / "docs" / "samples.png") as im:  # 3 rows x 2 styles of 32 px, 4 px padding
+        assert im.size == (4 + 2 * 36, 4 + 3 * 36)
+    for name in ("depths.png", "completion.png"):
+        assert (tmp_path / "docs" / name).is_file()

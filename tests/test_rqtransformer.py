@@ -170,6 +170,7 @@ SAMPLING_CASES = {
     "plain": {},
     "cfg": dict(guidance_scale=3.0),
     "cfg0": dict(guidance_scale=0.0),
+    "cfg_cutoff": dict(guidance_scale=3.0, guidance_cutoff=0.05),
     "top_k": dict(top_k=4),
     "top_p": dict(top_p=0.7),
     "temperature": dict(temperature=0.6),
@@ -197,6 +198,19 @@ def test_cached_equals_uncached_unconditional():
     cached = model.generate(generator=gen(5), **kwargs)
     assert cached.shape == (3, *SHAPE)
     assert torch.equal(cached, model.generate(generator=gen(5), use_cache=False, **kwargs))
+
+
+def test_guidance_cutoff_keeps_to_codes_the_conditional_model_finds_likely(model):
+    classes = labels(0, 1, 2)
+    greedy = model.generate(class_labels=classes, top_k=1)  # the conditional model's most likely code each time
+    # a cutoff near 1 leaves only that code, however strong the guidance
+    assert torch.equal(greedy, model.generate(class_labels=classes, guidance_scale=8.0, guidance_cutoff=0.999,
+                                              generator=gen(4)))
+    free = model.generate(class_labels=classes, guidance_scale=8.0, guidance_cutoff=0.0, generator=gen(4))
+    assert not torch.equal(greedy, free)
+    # below scale 1 (towards the unconditional model) the cutoff does nothing
+    assert torch.equal(model.generate(class_labels=classes, guidance_scale=0.5, guidance_cutoff=0.999, generator=gen(4)),
+                       model.generate(class_labels=classes, guidance_scale=0.5, guidance_cutoff=0.0, generator=gen(4)))
 
 
 def test_determinism(model):
@@ -393,6 +407,10 @@ BAD_GENERATE = [
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(guidance_scale=-0.5), "guidance_scale"),
+    (dict(guidance_cutoff=1.0), "guidance_cutoff"),
+    (dict(guidance_cutoff=-0.1), "guidance_cutoff"),
+    (dict(guidance_cutoff=float("nan")), "guidance_cutoff"),
+    (dict(guidance_cutoff="0.1"), "guidance_cutoff"),
     (dict(callback=3), "callback"),
     (dict(num_threads=0), "num_threads"),
     (dict(num_threads=1.5), "num_threads"),

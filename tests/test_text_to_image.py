@@ -109,7 +109,8 @@ def test_samples_follow_the_prompt(colours, colour_vae, tmp_path):
           "10", "--ema_decay", "0", "--max_text_len", "8", "--report_to", "none", "--validation_steps", "1000",
           "--checkpointing_steps", "1000"])
     prompts = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    assert json.loads((out / "rqtransformer" / "prompts.json").read_text()) == sorted(prompts)
+    saved = json.loads((out / "rqtransformer" / "prompts.json").read_text())
+    assert sorted(saved) == sorted(prompts) and saved[:5] == spread(sorted(prompts), 5)  # the app's examples first
     assert (out / "samples" / "prompts.txt").read_text().split("\n")[:-1] == sorted(prompts)  # grid rows
     pipe = RQPipeline.from_pretrained(out, device="cpu")
     pipe.max_images = 64

@@ -2,7 +2,7 @@
 
     python -m training.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
 
-Writes samples.png (one row per class), depths.png (test images, then their reconstruction at
+Writes samples.png (one row per class; for a text model one row per prompt, one column per class), depths.png (test images, then their reconstruction at
 depth 1..D, one column each) and completion.png (image, masked region, completions).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torchvision.utils import save_image
 from pipelines import RQPipeline
 
 from .cli import positive_int, run_cli
-from .data import image_folder
+from .data import any_image_folder
 
 
 def upscale(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -30,6 +30,8 @@ def main(argv=None):
     p.add_argument("--data_dir", required=True, help="ImageFolder to take reconstruction/completion inputs from")
     p.add_argument("--out", default="docs")
     p.add_argument("--per_class", type=positive_int, default=8)
+    p.add_argument("--prompts", default=None,
+                   help="text models: comma-separated prompts, one row each (default: the first 8 example prompts)")
     p.add_argument("--scale", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -38,11 +40,19 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
 
-    rows = [pipe(c, num_images=args.per_class, generator=g, output_type="pt").images
-            for c in range(max(1, pipe.transformer.config.num_classes))]
-    save_image(upscale(torch.cat(rows), args.scale), out / "samples.png", nrow=args.per_class, padding=4, pad_value=1)
+    classes = list(range(max(1, pipe.transformer.config.num_classes)))
+    if pipe.has_text:  # a row per prompt, a column per class (or per_class columns without classes)
+        prompts = [p.strip() for p in args.prompts.split(",")] if args.prompts else pipe.prompts[:8]
+        labels = classes if pipe.class_names else None
+        rows = [pipe(labels, prompt=p, num_images=None if labels else args.per_class, generator=g,
+                     output_type="pt").images for p in prompts]
+        nrow = len(classes) if labels else args.per_class
+    else:
+        rows = [pipe(c, num_images=args.per_class, generator=g, output_type="pt").images for c in classes]
+        nrow = args.per_class
+    save_image(upscale(torch.cat(rows), args.scale), out / "samples.png", nrow=nrow, padding=4, pad_value=1)
 
-    ds = image_folder(args.data_dir, pipe.resolution, check=False)
+    ds = any_image_folder(args.data_dir, pipe.resolution, check=False)
     picks = torch.linspace(0, len(ds) - 1, 6).long().tolist()
     originals = torch.stack([ds[i][0] for i in picks])  # [6,3,R,R] in [-1,1]
     codes = pipe.rqvae.encode(originals)
@@ -56,7 +66,9 @@ def main(argv=None):
     half = pipe.resolution // 2
     mask[:, half:, :] = 1  # regenerate the bottom half
     label = ds.targets[picks[0]] if pipe.transformer.config.num_classes else None
-    done = pipe.complete(image, mask, class_labels=label, num_images=4, generator=g, output_type="pt").images
+    prompt = ds.captions[picks[0]] if pipe.has_text and hasattr(ds, "captions") else None
+    done = pipe.complete(image, mask, class_labels=label, prompt=prompt, num_images=4, generator=g,
+                         output_type="pt").images
     shown = (image * 0.5 + 0.5).clone()
     masked = shown.clone()
     masked[:, :, half:, :] = 0.5

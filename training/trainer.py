@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -89,6 +90,9 @@ def setup(args, project: str) -> Accelerator:
     check_output_dir(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.mixed_precision, precision_notice = resolve_precision(args.mixed_precision, device)
+    # accelerate keeps one precision per process and refuses another: a second run in the same process
+    # (a notebook, the tests) starts afresh; the distributed process state (PartialState) is kept
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
