@@ -4,7 +4,7 @@ names and indices, prompts, counts, images, masks, generator, output type; see i
 generate() checks the sampling options and tensor invariants.
 
     pipe = RQPipeline.from_pretrained("weights/emoji-64")
-    images = pipe("smileys_and_emotion", num_images=4, generator=torch.Generator().manual_seed(0)).images
+    images = pipe("noto", prompt="red heart", num_images=4, generator=torch.Generator().manual_seed(0)).images
     images = text_pipe(prompt="red circle", num_images=4, guidance_scale=3.0).images   # a model with text
 """
 from __future__ import annotations
