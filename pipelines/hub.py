@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rqcore.hub import is_repo_id, upload_folder
+from rqcore.hub import upload_folder
 
 CARD_NAME = "README.md"
 PAPER = 'Lee et al., "Autoregressive Image Generation using Residual Quantization", CVPR 2022, arXiv 2203.01941'
@@ -87,8 +87,6 @@ def push_to_hub(pipe, repo_id: str, token: str | None = None, private: bool = Fa
     """Upload the pipeline to Hub model repo `repo_id` (created if needed, `private` then), as one commit of
     hub_folder's files; `dtype` (e.g. torch.float16) casts the stored weights. Returns the client's
     CommitInfo. Needs a write token: `token=` or a login."""
-    if not is_repo_id(repo_id):
-        raise ValueError(f"repo_id must be 'user/name' or 'org/name', got {repo_id!r}")
     with tempfile.TemporaryDirectory(prefix="rqpipeline-") as tmp:
         hub_folder(pipe, tmp, repo_id, dtype)
         return upload_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)

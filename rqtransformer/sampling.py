@@ -52,7 +52,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1, keepdim=True)
 
 
-def _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads) -> None:
+def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads) -> None:
     K = model.config.codebook_size
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < float("inf"):
@@ -64,6 +64,9 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, callback, n
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not 0 <= guidance_scale < float("inf"):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
+    if isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float)) \
+            or not 0 <= guidance_cutoff < 1:
+        raise ValueError(f"guidance_cutoff must be a number in [0, 1) (0 = off), got {guidance_cutoff!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable as callback(step, codes_so_far), got {callback!r}")
     if num_threads not in (None, "auto") and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
@@ -177,10 +180,7 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     is restored afterwards. "auto" (default): 1 for cached sampling of up to 32 rows (faster for these
     tiny sequential steps), else torch's setting; None: torch's setting.
     """
-    _check_options(model, temperature, top_k, top_p, guidance_scale, callback, num_threads)
-    if isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float)) \
-            or not 0 <= guidance_cutoff < 1:
-        raise ValueError(f"guidance_cutoff must be a number in [0, 1) (0 = off), got {guidance_cutoff!r}")
+    _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")

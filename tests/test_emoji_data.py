@@ -153,14 +153,7 @@ exit 1
 
 
 def test_end_to_end_with_fake_npm(packages, tmp_path, monkeypatch):
-    tarballs = tmp_path / "tarballs"
-    tarballs.mkdir()
-    for s, d in packages.items():
-        with tarfile.open(tarballs / f"emoji-datasource-{s}.tgz", "w:gz") as tar:
-            tar.add(d / "package", arcname="package")
-    fake_npm(tmp_path, monkeypatch, f"""name="${{2%@*}}"; ver="${{2##*@}}"
-cp "{tarballs}/$name.tgz" "./$name-$ver.tgz" && echo "$name-$ver.tgz"
-""")
+    serve_tarballs(tmp_path, monkeypatch, {f"emoji-datasource-{s}": d for s, d in packages.items()})
     cache = tmp_path / "cache"
     assert emoji.main(["--out", str(tmp_path / "out"), "--cache_dir", str(cache), "--layout", "categories",
                        "--styles", "twitter"]) == 0

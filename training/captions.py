@@ -38,7 +38,8 @@ def examples_first(prompts: list[str], count: int = 5) -> list[str]:
     """prompts with `count` of them, spread over all, moved to the front: the app's examples are the first
     prompts of prompts.json (edit its order to choose them)."""
     head = spread(prompts, count)
-    return head + [p for p in prompts if p not in set(head)]
+    chosen = set(head)
+    return head + [p for p in prompts if p not in chosen]
 
 
 def caption_tokenizer(captions: list[str], vocab_size: int, cache_dir: Path) -> tuple[PromptTokenizer, Path]:

@@ -103,8 +103,9 @@ class CaptionedImageFolder(Dataset):
         return distinct, torch.tensor([where[path] for path, _ in self.samples], dtype=torch.long)
 
 
-def _read_metadata(meta: Path, caption_column: str) -> list[tuple[int, str, str]]:
-    """metadata.jsonl -> [(line number, file_name, caption)]; the first bad row is one ValueError line."""
+def metadata_rows(meta: Path, caption_column: str = "text") -> list[tuple[int, dict]]:
+    """metadata.jsonl -> [(line number, row object)], blank lines skipped; a line that is not UTF-8, not JSON
+    or not an object is one ValueError line."""
     rows = []
     for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
         try:
@@ -120,6 +121,14 @@ def _read_metadata(meta: Path, caption_column: str) -> list[tuple[int, str, str]
         if not isinstance(row, dict):
             raise ValueError(f"{meta} line {n}: expected a JSON object {{\"file_name\": ..., "
                              f"\"{caption_column}\": ...}}, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
+def _read_metadata(meta: Path, caption_column: str) -> list[tuple[int, str, str]]:
+    """metadata.jsonl -> [(line number, file_name, caption)]; the first bad row is one ValueError line."""
+    rows = []
+    for n, row in metadata_rows(meta, caption_column):
         columns = ", ".join(row) or "none"
         if "file_name" not in row:
             raise ValueError(f"{meta} line {n}: column 'file_name' is missing (columns: {columns})")

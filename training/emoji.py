@@ -17,10 +17,12 @@ Styles layout (default), a captioned folder per split whose class sub-folders ar
 
 metadata rows: file_name ("noto/1f600.png"), text (the emoji's CLDR name, lower-cased, as OpenMoji lists it:
 "enraged face"; emoji-datasource's name where OpenMoji has none), unified, category, unicode_name
-(emoji-datasource's name, sometimes an old Unicode one: "pouting face") and, in test/, heldout. Split, so anyone can rebuild it: an
-emoji is held out in every style ("emoji") when zlib.crc32(unified.encode()) % 100 < 10 (the base emoji's
-code, e.g. "1F600"); else the (emoji, style) pair is held out ("pair") when
-zlib.crc32(f"{unified}/{style}".encode()) % 100 < 10, the emoji staying in train in its other styles.
+(emoji-datasource's name, sometimes an old Unicode one: "pouting face") and, in test/, heldout.
+
+Split, so anyone can rebuild it: an emoji is held out in every style ("emoji") when
+zlib.crc32(unified.encode()) % 100 < 10 (the base emoji's code, e.g. "1F600"); else the (emoji, style) pair
+is held out ("pair") when zlib.crc32(f"{unified}/{style}".encode()) % 100 < 10, the emoji staying in train
+in its other styles.
 
 Categories layout (the v5 data): <out>/{train,test}/<category>/<style>_<image>.png plus categories.json
 and manifest.json, an emoji held out (all its styles) by the first rule alone.

@@ -35,7 +35,7 @@ from rqcore.machine import cpu_model
 from rqtransformer.losses import per_depth_nll
 
 from .captions import spread
-from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions
+from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
 from .evaluate import accuracy, evaluate_depths, fit_classifier, judge, nll_report
 
 SAMPLES = 4  # samples per held-out pair / held-out emoji image
@@ -53,6 +53,10 @@ class Split:
     names: list[str]
     categories: list[str]
     heldout: list[str | None]
+
+    def held_out(self, kind: str) -> list[int]:
+        """Indices of the images held out as `kind` ("emoji" or "pair")."""
+        return [i for i, h in enumerate(self.heldout) if h == kind]
 
 
 class _Labeled(Dataset):
@@ -72,11 +76,7 @@ def read_columns(meta: Path) -> dict[str, tuple[str, str | None]]:
     """metadata.jsonl (rows already checked by captioned_image_folder) -> {file_name (normalised): (category,
     heldout)} of each image's first row; a missing or bad category or heldout value is one ValueError line."""
     columns = {}
-    for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
-        line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
-        if not line:
-            continue
-        row = json.loads(line)
+    for n, row in metadata_rows(meta):
         category, heldout = row.get("category"), row.get("heldout")
         if "category" not in row:
             raise ValueError(f"{meta} line {n}: column 'category' is missing (columns: {', '.join(row)}); a captioned "
@@ -193,8 +193,7 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
     text = tf.tokenizer.encode(test.names, tf.config.max_text_len)[0]  # [N,L]
     report.update(nll_report(per_depth_nll(tf, codes, test.styles, text_tokens=text)))
     for kind in HELDOUT:
-        m = torch.tensor([h == kind for h in test.heldout])
-        if m.any():
+        if m := test.held_out(kind):
             nll = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=text[m])
             report[f"nll_mean_heldout_{kind}"] = float(nll.mean())
 
@@ -218,8 +217,7 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     report: dict = {"train_images": len(train.ds), "judge_categories": len(categories),
                     "judge_test_accuracy": accuracy(classifier, images, test_cats)}
     for kind in HELDOUT:
-        m = torch.tensor([h == kind for h in test.heldout])
-        if m.any():
+        if m := test.held_out(kind):
             report[f"judge_accuracy_heldout_{kind}"] = accuracy(classifier, images[m], test_cats[m])
 
     # every real image of every style (train, then test): the retrieval gallery
@@ -228,28 +226,30 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     gallery_styles = torch.cat([train.styles, test.styles])  # [M]
     g = torch.Generator().manual_seed(args.seed)
 
-    pairs = [i for i, h in enumerate(test.heldout) if h == "pair"]
-    pairs = spread(pairs, args.max_pairs) if args.max_pairs else pairs
-    samples = sample(pipe, [(test.names[i], int(test.styles[i])) for i in pairs], args, g, "pair samples")
-    feats, preds = judged(classifier, samples)
+    def held_out_samples(kind: str, limit: int | None, desc: str):
+        """(the test images of `kind`, up to `limit` spread over all; their samples; the samples' judge
+        features; whether each sample's category is its emoji's [rows, SAMPLES])."""
+        rows = test.held_out(kind)
+        rows = spread(rows, limit) if limit else rows
+        samples = sample(pipe, [(test.names[i], int(test.styles[i])) for i in rows], args, g, desc)
+        feats, preds = judged(classifier, samples)
+        right = (preds == test_cats[rows].repeat_interleave(SAMPLES)).view(len(rows), SAMPLES)
+        return rows, samples, feats, right
+
+    pairs, samples, feats, right = held_out_samples("pair", args.max_pairs, "pair samples")
     query = F.normalize(feats.view(len(pairs), SAMPLES, feats.shape[1]).mean(1), dim=1)  # [P,F]
     styles = test.styles[pairs]  # [P]
     sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
     target = sims[torch.arange(len(pairs)), len(train.ds) + torch.tensor(pairs, dtype=torch.long)]  # [P]
     ranks = (sims > target[:, None]).sum(1) + 1  # 1 = nearest
     hits = ranks <= TOP_K
-    right = (preds == test_cats[pairs].repeat_interleave(SAMPLES)).view(len(pairs), SAMPLES)  # [P,SAMPLES]
     report.update({"pairs": len(pairs), f"pair_retrieval_top{TOP_K}": mean(hits),
                    "pair_median_rank": float(ranks.float().median()) if len(pairs) else None,
                    "pair_category_consistency": mean(right)})
     report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
                                                       report["judge_test_accuracy"])
 
-    emoji = [i for i, h in enumerate(test.heldout) if h == "emoji"]
-    emoji = spread(emoji, args.max_heldout_emoji) if args.max_heldout_emoji else emoji
-    emoji_samples = sample(pipe, [(test.names[i], int(test.styles[i])) for i in emoji], args, g, "held-out emoji")
-    emoji_right = (judged(classifier, emoji_samples)[1] == test_cats[emoji].repeat_interleave(SAMPLES)).view(
-        len(emoji), SAMPLES)
+    emoji, emoji_samples, _, emoji_right = held_out_samples("emoji", args.max_heldout_emoji, "held-out emoji")
     report.update({"heldout_emoji": len(emoji), "heldout_emoji_category_consistency": mean(emoji_right)})
     report["heldout_emoji_category_consistency_ratio"] = ratio(report["heldout_emoji_category_consistency"],
                                                                report["judge_test_accuracy"])

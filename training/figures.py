@@ -2,8 +2,9 @@
 
     python -m training.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
 
-Writes samples.png (one row per class; for a text model one row per prompt, one column per class), depths.png (test images, then their reconstruction at
-depth 1..D, one column each) and completion.png (image, masked region, completions).
+Writes samples.png (one row per class; for a text model one row per prompt, one column per class),
+depths.png (test images, then their reconstruction at depth 1..D, one column each) and completion.png
+(image, masked region, completions).
 """
 from __future__ import annotations
 

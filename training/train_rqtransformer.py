@@ -398,10 +398,12 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):  # the EMA weights (the tokenizer is not a weight: it stays)
-            prompts = examples_first(spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS)) if tokenizer else None
+            prompts = None  # example prompts for the app: a spread of the distinct training captions
+            if tokenizer:
+                prompts = examples_first(spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS))
             RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale,
-                       caption_dropout=args.caption_dropout if tokenizer else None,
-                       prompts=prompts, class_title=args.class_title).save_pretrained(out)  # prompts: rqtransformer/prompts.json
+                       caption_dropout=args.caption_dropout if tokenizer else None, prompts=prompts,
+                       class_title=args.class_title).save_pretrained(out)  # prompts: rqtransformer/prompts.json
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),
