@@ -184,11 +184,56 @@ def paper_training(quick: bool) -> list[dict]:
                   "goal": None, "met": None})]
 
 
+def _paper_stage1_child(preset: str, repeats: int, queue) -> None:
+    """In a fresh process, so that its peak resident memory is this step's alone."""
+    import resource
+
+    from rqvae.model import PRESETS, RQVAE, RQVAEConfig
+    from training.trainer import keep_freed_memory
+
+    keep_freed_memory()
+    torch.manual_seed(0)
+    config = RQVAEConfig(**PRESETS[preset])
+    model = RQVAE(config)
+    x = torch.rand(1, 3, config.resolution, config.resolution) * 2 - 1  # [1, 3, 256, 256]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def loss():
+        recon, terms = model(x)
+        return (recon - x).abs().mean() + terms["commitment"]
+
+    t = median_time(train_step(model, loss), repeats, warmup=1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    queue.put({"preset": preset, "resolution": config.resolution, "code_shape": list(config.code_shape),
+               "parameters_m": rnd(sum(p.numel() for p in model.parameters()) / 1e6, 4), **t,
+               "threads": torch.get_num_threads(), "peak_rss_mib": rnd(peak / 1024, 4),
+               "model_and_imports_rss_mib": rnd(before / 1024, 4)})
+
+
+def paper_stage1(quick: bool) -> list[dict]:
+    """Issue 18: one training step (L1 + commitment, AdamW) of the paper's 256-px RQ-VAE (ffhq-256:
+    82 M parameters, 8x8x4 codes) at batch 1 on this CPU, and the peak memory of a process doing it."""
+    import multiprocessing
+
+    preset, repeats = ("tiny", 2) if quick else ("ffhq-256", 3)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_paper_stage1_child, args=(preset, repeats, queue))
+    child.start()
+    r = queue.get(timeout=1800)
+    child.join()
+    return [emit({"figure": "stage1_paper_train_step", "preset": r["preset"], "resolution": r["resolution"],
+                  "code_shape": r["code_shape"], "parameters_m": r["parameters_m"], "batch": 1, "precision": "fp32",
+                  "seconds": rnd(r["seconds"]), "runs": r["runs"], "repeats": repeats,
+                  "threads": r["threads"], "peak_rss_mib": r["peak_rss_mib"],
+                  "model_and_imports_rss_mib": r["model_and_imports_rss_mib"], "goal": None, "met": None})]
+
+
 def figures(quick: bool = False) -> list[dict]:
     from training.trainer import keep_freed_memory
 
     keep_freed_memory()  # as the training scripts do (and for the reference alike: same process)
-    return stage2(quick) + paper_training(quick) + stage1(quick)
+    return stage2(quick) + paper_training(quick) + stage1(quick) + paper_stage1(quick)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .hub import resolve_folder
+from .hub import resolve_folder, upload_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -149,6 +150,43 @@ class PretrainedMixin:
         config = dataclasses.asdict(self.config)
         write_safetensors(tensors, path / WEIGHTS_NAME, metadata={"format": "pt"})
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    def hub_folder(self, folder: str | os.PathLike, repo_id: str | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
+        """What push_to_hub uploads, written into `folder`: save_pretrained's files and a short model card."""
+        folder = Path(folder)
+        self.save_pretrained(folder, dtype=dtype)
+        kind, name = type(self).__name__, repo_id or type(self).__name__
+        params = sum(p.numel() for p in self.parameters())
+        fields = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in dataclasses.asdict(self.config).items()
+                           if not isinstance(v, list) or len(v) <= 16)
+        (folder / "README.md").write_text(f"""---
+tags: [image-generation, rq-vae, rq-transformer]
+---
+# {name.split("/")[-1]}
+
+One {kind} ({params:,} parameters) of an RQ-VAE + RQ-Transformer image generator (Lee et al., "Autoregressive
+Image Generation using Residual Quantization", CVPR 2022). Weights are safetensors, the config JSON.
+
+```python
+from {type(self).__module__.split(".")[0]} import {kind}
+model = {kind}.from_pretrained("{repo_id or 'path/to/this/folder'}")
+```
+
+| config | value |
+|---|---|
+{fields}
+""", encoding="utf-8")
+        return folder
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
+                    commit_message: str | None = None, dtype: torch.dtype | None = None):
+        """Upload this model to Hub model repo `repo_id` (created if needed) as one commit of hub_folder's
+        files; `dtype` casts the stored weights. Returns the client's CommitInfo. Needs a write token."""
+        with tempfile.TemporaryDirectory(prefix="rq-model-") as tmp:
+            self.hub_folder(tmp, repo_id, dtype)
+            return upload_folder(tmp, repo_id, token=token, private=private,
+                                 commit_message=commit_message or f"Upload {type(self).__name__}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *,

@@ -136,6 +136,29 @@ def test_hub_folder_holds_the_pipeline_a_card_and_no_pickles(hub, tmp_path):
     assert (folder / "README.md").read_text() == "# tiny\n" and (folder / "examples" / "red.png").is_file()
 
 
+@pytest.mark.parametrize("part", ["rqvae", "transformer"])
+def test_a_single_model_round_trips_through_its_hub_folder(hub, tmp_path, part):
+    pipe, _, _ = hub
+    model = getattr(pipe, part)
+    folder = model.hub_folder(tmp_path / "up", repo_id="me/part", dtype=torch.float16)
+    card = (folder / "README.md").read_text()
+    kind = type(model).__name__
+    assert card.startswith("---\ntags:") and f'{kind}.from_pretrained("me/part")' in card and "| codebook_size |" in card
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    lay_out_hub_cache(tmp_path / "cache", "me/part", folder)  # as a Hub download would leave it
+    again = type(model).from_pretrained("me/part", local_files_only=True, cache_dir=tmp_path / "cache")
+    for name, t in model.state_dict().items():
+        expected = t.half().float() if t.is_floating_point() else t
+        assert torch.equal(again.state_dict()[name].float() if t.is_floating_point() else again.state_dict()[name],
+                           expected), name
+
+
+def test_push_to_hub_refuses_a_bad_repo_id_before_any_network(hub):
+    pipe, _, _ = hub
+    with pytest.raises(ValueError, match="repo_id must be 'user/name'"):
+        pipe.rqvae.push_to_hub("no-slash")
+
+
 def test_app_takes_a_repo_id(hub, monkeypatch, capsys):
     import app
 

@@ -217,9 +217,9 @@ def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, ca
           "--output_dir", str(out), *FAST2, "--max_train_steps", "1"])
     model = RQTransformer.from_pretrained(out / "rqtransformer")
     from rqtransformer.losses import per_depth_nll
-    from training.train_rqtransformer import encode_dataset
+    from training.encoding import encode_dataset
     codes, _ = encode_dataset(RQVAE.from_pretrained(vae_dir), vae_dir, image_folder(squares, 16), tmp_path / "c",
-                              False, False)
+                              False)
     expected = per_depth_nll(model, codes, torch.ones(len(codes), dtype=torch.long)).mean()
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["val/loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -192,7 +192,7 @@ def test_pipeline_and_app_refuse_a_pickled_pipeline(tmp_path):
 
 def test_pickled_perceptual_weights_and_code_cache_are_refused(tmp_path, image_dir, capsys):
     """The other two files the training scripts read: --perceptual_weights and stage 2's code cache."""
-    from training.train_rqtransformer import encode_dataset
+    from training.encoding import encode_dataset
     from training.train_rqvae import main
 
     marker = tmp_path / "pwned"
@@ -210,10 +210,10 @@ def test_pickled_perceptual_weights_and_code_cache_are_refused(tmp_path, image_d
     tiny_vae().eval().save_pretrained(vae_dir)
     vae = RQVAE.from_pretrained(vae_dir)
     dataset = image_folder(image_dir, vae.config.resolution)
-    codes, labels = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False, True)
+    codes, labels = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False)
     (cache,) = (tmp_path / "cache").glob("codes-*.safetensors")
     cache.write_bytes(evil_bytes(marker, "torch_zip"))  # a planted cache file is re-made, not unpickled
-    again, _ = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False, True)
+    again, _ = encode_dataset(vae, vae_dir, dataset, tmp_path / "cache", False)
     assert torch.equal(again, codes) and not marker.exists()
 
 

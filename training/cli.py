@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,12 +36,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+# the --dataset_name flags' defaults: any other value beside --data_dir is an error
+DATASET_DEFAULTS = dict(dataset_config_name=None, dataset_split="train", image_column="image", label_column=None,
+                        max_train_samples=None, validation_split=None, cache_dir=None)
+
+
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, lr: float,
                       output: str = "the final model", sub: str = "rqvae") -> None:
     """The accelerate-style flags both stages take; `output` says what the run leaves in --output_dir,
     `sub` which sub-folder of a pipeline folder --init_from takes."""
     g = parser.add_argument_group("training")
-    g.add_argument("--data_dir", required=True, help="ImageFolder tree: <data_dir>/<class>/<image>")
+    source = g.add_mutually_exclusive_group(required=True)  # exactly one: argparse says so otherwise
+    source.add_argument("--data_dir", "--train_data_dir", dest="data_dir",
+                        help="ImageFolder tree <data_dir>/<class>/<image>, or a captioned folder (a metadata.jsonl)")
+    source.add_argument("--dataset_name", default=None,
+                        help="a Hugging Face dataset instead of --data_dir: a Hub id (<user>/<name>), or a local "
+                             ".parquet file, folder of parquet files, imagefolder folder or save_to_disk folder")
     g.add_argument("--output_dir", required=True, help=f"checkpoints, logs, samples and {output}")
     g.add_argument("--train_batch_size", type=positive_int, default=batch_size)
     g.add_argument("--max_train_steps", type=positive_int, default=steps)
@@ -66,6 +77,35 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--hflip", action="store_true", help="random horizontal flips (augmentation)")
     g.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard")
+    g.add_argument("--ddp_timeout", type=positive_int, default=1800,
+                   help="seconds a process waits for the others under torchrun / accelerate launch before it "
+                        "gives up (one of them died or hangs)")
+    h = parser.add_argument_group("Hugging Face datasets (with --dataset_name, as in diffusers' training scripts)")
+    h.add_argument("--dataset_config_name", default=None, help="the dataset's config (subset), if it has several")
+    h.add_argument("--dataset_split", default=DATASET_DEFAULTS["dataset_split"], help="the split to train on")
+    h.add_argument("--image_column", default=DATASET_DEFAULTS["image_column"], help="the column holding the images")
+    h.add_argument("--label_column", default=None,
+                   help="class labels (a ClassLabel's names, else the sorted distinct values; an imagefolder's "
+                        "class sub-folders are 'label'); default: no classes")
+    h.add_argument("--max_train_samples", type=positive_int, default=None,
+                   help="train on N rows: the split shuffled with --seed, then the first N (as diffusers)")
+    h.add_argument("--validation_split", default=None,
+                   help="a held-out split of --dataset_name (e.g. test) for validation, instead of --validation_dir")
+    h.add_argument("--cache_dir", default=None, help="where datasets keeps downloads and its Arrow cache")
+
+
+def check_data_args(parser: argparse.ArgumentParser, args) -> None:
+    """argparse errors for data flags that do not go together."""
+    if not (args.data_dir or args.dataset_name):
+        parser.error("--data_dir / --dataset_name is empty")
+    if args.data_dir:
+        given = [name for name, default in DATASET_DEFAULTS.items() if getattr(args, name) != default]
+        if given:
+            parser.error(f"--{given[0]} needs --dataset_name (--data_dir is a folder)")
+    if args.validation_split and args.validation_dir:
+        parser.error("--validation_split and --validation_dir: give one")
+    if args.validation_split and args.validation_split == args.dataset_split:
+        parser.error(f"--validation_split {args.validation_split} is the training split: give a held-out one")
 
 
 def model_folder(value: str, flag: str, sub: str) -> Path:
@@ -134,3 +174,24 @@ def run_cli(main) -> None:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume_from_checkpoint latest", file=sys.stderr)
         raise SystemExit(130) from None
+    except RuntimeError as e:
+        lost = lost_contact(e)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def lost_contact(e: RuntimeError) -> str | None:
+    """One line for a collective that failed because another process died or hung (None for any other
+    error): the backend's own message is a C++ source location and a hint at "your code"."""
+    import torch.distributed as dist
+
+    text = str(e)
+    if not (dist.is_available() and dist.is_initialized()) or not any(
+            words in text for words in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])  # "[.../pair.cc:561] Timed out ..."
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with the others ({first.rstrip('.')}): "
+            f"one of them died, hangs, or kept this one waiting longer than --ddp_timeout; resume with "
+            f"--resume_from_checkpoint latest")

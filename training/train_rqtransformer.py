@@ -10,8 +10,12 @@ also take a pipeline folder (its rqvae/ or rqtransformer/), e.g. --rqvae weights
 
 Classes come from the ImageFolder sub-folder names and are saved with the model. The data set is
 encoded once with the frozen RQ-VAE and cached in --output_dir, keyed by the RQ-VAE weights and the
-image files, so re-runs and resumes skip it. Validation samples one fixed batch through RQPipeline: at
+image files, so re-runs and resumes skip it; under torchrun / accelerate launch each process encodes 1/N
+of it. Validation samples one fixed batch through RQPipeline: at
 most 16 classes spread evenly over all of them, one seed.
+
+A Hugging Face dataset (--dataset_name, as in diffusers' scripts) works too: classes from --label_column,
+captions from its --caption_column (text by default); its codes are keyed by the dataset's fingerprint.
 
 Text-to-image: a --data_dir with a metadata.jsonl (file_name + a caption column) trains a prompt-conditioned
 model; class sub-folders, if any, still give classes. A prompt tokenizer is trained on the training captions
@@ -23,22 +27,17 @@ up to 300 of them in rqtransformer/prompts.json (example prompts for the app).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from pipelines import RQPipeline
 from pipelines.inputs import check_options
-from rqcore.pretrained import WEIGHTS_NAME, write_safetensors
 from rqtransformer.losses import code_loss, per_depth_nll
 from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
 from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
@@ -48,6 +47,8 @@ from . import cli, trainer
 from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, caption_tokenizer, examples_first,
                        prompt_batch, spread, tokenize)
 from .data import METADATA, CaptionedImageFolder, any_image_folder, has_captions
+from .encoding import encode_dataset
+from .hf_data import hub_dataset, train_data
 
 
 GRID_CLASSES = 16  # the validation batch: however many classes the data has (at most GRID_IMAGES images)
@@ -97,6 +98,7 @@ def parse_args(argv=None):
     cli.add_training_args(p, batch_size=32, steps=20_000, lr=3e-4, sub="rqtransformer",
                           output="the final pipeline (rqvae/ + rqtransformer/ + pipeline.json)")
     args = p.parse_args(argv)
+    cli.check_data_args(p, args)
     if args.init_from:  # a pipeline folder: its rqtransformer/
         args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqtransformer"))
     args.config, args.config_flag = cli.config_source(args)
@@ -129,72 +131,21 @@ def validation_batch(num_classes: int, samples_per_class: int) -> tuple[list[int
     return labels, len(labels), per_class
 
 
-def cache_key(vae_dir: Path, dataset, hflip: bool, latents: bool = False, index: bool = False) -> str:
-    """Changes when the RQ-VAE weights, the image files, the flip setting or the cached content change."""
-    h = hashlib.sha256()
-    for name in ("config.json", WEIGHTS_NAME):
-        h.update((vae_dir / name).read_bytes())
-    for path, label in dataset.samples:
-        st = Path(path).stat()
-        h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"hflip={hflip}|classes={dataset.classes}".encode() + (b"|latents" if latents else b"")
-             + (b"|index" if index else b""))
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: bool, is_main_process: bool,
-                   latents: bool = False, index: bool = False):
-    """An image_folder dataset -> (codes [N,h,w,D] int64, labels [N]) + (latents [N,h,w,C] fp32,) with
-    `latents` + (index [N],) with `index`; from the cache when it is current. Latents (16 KB per 8x8x64
-    image) are what stochastic codes and soft labels are drawn from every step; codes are always the
-    deterministic ones. index: the item of `dataset` each row encodes (its flip too, with `hflip`).
-
-    Only the main process shows a progress bar and writes the cache (the others wait for it)."""
-    file = cache_dir / f"codes-{cache_key(vae_dir, dataset, hflip, latents, index)}.safetensors"
-    names = ("codes", "labels") + (("latents",) if latents else ()) + (("index",) if index else ())
-    if file.is_file():
-        try:
-            data = load_file(str(file))
-            return tuple(data[name].long() if name != "latents" else data[name] for name in names)
-        except (SafetensorError, OSError, KeyError):
-            pass  # unreadable cache: encode again
-    loader = DataLoader(dataset, batch_size=64, num_workers=0)
-    parts = {name: [] for name in names}
-    device = next(vae.parameters()).device
-    done = 0
-    for images, y, *_ in tqdm(loader, desc=f"encoding {Path(dataset.root).name}", disable=not is_main_process):
-        images = images.to(device)
-        for view in ([images, images.flip(-1)] if hflip else [images]):
-            z = vae.encode_latents(view)  # [B,h,w,C]
-            parts["codes"].append(vae.quantize_latents(z).cpu())  # the nearest codes, exactly encode()'s
-            parts["labels"].append(y)
-            if latents:
-                parts["latents"].append(z.cpu())
-            if index:
-                parts["index"].append(torch.arange(done, done + len(y)))
-        done += len(y)
-    data = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    if is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        dtype = torch.int16 if vae.config.codebook_size <= 32767 else torch.int32
-        write_safetensors({**data, "codes": data["codes"].to(dtype)}, file,
-                          metadata={"classes": json.dumps(dataset.classes), "data_dir": str(dataset.root)})
-    return tuple(data[name] for name in names)
-
-
 def load_data(args, resolution: int):
     """(train set, validation set or None): ImageFolders, or captioned folders (a metadata.jsonl), every
     image and caption checked before anything is encoded. Fills in the text defaults for captioned data."""
     column = args.caption_column or TEXT_DEFAULTS["caption_column"]
-    train_set = any_image_folder(args.data_dir, resolution, column)
+    train_set = train_data(args, resolution, column)
     if not isinstance(train_set, CaptionedImageFolder):
         given = [f"--{name}" for name in TEXT_DEFAULTS if getattr(args, name) is not None]
         if given:
-            raise ValueError(f"{given[0]} needs captions: --data_dir {args.data_dir} has no {METADATA}")
+            raise ValueError(f"{given[0]} needs captions: " + (f"--data_dir {args.data_dir} has no {METADATA}"
+                             if args.data_dir else f"--dataset_name {args.dataset_name} has no column '{column}'"))
     elif args.caption_dropout is None:
         args.caption_dropout = TEXT_DEFAULTS["caption_dropout"]
     val_set = None
+    if args.validation_split:  # a held-out split: captions required when training on them
+        val_set = hub_dataset(args, resolution, args.validation_split, isinstance(train_set, CaptionedImageFolder))
     if args.validation_dir:
         if isinstance(train_set, CaptionedImageFolder) and Path(args.validation_dir).is_dir() \
                 and not has_captions(args.validation_dir):
@@ -269,9 +220,9 @@ def main(argv=None):
     def encode(dataset, hflip: bool, latents: bool) -> list[torch.Tensor]:
         """[codes, labels, (text ids [N, L],) (latents,)], one row per image (view) and caption."""
         if not isinstance(dataset, CaptionedImageFolder):
-            return list(encode_dataset(vae, vae_dir, dataset, out, hflip, main_process, latents))
+            return list(encode_dataset(vae, vae_dir, dataset, out, hflip, accelerator, latents))
         images, image_of = dataset.images()  # each file encoded once, however many captions it has
-        codes, labels, *rest, index = encode_dataset(vae, vae_dir, images, out, hflip, main_process, latents,
+        codes, labels, *rest, index = encode_dataset(vae, vae_dir, images, out, hflip, accelerator, latents,
                                                      index=True)
         if tokenizer is None:  # a captioned validation folder of a model without text
             return [codes, labels, *rest]
@@ -279,9 +230,8 @@ def main(argv=None):
         rows, caps = caption_rows(index, image_of)
         return [codes[rows], labels[rows], ids[caps], *(r[rows] for r in rest)]
 
-    with accelerator.main_process_first():
-        val = encode(val_set, False, False) if val_set is not None else None
-        train_data = encode(train_set, args.hflip, drawn)
+    val = encode(val_set, False, False) if val_set is not None else None  # each process encodes 1/N
+    train_data = encode(train_set, args.hflip, drawn)
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
         val[1] = torch.tensor([classes.index(c) for c in val_set.classes])[val[1]]
     codes = train_data[0]

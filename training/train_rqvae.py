@@ -1,7 +1,8 @@
 """Train the RQ-VAE (stage 1) on an ImageFolder tree, or a captioned folder (a metadata.jsonl; its images
-may sit at the root): captions are not used here, stage 2 learns them.
+may sit at the root), or a Hugging Face dataset (--dataset_name): captions are not used here, stage 2 learns them.
 
     python -m training.train_rqvae --data_dir data/emoji/train --output_dir runs/rqvae --config emoji-64
+    python -m training.train_rqvae --dataset_name user/my-emoji --output_dir runs/rqvae --config emoji-64
     accelerate launch -m training.train_rqvae ...   # multi-GPU
 
 The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)): stage 2's --rqvae.
@@ -23,8 +24,9 @@ from rqvae.losses import RQVAELoss
 from rqvae.model import PRESETS, RQVAE, RQVAEConfig
 
 from . import cli, trainer
-from .data import CaptionedImageFolder, any_image_folder, fixed_images
+from .data import CaptionedImageFolder
 from .evaluate import evaluate_depths
+from .hf_data import train_data, validation_images
 
 
 def parse_args(argv=None):
@@ -35,8 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=cli.positive_int, default=None, help="override the config's")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=cli.positive_int, default=64)
-    p.add_argument("--caption_column", default="text",
-                   help="a captioned folder's caption column in metadata.jsonl (checked, not used here)")
+    p.add_argument("--caption_column", default=None,
+                   help="the caption column of a captioned folder's metadata.jsonl or of --dataset_name (default "
+                        "text; checked, not used here)")
     p.add_argument("--reconstruction_loss", choices=["l1", "l2"], default="l1")
     p.add_argument("--decoder_only", action="store_true",
                    help="with --init_from: train only the decoder; encoder and codebook stay frozen, so the "
@@ -50,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--disc_learning_rate", type=cli.positive_float, default=None)
     cli.add_training_args(p, batch_size=16, steps=20_000, lr=2e-4)
     args = p.parse_args(argv)
+    cli.check_data_args(p, args)
     if args.decoder_only and not args.init_from:
         p.error("--decoder_only needs --init_from: a trained encoder and codebook to keep")
     if args.init_from:  # a pipeline folder: its rqvae/
@@ -64,13 +68,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
-    dataset = any_image_folder(args.data_dir, config.resolution, args.caption_column)
+    dataset = train_data(args, config.resolution, args.caption_column or "text")
     if isinstance(dataset, CaptionedImageFolder):
         dataset = dataset.images()[0]  # each file once per epoch, however many captions it has
-    val_images = fixed_images(args.validation_dir or args.data_dir, config.resolution, args.num_validation_images,
-                              args.caption_column)
+    val_images = validation_images(args, dataset, config.resolution, args.num_validation_images,
+                                   args.caption_column or "text")
     accelerator = trainer.setup(args, "rqvae")
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=len(dataset) >= args.train_batch_size,
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                        drop_last=len(dataset) >= args.train_batch_size,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=args.num_workers > 0,
                         # own generator: creating an iterator must not draw from the global RNG (exact resume)
@@ -96,8 +101,8 @@ def main(argv=None):
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     models = [model]
     if criterion.discriminator is not None:
-        d_opt = torch.optim.AdamW(criterion.discriminator.parameters(), lr=args.disc_learning_rate or args.learning_rate,
-                                  betas=(0.5, 0.9))
+        d_opt = torch.optim.AdamW(criterion.discriminator.parameters(),
+                                  lr=args.disc_learning_rate or args.learning_rate, betas=(0.5, 0.9))
         criterion.discriminator, d_opt = accelerator.prepare(criterion.discriminator, d_opt)
         models.append(criterion.discriminator)
     raw = accelerator.unwrap_model(model)

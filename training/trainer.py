@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -11,12 +12,14 @@ import os
 import platform
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, gather_object,
+                               set_seed)
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -76,7 +79,8 @@ def resolve_precision(choice: str, device: torch.device) -> tuple[str, str]:
     if choice != "auto":
         return choice, f"mixed precision: {choice} (as asked)"
     if native_bf16(device):
-        return "bf16", f"mixed precision: bf16 autocast ({device.type} multiplies bf16 natively; --mixed_precision no for fp32)"
+        return "bf16", (f"mixed precision: bf16 autocast ({device.type} multiplies bf16 natively; "
+                        "--mixed_precision no for fp32)")
     return "no", (f"mixed precision: none, fp32 ({device.type} has no native bf16, where bf16 would be emulated "
                   f"and slower; --mixed_precision bf16 to force it)")
 
@@ -94,11 +98,20 @@ def setup(args, project: str) -> Accelerator:
     # (a notebook, the tests) starts afresh; the distributed process state (PartialState) is kept
     AcceleratorState._reset_state()
     accelerator = Accelerator(
+        # without cpu=True, accelerate on a machine without GPUs treats each of N launched processes as
+        # alone (no gradient sync, every one the main process); with it they form a gloo group
+        cpu=device.type == "cpu",
+        # a process that waits longer than this for the others (one died, hung or was killed) gives up
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # schedules count optimizer steps: accelerate would step them once per process (N times as fast)
+        step_scheduler_with_optimizer=False,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / "logs")),
+        # one data order on every process, whatever its own seed: each takes its share of one permutation
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     keep_freed_memory()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
@@ -110,7 +123,13 @@ def setup(args, project: str) -> Accelerator:
         logger.warning("--mixed_precision fp16 has no effect on CPU: training runs in fp32 "
                        "(use bf16 where the CPU supports it)")
     accelerator.print(precision_notice)
-    set_seed(args.seed)
+    if accelerator.num_processes > 1:
+        accelerator.print(f"{accelerator.num_processes} processes ({accelerator.distributed_type.value}, backend "
+                          f"{accelerator.state.backend}): global batch {args.train_batch_size} x "
+                          f"{accelerator.num_processes} x {args.gradient_accumulation_steps} accumulation")
+    # process 0 keeps the single-process seed; the others draw other dropout and augmentation (their
+    # initial weights differ too, but prepare() gives every process process 0's)
+    set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -195,6 +214,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         state = {"step": step}
         if ema is not None:
@@ -253,6 +273,28 @@ def resume(accelerator: Accelerator, args, ema: EMA | None = None) -> int:
     return step
 
 
+def check_replicas(accelerator: Accelerator, models, ema: EMA | None, step: int) -> None:
+    """Every process must hold the same weights and buffers, the codebooks included (their EMA statistics
+    are all-reduced in the forward pass, not broadcast from process 0), and the same EMA weights.
+    Compared by digest; a difference means the processes diverged and the saved model would be process
+    0's alone, so it stops the run."""
+    if accelerator.num_processes == 1:
+        return
+    tensors = {f"{i}.{name}": t for i, model in enumerate(models)
+               for name, t in accelerator.unwrap_model(model).state_dict().items()}
+    tensors.update({f"ema.{name}": t for name, t in (ema.shadow.items() if ema is not None else ())})
+    digests = {name: hashlib.blake2b(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                                     digest_size=16).hexdigest() for name, t in tensors.items()}
+    everyone = gather_object([digests])
+    for rank, other in enumerate(everyone[1:], 1):
+        differ = [name for name in digests if other.get(name) != everyone[0].get(name)]
+        if differ:
+            raise RuntimeError(f"step {step}: process {rank} holds other values than process 0 in {len(differ)} of "
+                               f"{len(digests)} tensors (first: {differ[0]}): the processes diverged")
+    accelerator.print(f"step {step}: weights, buffers (codebooks included) and EMA weights identical on all "
+                      f"{accelerator.num_processes} processes")
+
+
 def batches(loader, accelerator: Accelerator, start_step: int, accumulation: int):
     """Endless stream of batches that continues the exact data order after a resume."""
     consumed = start_step * accumulation
@@ -269,8 +311,8 @@ def optimizer_step(accelerator, loss, params, optimizer, scheduler, max_grad_nor
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
+    optimizer.step()  # skipped by accelerate while accumulating
+    if scheduler is not None and accelerator.sync_gradients:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -311,6 +353,8 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
                 with tqdm.external_write_mode():  # its printed line goes above the bar, not into it
                     evaluate(step)
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                with tqdm.external_write_mode():
+                    check_replicas(accelerator, models, ema, step)
                 save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
             if step >= args.max_train_steps:
                 break
