@@ -252,9 +252,10 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         progress(0, desc="Sampling")
         with user_errors():
+            # latest_only: previews never hold sampling back (a slow CPU or browser sees fewer of them)
             for i, out in enumerate(pipe.stream(labels, pick_prompt(prompt), num_images, temperature,
                                                 generator=generator, guidance_scale=guidance_scale,
-                                                **sampling_filters(top_k, top_p))):
+                                                latest_only=True, **sampling_filters(top_k, top_p))):
                 if i == 0:
                     warn_truncated(pipe, out)
                 progress(out.done, desc="Sampling" if out.done < 1 else "Done")

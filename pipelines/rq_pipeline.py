@@ -9,6 +9,7 @@ generate() checks the sampling options and tensor invariants.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -292,25 +293,32 @@ class RQPipeline:
     def stream(self, class_labels=None, prompt: str | list[str] | None = None, num_images: int | None = None,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
-               output_type: str = "pil", every: int | None = None):
+               output_type: str = "pil", every: int | None = None, latest_only: bool = False):
         """Like __call__, but yields a preview after every `every` positions (default: every code row):
         sampled positions decoded, the rest grey. The last item is the final output (done == 1).
-        Closing the stream early stops the sampling."""
+        Closing the stream early stops the sampling.
+
+        latest_only=True (what the app uses): sampling never waits for the consumer. Each preview shows
+        the newest rows, previews the consumer was too busy to take are skipped, and the final output
+        comes as soon as sampling ends. A slow consumer then sees fewer previews, not a slower answer."""
         kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
                                              output_type, 3, temperature=temperature, top_k=top_k, top_p=top_p)
         w = self.rqvae.code_shape[1]
         if every is not None and not (is_whole(every) and every >= 1):
             raise ValueError(f"every must be a positive whole number of positions (None: every code row, {w}), "
                              f"got {every!r}")
-        yield from self._sample(kwargs, meta, output_type, every=int(every or w))
+        if not isinstance(latest_only, bool):
+            raise ValueError(f"latest_only must be True or False, got {latest_only!r}")
+        yield from self._sample(kwargs, meta, output_type, every=int(every or w), latest_only=latest_only)
 
-    def _sample(self, kwargs: dict, meta: dict, output_type: str, every: int | None = None):
+    def _sample(self, kwargs: dict, meta: dict, output_type: str, every: int | None = None,
+                latest_only: bool = False):
         """generate(**kwargs), decoded; with `every`, previews first (sampling then runs in a thread).
         meta: the outputs' class_labels, prompts and truncated_prompts."""
         if every is None:
             codes = self.transformer.generate(**kwargs)
         else:
-            for step, partial in self._sample_in_thread(kwargs, every):
+            for step, partial in self._sample_in_thread(kwargs, every, latest_only):
                 if step is None:
                     codes = partial
                     break
@@ -319,11 +327,12 @@ class RQPipeline:
             images = self.rqvae.decode(codes)
         yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta)
 
-    def _sample_in_thread(self, kwargs, every: int):
+    def _sample_in_thread(self, kwargs, every: int, latest_only: bool = False):
         """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes).
 
         The queue holds one item, so the worker runs at most a preview ahead of the consumer: when the
-        consumer stops (closes the stream, or drops it), sampling stops within a preview."""
+        consumer stops (closes the stream, or drops it), sampling stops within a preview. latest_only:
+        the worker replaces an untaken item instead of waiting, and stops at its next position."""
         h, w, _ = self.rqvae.code_shape
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
@@ -332,13 +341,22 @@ class RQPipeline:
             if stop.is_set():
                 raise _Cancelled  # the consumer went away: stop sampling early
             if step % every == 0 and step < h * w:
-                q.put((step, codes))
+                hand_over((step, codes))
+
+        def hand_over(item):
+            while latest_only:  # the worker alone puts: this ends after at most one stale item is dropped
+                try:
+                    return q.put_nowait(item)
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        q.get_nowait()
+            q.put(item)
 
         def work():
             try:
-                q.put((None, self.transformer.generate(**kwargs, callback=callback)))
+                hand_over((None, self.transformer.generate(**kwargs, callback=callback)))
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-                q.put((e, None))
+                hand_over((e, None))
 
         thread = threading.Thread(target=work, name=SAMPLING_THREAD, daemon=True)
         thread.start()

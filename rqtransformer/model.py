@@ -395,6 +395,10 @@ class RQTransformer(PretrainedMixin, nn.Module):
         codes are the same as without compiling.
         """
         options = {"dynamic": True, **options}
+        if self.head.weight.device.type == "cpu" and not {"mode", "options"} & options.keys():
+            # inductor's vectorized C++ for dynamic shapes wrote garbage into the KV caches at one thread
+            # with AVX2 kernels (torch 2.14; the app samples small batches at one thread): scalar C++ is right
+            options["options"] = {"cpp.simdlen": 0}
         self.spatial_transformer = torch.compile(self.spatial_transformer, **options)
         self.depth_transformer = torch.compile(self.depth_transformer, **options)
         return self

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -15,7 +16,7 @@ from pipelines.rq_pipeline import SAMPLING_THREAD
 from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
 
-from conftest import CLASSES, gen, tiny_pipeline, tiny_text_pipeline
+from conftest import BUNDLED, CLASSES, gen, tiny_pipeline, tiny_text_pipeline
 
 
 def test_generate_outputs(pipe):
@@ -77,6 +78,28 @@ def test_stream_yields_previews_then_the_same_final_images(pipe):
     assert torch.equal(previews[1].codes[:, :2], final.codes[:, :2])
 
 
+def test_latest_only_stream_skips_previews_a_busy_consumer_missed(pipe):
+    """The app's mode: sampling never waits for the consumer, and the previews it was too busy to take
+    are replaced by newer ones (here by the final output); the images are those of a plain call."""
+    final = pipe("squares", num_images=2, generator=gen(3), output_type="pt")
+    stream = pipe.stream("squares", num_images=2, generator=gen(3), output_type="pt", latest_only=True)
+    items = [next(stream)]
+    for _ in range(1200):  # a busy consumer: the worker samples every row meanwhile, waiting for no one
+        if SAMPLING_THREAD not in [t.name for t in threading.enumerate()]:
+            break
+        time.sleep(0.1)
+    items += list(stream)
+    assert [p.done for p in items][-1] == 1.0 and len(items) <= 2  # without latest_only: 4 items
+    assert torch.equal(items[-1].codes, final.codes)
+    torch.testing.assert_close(items[-1].images, final.images)
+    closed = pipe.stream("squares", generator=gen(0), latest_only=True)
+    next(closed)
+    closed.close()
+    assert SAMPLING_THREAD not in [t.name for t in threading.enumerate()]
+    with pytest.raises(ValueError, match="latest_only must be True or False"):
+        next(pipe.stream("squares", latest_only="yes"))
+
+
 def test_num_images_repeats_one_label_and_must_match_several(pipe):
     assert pipe("stars").class_labels == [2]  # default: one image per label
     assert pipe("stars", num_images=3).class_labels == [2, 2, 2]
@@ -124,8 +147,10 @@ def test_reconstruction_error_falls_with_depth(image_dir, trained_tiny_vae):
     rec = p.reconstruct(pil)
     assert len(rec.images) == 2 and rec.codes.shape == (2, 2, 2) and len(rec.psnr) == 2
     assert rec.input_image.size == rec.images[0].size == (16, 16)
-    mean = np.mean([p.reconstruct(Image.open(f)).psnr for f in files], axis=0)
-    assert mean[0] + 0.1 < mean[1], mean  # on average over the images the model was fitted to
+    # PSNR rises with depth on the shipped model's held-out examples (a tiny model's second depth may not help)
+    bundled = RQPipeline.from_pretrained(BUNDLED, device="cpu")
+    psnr = np.array([bundled.reconstruct(Image.open(f)).psnr for f in sorted((BUNDLED / "examples").glob("*.png"))])
+    assert psnr.shape == (5, 4) and (np.diff(psnr, axis=1) > 0.3).all(), psnr  # [image, depth]
     # unconditional models generate without labels and refuse them
     assert len(p(num_images=2, generator=gen(0)).images) == 2
     with pytest.raises(ValueError, match="unconditional"):

@@ -1,5 +1,6 @@
 """RQ-Transformer: causality, one forward with and without KV caches, cached vs uncached sampling, CFG,
 prefixes, overfitting, save/load."""
+import copy
 import json
 import threading
 
@@ -494,16 +495,21 @@ def test_draw_is_torch_multinomial():
         assert chosen.shape == (64, 1) and (chosen != 3).all()
 
 
-def test_compiled_steps_sample_the_same_codes():
-    """compile_steps (the GPU option), exercised on CPU with the smallest model: same codes as eager."""
+def test_compiled_steps_sample_greedily_like_eager():
+    """compile_steps (the GPU option), exercised on CPU with the smallest model: greedy sampling through the
+    compiled per-token calls picks, at every position, the best code of eager teacher forcing. (Not equal
+    codes: compiled kernels round differently, and on some CPUs that flips near-ties.)"""
     torch.manual_seed(0)
     config = RQTransformerConfig(codebook_size=8, code_shape=(2, 2, 2), dim=16, heads=2, spatial_layers=1,
                                  depth_layers=1, num_classes=2, dropout=0.0)
     model = RQTransformer(config).eval()
-    kwargs = dict(class_labels=labels(0, 1), guidance_scale=2.0, top_k=1)  # greedy: robust to rounding
-    eager = model.generate(**kwargs, generator=torch.Generator().manual_seed(3))
-    compiled = model.compile_steps().generate(**kwargs, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(compiled, eager)
+    compiled = copy.deepcopy(model).compile_steps()
+    lab = labels(0, 1)
+    codes = compiled.generate(class_labels=lab, top_k=1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(codes, lab)  # [2, h, w, D, K], eager
+    chosen = logits.gather(-1, codes[..., None])[..., 0]
+    assert (logits.amax(-1) - chosen).max() < 1e-4  # the argmax everywhere, up to rounding
 
 
 @pytest.mark.parametrize("n", [1, 4, SHORT_SEQUENCE, SHORT_SEQUENCE + 1, 100])
