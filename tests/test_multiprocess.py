@@ -251,7 +251,7 @@ with torch.no_grad():
 try:
     check_replicas(accelerator, [model], None, step=8)
 except RuntimeError as e:
-    print("caught:", e)
+    print(f"caught: {e}")  # one write: both processes share the pipe, unbuffered
 """
 
 
