@@ -32,7 +32,8 @@ from bench.common import REPEATS, emit, parse_args, proc_status_mib, rnd, run_ma
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PREVIEW_GOAL_S = 0.5
+# issue 19, on any 2-core CPU: ready <= 8 s, first preview <= 0.2 s, whole answer (4 images) <= 0.6 s
+STARTUP_GOAL_S, PREVIEW_GOAL_S, ANSWER_GOAL_S = 8.0, 0.2, 0.6
 NAMES = ("app_startup", "app_first_preview", "app_generation", "peak_rss_app")
 OPTIONS = {"weights": "weights/emoji-64", "api_name": "/generate", "app_kwargs": {}, "timeout": 300.0}
 
@@ -129,8 +130,9 @@ def serve_and_measure(weights: Path, tmp: Path, quick: bool, o: dict) -> list[di
     try:
         url = f"http://127.0.0.1:{port}/"
         startup = wait_http(url, proc, o["timeout"], t0)
-        out.append(emit({"figure": "app_startup", "seconds": rnd(startup), "command": "python app.py --weights "
-                         + o["weights"], "goal": None, "met": None}))
+        out.append(emit(with_goal({"figure": "app_startup", "seconds": rnd(startup),
+                                   "command": "python app.py --weights " + o["weights"]},
+                                  f"<= {STARTUP_GOAL_S:g} s", startup <= STARTUP_GOAL_S)))
         client = Client(url, verbose=False, analytics_enabled=False, download_files=False)  # fetched like a browser
         cold = one_generation(client, o["api_name"], o["app_kwargs"])
         out.append(emit({"figure": "peak_rss_app", "peak_rss_mib": round(proc_status_mib("VmHWM", proc.pid), 1),
@@ -143,9 +145,10 @@ def serve_and_measure(weights: Path, tmp: Path, quick: bool, o: dict) -> list[di
                                    "runs": [rnd(r["first"]) for r in runs], "cold_seconds": rnd(cold["first"]),
                                    "message_seconds": rnd(statistics.median(r["first_message"] for r in runs)),
                                    **common}, f"<= {PREVIEW_GOAL_S:g} s", first <= PREVIEW_GOAL_S)))
-        out.append(emit({"figure": "app_generation", "seconds": rnd(statistics.median(r["total"] for r in runs)),
-                         "runs": [rnd(r["total"]) for r in runs], "cold_seconds": rnd(cold["total"]), **common,
-                         "goal": None, "met": None}))
+        total = statistics.median(r["total"] for r in runs)
+        out.append(emit(with_goal({"figure": "app_generation", "seconds": rnd(total),
+                                   "runs": [rnd(r["total"]) for r in runs], "cold_seconds": rnd(cold["total"]),
+                                   **common}, f"<= {ANSWER_GOAL_S:g} s", total <= ANSWER_GOAL_S)))
     except Exception as e:  # noqa: BLE001 - report, never crash the whole suite
         tail = log_path.read_text().strip().splitlines()[-3:]
         done = {r["figure"] for r in out}
