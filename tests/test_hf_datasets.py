@@ -177,3 +177,25 @@ def test_empty_split_and_no_datasets_package(hub, tmp_path, capsys, monkeypatch)
     assert "split train is empty" in error(str(tmp_path / "empty.parquet"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed: import fails
     assert "needs the datasets package: pip install 'datasets>=3'" in error(str(parquet))
+
+
+def test_odd_columns_and_a_saved_empty_split(hub, tmp_path, capsys):
+    """A 'text' column that is not captions is ignored unless asked for; labels must be strings or whole
+    numbers; a save_to_disk folder whose other split is empty still loads the asked one."""
+    parquet, _, cache = hub
+    rows = datasets.load_dataset(str(parquet), split="train", cache_dir=str(cache))
+    ints = rows.remove_columns("text").add_column("text", list(range(len(rows))))  # not captions
+    ints.to_parquet(str(tmp_path / "ints.parquet"))
+    args = train_rqvae.parse_args(["--dataset_name", str(tmp_path / "ints.parquet"), "--output_dir", str(tmp_path)])
+    assert not isinstance(hub_dataset(args, 16, "train", check=False), CaptionedImageFolder)
+    listed = rows.remove_columns("label").add_column("label", [[i] for i in range(len(rows))])
+    listed.to_parquet(str(tmp_path / "listed.parquet"))
+    args = train_rqvae.parse_args(["--dataset_name", str(tmp_path / "listed.parquet"), "--output_dir",
+                                   str(tmp_path), "--label_column", "label"])
+    with pytest.raises(ValueError, match="--label_column 'label' must hold strings or whole numbers"):
+        hub_dataset(args, 16, "train", check=False)
+    datasets.DatasetDict(train=rows, test=rows.select([])).save_to_disk(str(tmp_path / "saved"))
+    args = train_rqvae.parse_args(["--dataset_name", str(tmp_path / "saved"), "--output_dir", str(tmp_path)])
+    assert len(hub_dataset(args, 16, "train", check=False)) == len(rows)
+    with pytest.raises(ValueError, match="split test is empty"):
+        hub_dataset(args, 16, "test", check=False)

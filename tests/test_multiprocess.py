@@ -117,6 +117,16 @@ def test_stage1_replicas_rank0_writes_and_exact_resume(tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first), name
 
 
+def test_fewer_images_than_the_global_batch_still_train(tmp_path):
+    """3 images, batch 2 per process, 2 processes: no process may be left without a batch (it was, when
+    drop_last looked at one process's batch: a ZeroDivisionError)."""
+    images = make_image_folder(tmp_path / "images", per_class=1, classes=("circles", "squares", "stars"))
+    text = torchrun("training.train_rqvae", ["--data_dir", str(images), "--config", "tiny", "--train_batch_size", "2",
+                                             "--num_validation_images", "2", *COMMON, "--report_to", "none",
+                                             "--output_dir", str(tmp_path / "out")], tmp_path / "a.log")
+    assert "3 images" in text and '{"step": 4' in text and (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_stage1_two_processes_equal_one_with_accumulation(tmp_path, capsys):
     from training.train_rqvae import main
 

@@ -239,7 +239,7 @@ def test_captions_needed_where_the_options_ask_for_them(vae_dir, image_dir, tmp_
     assert f"--validation_dir {image_dir} has no metadata.jsonl: the held-out loss of a caption model" in err
     root_only = make_colour_folder(tmp_path / "flat", per_caption=1)  # captioned, no class folders
     err = run([*base, "--data_dir", str(data), "--validation_dir", str(root_only)], capsys)
-    assert "has no class sub-folders but --data_dir has classes ['circles', 'squares']" in err
+    assert "has no classes but --data_dir" in err and "has classes ['circles', 'squares']" in err
     err = run([*base, "--data_dir", str(data), "--text_vocab_size", "100"], capsys, one_line=False)
     assert "--text_vocab_size must be at least 257" in err
     err = run([*base, "--data_dir", str(data), "--caption_dropout", "1"], capsys, one_line=False)
@@ -305,7 +305,7 @@ def test_init_from_refuses_text_and_class_models_for_each_other(vae_dir, image_d
     assert f"--init_from {text} is a text-conditioned model but --data_dir {image_dir} has no captions" in err
     err = run([*base, "--data_dir", str(data), "--output_dir", str(tmp_path / "o2"), "--init_from", str(classes)],
               capsys)
-    assert f"--init_from {classes} has no text conditioning but --data_dir is captioned" in err
+    assert f"--init_from {classes} has no text conditioning but --data_dir" in err and "is captioned" in err
     err = run([*base, "--data_dir", str(data), "--output_dir", str(tmp_path / "o3"), "--init_from", str(text),
                "--text_vocab_size", "500"], capsys)
     assert "brings its own tokenizer: drop --text_vocab_size" in err

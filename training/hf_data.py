@@ -84,6 +84,8 @@ def load_split(name: str, config: str | None, split: str, cache_dir: str | None,
     if path.is_file() and path.suffix != ".parquet":
         raise ValueError(f"--dataset_name {name}: a single file must be .parquet (or pass its folder)")
     try:
+        if (path / "dataset_dict.json").is_file() and (path / split / "state.json").is_file():
+            return datasets.load_from_disk(str(path / split))  # only this split: another may be empty
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():  # save_to_disk
             saved = datasets.load_from_disk(str(path))
             if isinstance(saved, datasets.DatasetDict):
@@ -110,6 +112,10 @@ def load_split(name: str, config: str | None, split: str, cache_dir: str | None,
             raise ValueError(f"--dataset_name {name} split {split} is empty") from None
         what = f"{flag} {split}" if "split" in str(e).lower() else f"--dataset_name {name}"
         raise ValueError(f"{what}: {str(e).splitlines()[0]}") from None
+    except IndexError:  # datasets' words for a saved split without rows
+        raise ValueError(f"--dataset_name {name} split {split} is empty") from None
+    except RuntimeError as e:  # e.g. "Dataset scripts are no longer supported"
+        raise ValueError(f"--dataset_name {name}: {str(e).splitlines()[0]}") from None
     except datasets.exceptions.DatasetsError as e:  # e.g. a file that is not parquet: the cause says why
         why = e.__cause__ or e
         raise ValueError(f"--dataset_name {name}: {type(why).__name__}: {str(why).splitlines()[0]}") from None
@@ -136,7 +142,10 @@ def hub_dataset(args, resolution: int, split: str, need_captions: bool = False, 
     for option, column in wanted:
         if column is not None and column not in columns:
             raise ValueError(f"{where} has no column '{column}' ({option}); its columns: {shown}")
-    captioned = caption_column in columns
+    # the default 'text' column counts as captions only where it holds strings (it may be something else)
+    captioned = caption_column in columns and (
+        bool(args.caption_column) or need_captions
+        or getattr(ds.features[caption_column], "dtype", None) in ("string", "large_string"))
     if limit is not None and limit < len(ds):
         ds = ds.shuffle(seed=args.seed).select(range(limit))
     feature = ds.features[args.image_column]  # an Image, or the {bytes, path} struct other tools write
@@ -151,6 +160,9 @@ def hub_dataset(args, resolution: int, split: str, need_captions: bool = False, 
             raise ValueError(f"{where}: --label_column '{args.label_column}' has rows without a label")
         if isinstance(feature, datasets.ClassLabel):
             classes, targets = list(feature.names), values
+        elif not all(isinstance(v, (str, int)) for v in values) or len({type(v) for v in values}) > 1:
+            raise ValueError(f"{where}: --label_column '{args.label_column}' must hold strings or whole numbers "
+                             f"(one kind), got {feature}")
         else:  # plain strings or ints: their sorted distinct values are the class names
             names = sorted(set(values))
             index = {v: i for i, v in enumerate(names)}

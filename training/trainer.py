@@ -343,10 +343,14 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
             progress.update(1)
             if step % args.logging_steps == 0 or step == args.max_train_steps:
                 logs = {k: float(v) for k, v in logs.items()}
-                for key, value in logs.items():
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"{key} became {value} at step {step}; lower --learning_rate "
-                                                 f"or resume from an earlier checkpoint")
+                bad = [f"{k} became {v}" for k, v in logs.items() if not math.isfinite(v)]
+                if accelerator.num_processes > 1:  # all stop, not only the one that saw it (the rest would wait)
+                    flag = torch.tensor([float(bool(bad))], device=accelerator.device)
+                    if accelerator.reduce(flag, "sum").item() and not bad:
+                        bad = ["the loss of another process became non-finite"]
+                if bad:
+                    raise FloatingPointError(f"{bad[0]} at step {step}; lower --learning_rate or resume from "
+                                             f"an earlier checkpoint")
                 accelerator.log(logs, step=step)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
             if evaluate is not None and step % args.validation_steps == 0 and step < args.max_train_steps:
