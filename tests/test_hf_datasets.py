@@ -176,7 +176,7 @@ def test_empty_split_and_no_datasets_package(hub, tmp_path, capsys, monkeypatch)
 
     assert "split train is empty" in error(str(tmp_path / "empty.parquet"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed: import fails
-    assert "needs the datasets package: pip install 'datasets>=3'" in error(str(parquet))
+    assert "needs the datasets package: pip install 'datasets>=4'" in error(str(parquet))
 
 
 def test_odd_columns_and_a_saved_empty_split(hub, tmp_path, capsys):

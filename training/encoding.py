@@ -54,8 +54,9 @@ def encode_dataset(vae: RQVAE, vae_dir: Path, dataset, cache_dir: Path, hflip: b
     names = ("codes", "labels") + (("latents",) if latents else ()) + (("index",) if index else ())
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     cached = file.is_file()
-    if world > 1:  # one decision for all, as they encode together (a shared file system may lag)
-        cached = broadcast_object_list([cached])[0]
+    if world > 1:  # process 0's file and decision for all, as they encode together (a shared file system
+        # may lag, and nodes with their own copy of the data may see other file times, hence other keys)
+        file, cached = broadcast_object_list([file, cached])
     if cached:
         try:
             data = load_file(str(file))

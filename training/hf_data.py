@@ -76,7 +76,7 @@ def load_split(name: str, config: str | None, split: str, cache_dir: str | None,
     try:
         import datasets
     except ImportError:
-        raise ValueError("--dataset_name needs the datasets package: pip install 'datasets>=3'") from None
+        raise ValueError("--dataset_name needs the datasets package: pip install 'datasets>=4'") from None
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".parquet")
     if not path.exists() and looks_local:
