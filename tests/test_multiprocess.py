@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder
+from conftest import free_port, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -273,3 +273,26 @@ def test_replica_check_catches_diverged_processes(tmp_path):
     assert "step 7: weights, buffers (codebooks included) and EMA weights identical on all 2 processes" in out
     assert out.count("caught: step 8: process 1 holds other values than process 0 in 1 of 3 tensors "
                      "(first: 0.weight): the processes diverged") == 2  # every process stops
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation", True),
+    ("Application timeout caused pair closure", True),
+    ("[pair.cc:598] Connection closed by peer [127.0.0.1]:29500", True),
+    ("Expected all tensors to be on the same device", False),
+])
+def test_the_backends_words_for_a_lost_peer_become_one_line(message, lost):
+    """gloo says "lost peer" in several ways (one of them seen only on some machines); other errors stay."""
+    import torch.distributed as dist
+
+    from training.cli import lost_contact
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        line = lost_contact(RuntimeError(message))
+    finally:
+        dist.destroy_process_group()
+    assert (line is not None) == lost
+    if lost:
+        assert line.startswith("process 0 of 1 lost contact with the others (") and "pair.cc" not in line
+        assert line.endswith("resume with --resume_from_checkpoint latest")

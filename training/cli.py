@@ -188,8 +188,9 @@ def lost_contact(e: RuntimeError) -> str | None:
     import torch.distributed as dist
 
     text = str(e)
-    if not (dist.is_available() and dist.is_initialized()) or not any(
-            words in text for words in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
+    # gloo's words vary: "Timed out waiting ...", "Application timeout caused pair closure", "Connection ..."
+    signs = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset")
+    if not (dist.is_available() and dist.is_initialized()) or not any(w in text.lower() for w in signs):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])  # "[.../pair.cc:561] Timed out ..."
     return (f"process {dist.get_rank()} of {dist.get_world_size()} lost contact with the others ({first.rstrip('.')}): "
