@@ -222,11 +222,8 @@ def paper_stage1(quick: bool) -> list[dict]:
     child.start()
     r = queue.get(timeout=1800)
     child.join()
-    return [emit({"figure": "stage1_paper_train_step", "preset": r["preset"], "resolution": r["resolution"],
-                  "code_shape": r["code_shape"], "parameters_m": r["parameters_m"], "batch": 1, "precision": "fp32",
-                  "seconds": rnd(r["seconds"]), "runs": r["runs"], "repeats": repeats,
-                  "threads": r["threads"], "peak_rss_mib": r["peak_rss_mib"],
-                  "model_and_imports_rss_mib": r["model_and_imports_rss_mib"], "goal": None, "met": None})]
+    return [emit({"figure": "stage1_paper_train_step", **r, "batch": 1, "precision": "fp32",
+                  "seconds": rnd(r["seconds"]), "repeats": repeats, "goal": None, "met": None})]
 
 
 def figures(quick: bool = False) -> list[dict]:

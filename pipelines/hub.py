@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rqcore.hub import upload_folder
+from rqcore.hub import push_written
 
 CARD_NAME = "README.md"
 PAPER = 'Lee et al., "Autoregressive Image Generation using Residual Quantization", CVPR 2022, arXiv 2203.01941'
@@ -87,6 +86,5 @@ def push_to_hub(pipe, repo_id: str, token: str | None = None, private: bool = Fa
     """Upload the pipeline to Hub model repo `repo_id` (created if needed, `private` then), as one commit of
     hub_folder's files; `dtype` (e.g. torch.float16) casts the stored weights. Returns the client's
     CommitInfo. Needs a write token: `token=` or a login."""
-    with tempfile.TemporaryDirectory(prefix="rqpipeline-") as tmp:
-        hub_folder(pipe, tmp, repo_id, dtype)
-        return upload_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
+    return push_written(lambda folder: hub_folder(pipe, folder, repo_id, dtype), repo_id, token=token,
+                        private=private, commit_message=commit_message)

@@ -7,6 +7,7 @@ safetensors, the model card and example images are fetched: nothing that could b
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # What a saved model or pipeline folder holds (rqvae/, rqtransformer/, pipeline.json, prompts.json,
@@ -101,6 +102,15 @@ def hub_error_message(repo_id: str, revision: str | None, local_files_only: bool
                 "(or proxy) and try again, or pass a local folder")
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{what} could not be loaded ({type(e).__name__}: {first[:200]}): check the network, or pass a local folder"
+
+
+def push_written(write, repo_id: str, *, token: str | None = None, private: bool = False,
+                 commit_message: str = "Upload RQPipeline"):
+    """push_to_hub of a model or a pipeline: `write(folder)` fills a fresh temporary folder, which is then
+    uploaded by upload_folder."""
+    with tempfile.TemporaryDirectory(prefix="rq-upload-") as tmp:
+        write(tmp)
+        return upload_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,

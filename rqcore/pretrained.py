@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .hub import resolve_folder, upload_folder
+from .hub import push_written, resolve_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -183,10 +182,8 @@ model = {kind}.from_pretrained("{repo_id or 'path/to/this/folder'}")
                     commit_message: str | None = None, dtype: torch.dtype | None = None):
         """Upload this model to Hub model repo `repo_id` (created if needed) as one commit of hub_folder's
         files; `dtype` casts the stored weights. Returns the client's CommitInfo. Needs a write token."""
-        with tempfile.TemporaryDirectory(prefix="rq-model-") as tmp:
-            self.hub_folder(tmp, repo_id, dtype)
-            return upload_folder(tmp, repo_id, token=token, private=private,
-                                 commit_message=commit_message or f"Upload {type(self).__name__}")
+        return push_written(lambda folder: self.hub_folder(folder, repo_id, dtype), repo_id, token=token,
+                            private=private, commit_message=commit_message or f"Upload {type(self).__name__}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *,

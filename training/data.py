@@ -219,7 +219,11 @@ def fixed_images(data_dir: str | os.PathLike, resolution: int, count: int,
                  caption_column: str = "text") -> torch.Tensor:
     """A deterministic, evenly spread set of images [N,3,R,R] for validation grids and PSNR (each
     file once in a captioned folder)."""
-    ds = any_image_folder(data_dir, resolution, caption_column, check=False)
+    return spread_images(any_image_folder(data_dir, resolution, caption_column, check=False), count)
+
+
+def spread_images(ds, count: int) -> torch.Tensor:
+    """`count` images [N,3,R,R] spread evenly over a data set (each file once in a captioned one)."""
     ds = ds.images()[0] if isinstance(ds, CaptionedImageFolder) else ds
     idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).long().unique()
     return torch.stack([ds[i][0] for i in idx.tolist()])

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from rqcore.images import image_transform, load_image
 
-from .data import CaptionedImageFolder, any_image_folder, check_images, fixed_images
+from .data import CaptionedImageFolder, any_image_folder, check_images, fixed_images, spread_images
 
 
 class _Bytes(io.BytesIO):
@@ -200,6 +200,4 @@ def validation_images(args, train_set, resolution: int, count: int, caption_colu
         return fixed_images(args.validation_dir or args.data_dir, resolution, count, caption_column)
     else:
         ds = train_set
-    ds = ds.images()[0] if isinstance(ds, CaptionedImageFolder) else ds
-    idx = torch.linspace(0, len(ds) - 1, min(count, len(ds))).long().unique()
-    return torch.stack([ds[i][0] for i in idx.tolist()])
+    return spread_images(ds, count)

@@ -165,15 +165,15 @@ def main(argv=None):
     train_set, val_set = load_data(args, vae.config.resolution)
     captioned = isinstance(train_set, CaptionedImageFolder)
     classes = [] if args.unconditional else train_set.classes
-    data = f"--data_dir {args.data_dir}" if args.data_dir else f"--dataset_name {args.dataset_name}"
-    val = (f"--validation_dir {args.validation_dir}" if args.validation_dir
-           else f"--validation_split {args.validation_split}")
+    data_flag = f"--data_dir {args.data_dir}" if args.data_dir else f"--dataset_name {args.dataset_name}"
+    val_flag = (f"--validation_dir {args.validation_dir}" if args.validation_dir
+                else f"--validation_split {args.validation_split}")
     if val_set is not None and classes and not val_set.classes:
-        raise ValueError(f"{val} has no classes but {data} has classes {classes}: give it the same classes, "
-                         "or pass --unconditional")
+        raise ValueError(f"{val_flag} has no classes but {data_flag} has classes {classes}: give it the same "
+                         "classes, or pass --unconditional")
     unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
     if unknown:
-        raise ValueError(f"{val} has classes that {data} lacks: {unknown}")
+        raise ValueError(f"{val_flag} has classes that {data_flag} lacks: {unknown}")
     saved = None
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
@@ -183,10 +183,10 @@ def main(argv=None):
                              f"{data}: fine-tuning needs as many classes"
                              + ("; add --unconditional" if not saved.num_classes else ""))
         if captioned and not saved.max_text_len:
-            raise ValueError(f"--init_from {args.init_from} has no text conditioning but {data} is captioned: "
+            raise ValueError(f"--init_from {args.init_from} has no text conditioning but {data_flag} is captioned: "
                              "a caption model cannot start from it; train one without --init_from")
         if saved.max_text_len and not captioned:
-            raise ValueError(f"--init_from {args.init_from} is a text-conditioned model but {data} has no "
+            raise ValueError(f"--init_from {args.init_from} is a text-conditioned model but {data_flag} has no "
                              f"captions ({METADATA} or a caption column): fine-tuning it needs captioned images")
     tokenizer = tokenizer_file = None
     max_text_len = 0
@@ -252,7 +252,7 @@ def main(argv=None):
                           + " / ".join(f"{k:.0%}" for k in kept.tolist()) + " of the time at depths 1..D"
                           + (" (near-uniform: lower --code_temperature)" if kept[0] < 0.5 else ""))
     loader = DataLoader(TensorDataset(*train_data), batch_size=args.train_batch_size, shuffle=True,
-                        drop_last=len(codes) >= args.train_batch_size * accelerator.num_processes,
+                        drop_last=trainer.drop_last(accelerator, len(codes), args.train_batch_size),
                         generator=torch.Generator().manual_seed(args.seed))
     decay, no_decay = [], []
     for p in model.parameters():  # decay every matrix, the 2-D embeddings too; not norms and biases (1-D)

@@ -75,7 +75,7 @@ def main(argv=None):
                                    args.caption_column or "text")
     accelerator = trainer.setup(args, "rqvae")
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                        drop_last=len(dataset) >= args.train_batch_size * accelerator.num_processes,
+                        drop_last=trainer.drop_last(accelerator, len(dataset), args.train_batch_size),
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=args.num_workers > 0,
                         # own generator: creating an iterator must not draw from the global RNG (exact resume)

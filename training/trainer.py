@@ -295,6 +295,12 @@ def check_replicas(accelerator: Accelerator, models, ema: EMA | None, step: int)
                       f"{accelerator.num_processes} processes")
 
 
+def drop_last(accelerator: Accelerator, rows: int, batch_size: int) -> bool:
+    """Drop a partial last batch only when every process still gets a full one: with fewer rows than
+    batch_size x processes, dropping would leave each process without any batch."""
+    return rows >= batch_size * accelerator.num_processes
+
+
 def batches(loader, accelerator: Accelerator, start_step: int, accumulation: int):
     """Endless stream of batches that continues the exact data order after a resume."""
     consumed = start_step * accumulation
