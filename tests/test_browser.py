@@ -49,10 +49,10 @@ def test_type_a_prompt_click_generate_and_see_the_images(served_text):
             box.fill(prompt)
             page.get_by_role("button", name="Generate", exact=True).click()
             deadline = time.monotonic() + WAIT_S
-            while True:  # previews come first; wait for the final images
-                captions, images = gallery(page)
+            while True:  # previews come first; wait until the gallery has settled on the final images
+                captions, images = gallery(page)  # captions read first: they may be of the outgoing output
                 done = len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected))
-                if done or time.monotonic() > deadline:
+                if done and captions == [prompt] * len(expected) or time.monotonic() > deadline:
                     break
                 page.wait_for_timeout(250)
             errors = page.locator(".toast-body.error").all_inner_texts()

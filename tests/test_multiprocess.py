@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -242,7 +243,9 @@ def test_a_hung_process_times_out_after_ddp_timeout(tmp_path):
         stop(proc)  # the launcher would SIGKILL the stopped process after its own grace period
     line = [x for x in log.read_text(errors="replace").splitlines() if "lost contact" in x]
     assert line and 3 <= took < 30, log.read_text(errors="replace")[-2000:]
-    assert line[0].startswith("error: process 0 of 2 lost contact with the others (Timed out waiting 3000ms")
+    # gloo words the 3 s timeout one of two ways (both seen in fresh-clone runs on the same kind of machine)
+    assert re.match(r"error: process 0 of 2 lost contact with the others \((Timed out waiting 3000ms"
+                    r"|Application timeout caused pair closure)", line[0]), line[0]
     assert line[0].endswith("longer than --ddp_timeout; resume with --resume_from_checkpoint latest")
 
 
