@@ -9,7 +9,7 @@ Ours samples with top_k = the reference's filter_thres=0.9 filter (51 of 512 cod
 The reference runs as shipped (`generate()` re-runs the full forward for each of the h*w*D tokens),
 but under torch.inference_mode like ours, which only makes it faster (the ratio is conservative).
 Both run in one process with the same torch thread setting; ours uses `generate()`'s default
-num_threads="auto": one intra-op thread for cached sampling of up to 32 rows, faster for these tiny
+num_threads="auto": one intra-op thread for cached sampling of up to 128 rows, faster for these tiny
 sequential steps (the `sampling_threads` figure gives ours with the process setting too).
 When the reference would take too long (batch 64), its time is estimated: one sampling step is
 timed at evenly spaced prefix lengths (midpoints of equal strata) and summed over all steps; the

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
+from .cpu import packed_weights
+
 GUIDANCE_CUTOFF = 0.0  # generate()'s default guidance_cutoff (see there)
-ONE_THREAD_MAX_ROWS = 32  # num_threads="auto": one intra-op thread up to this many rows (see auto_threads)
+ONE_THREAD_MAX_ROWS = 128  # num_threads="auto": one intra-op thread up to this many rows (see auto_threads)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -78,10 +80,12 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cu
 def auto_threads(rows: int, use_cache: bool) -> int | None:
     """num_threads="auto": 1 for cached sampling of <= ONE_THREAD_MAX_ROWS rows, else torch's setting.
 
-    Each cached step is a few hundred tiny ops; splitting them across cores costs more in thread
-    wake-ups than it saves. Measured on 2 cores, reference sizes: batch 1 0.32 -> 0.20 s and batch 16
-    0.75 -> 0.55 s on one thread, but batch 64 1.35 -> 1.50 s, and the uncached path (full forwards)
-    is 1.8x slower on one thread.
+    Each cached step is a few hundred small ops; splitting them across cores costs more in thread
+    wake-ups than it saves. Measured at reference sizes, Intel Xeon, 2 cores, OMP_WAIT_POLICY=PASSIVE,
+    two threads -> one: batch 1 0.68 -> 0.22 s, batch 16 1.38 -> 0.51 s, 64 rows 2.03 -> 1.33 s, 128 rows
+    2.61 -> 2.43 s. With OpenMP's default (spinning) wait, two threads were 1.35x faster on an idle machine
+    but 2.5-19x slower while another process kept one core busy; one thread was unaffected by it. The
+    uncached path (full forwards) is 1.8x slower on one thread.
     """
     return 1 if use_cache and rows <= ONE_THREAD_MAX_ROWS else None
 
@@ -177,7 +181,7 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     codes_so_far [B, h, w, D] is a copy in which positions not generated yet are -1, except
     forced (prefix) positions, which hold their codes from the start. Its return value is ignored.
     num_threads: torch intra-op threads while sampling on CPU, never more than torch's setting, which
-    is restored afterwards. "auto" (default): 1 for cached sampling of up to 32 rows (faster for these
+    is restored afterwards. "auto" (default): 1 for cached sampling of up to 128 rows (faster for these
     tiny sequential steps), else torch's setting; None: torch's setting.
     """
     _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads)
@@ -226,7 +230,9 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     try:
         if num_threads == "auto":
             num_threads = auto_threads(rows.shape[0], use_cache)
-        with torch.inference_mode(), _intra_op_threads(num_threads, device):
+        # the cached path's steps multiply R rows by every weight: packed once for R (CPU float32, see cpu.py)
+        with torch.inference_mode(), _intra_op_threads(num_threads, device), \
+                (packed_weights(model, rows.shape[0]) if use_cache else nullcontext()):
             run = _sample_cached if use_cache else _sample_uncached
             codes = run(model, rows, text, B, cfg, float(guidance_scale), math.log(guidance_cutoff) if guidance_cutoff
                         else -math.inf, float(temperature), top_k, top_p,

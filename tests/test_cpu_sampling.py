@@ -1,4 +1,5 @@
-"""The per-token path (Block.step, native_gelu) and the float16-weight CPU copy (quantized_for_cpu)."""
+"""The per-token path (Block.step, native_gelu), MKL-packed float32 weights while sampling (packed_weights)
+and the float16-weight CPU copy (quantized_for_cpu)."""
 import copy
 
 import pytest
@@ -7,9 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rqtransformer import RQTransformer, RQTransformerConfig
-from rqtransformer.cpu import HalfWeightLinear, native_gelu
+from rqtransformer import cpu
+from rqtransformer.cpu import PACK_MIN_ROWS, HalfWeightLinear, linear, native_gelu, packed_weights
 
 K, SHAPE = 16, (3, 3, 3)
+needs_mkl_packing = pytest.mark.skipif(not cpu.mkl_packing_available(), reason="this torch has no MKL packed GEMM")
 needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
                                   reason="float16 CPU weights need fbgemm (x86)")
 
@@ -55,6 +58,44 @@ def test_block_step_is_forward_for_one_token():
         caches = model.new_caches(2)
         for t in range(5):
             torch.testing.assert_close(block.step(x[:, t], caches[0].kv, t), full[:, t], rtol=0, atol=1e-5)
+
+
+@needs_mkl_packing
+def test_packed_weights_multiply_like_the_linear_layers():
+    model = make_model()
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    rows = PACK_MIN_ROWS + 2
+    with torch.inference_mode():
+        with packed_weights(model, rows):
+            rows_, packs = cpu._PACKED.get()
+            assert rows_ == rows and set(packs) == {id(m) for m in layers}  # every float32 Linear packed
+            for m in layers:
+                x = torch.randn(rows, m.in_features, generator=gen(3))
+                torch.testing.assert_close(linear(m, x), m(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(linear(m, x[:, None]), m(x[:, None]), rtol=1e-5, atol=1e-5)  # [rows, 1, in]
+                other = torch.randn(rows + 1, m.in_features, generator=gen(4))  # another row count: plain F.linear
+                assert torch.equal(linear(m, other), m(other))
+        assert cpu._PACKED.get() is None  # restored on exit
+        with packed_weights(model, PACK_MIN_ROWS - 1):  # too few rows to pay: nothing packed
+            assert cpu._PACKED.get() is None
+        with packed_weights(model.to(torch.float64), rows):  # not float32: nothing packed
+            assert cpu._PACKED.get() is None
+
+
+@needs_mkl_packing
+def test_sampling_with_packed_weights_matches_the_teacher_forced_model():
+    """Batch 4 with guidance (8 rows) samples through the packed weights; the uncached path (full forwards,
+    plain F.linear) draws the same codes for the same seed, and a packed call leaves no state behind."""
+    model = make_model()
+    labels = torch.tensor([0, 1, 2, 0])
+    kw = dict(class_labels=labels, guidance_scale=2.0, top_k=8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cached = model.generate(generator=gen(5), **kw)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    per_token = SHAPE[0] * SHAPE[1] * (2 + 2 * SHAPE[2]) * 4 + SHAPE[0] * SHAPE[1] * SHAPE[2]  # 4 per block, head
+    assert ops.get("mkl::_mkl_linear") == per_token and "aten::addmm" not in ops
+    assert torch.equal(cached, model.generate(generator=gen(5), use_cache=False, **kw))
+    assert torch.equal(cached, model.generate(generator=gen(5), **kw)) and cpu._PACKED.get() is None
 
 
 @needs_fbgemm

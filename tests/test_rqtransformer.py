@@ -12,6 +12,7 @@ from conftest import gen
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer.losses import code_loss
 from rqtransformer.model import SHORT_SEQUENCE, KVCache, causal_attention
+from rqtransformer.sampling import ONE_THREAD_MAX_ROWS
 
 K, SHAPE, CLASSES = 16, (3, 3, 3), 3
 
@@ -300,13 +301,15 @@ def test_sampling_threads_are_set_and_restored(model):
         seen.clear()
         model.generate(callback=record, num_threads=8)  # never more than torch's setting
         assert set(seen) == {3}
-        for kwargs in (dict(num_samples=33), dict(class_labels=torch.zeros(17, dtype=torch.long), guidance_scale=2.0),
+        n = ONE_THREAD_MAX_ROWS
+        for kwargs in (dict(num_samples=n + 1), dict(class_labels=torch.zeros(n // 2 + 1, dtype=torch.long),
+                                                     guidance_scale=2.0),
                        dict(use_cache=False)):  # "auto": large batches and full forwards keep all threads
             seen.clear()
             model.generate(callback=record, **kwargs)
             assert set(seen) == {3}, kwargs
         seen.clear()
-        model.generate(num_samples=32, callback=record, num_threads=2)
+        model.generate(num_samples=n, callback=record, num_threads=2)
         assert set(seen) == {2}
 
         def fail(step, codes):
