@@ -9,10 +9,7 @@ generate() checks the sampling options and tensor invariants.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from PIL import Image
 
 from rqcore.hub import resolve_folder
@@ -34,11 +30,11 @@ from rqvae import RQVAE
 from .hub import push_to_hub
 from .inputs import (batch_size, check_num_images, check_options, check_prompt_list,
                      clean_prompt, is_whole, label_list, prompt_list, read_options, read_prompts)
+from .streaming import decode_preview, sample_in_thread
 
 PIPELINE_FILE = "pipeline.json"
 PROMPTS_FILE = "prompts.json"  # in rqtransformer/: training captions, for example prompts (text models)
 OUTPUT_TYPES = ("pil", "pt", "np")
-SAMPLING_THREAD = "RQPipeline.stream"  # the worker thread of stream(), named so that it can be found
 NO_EMPTY_PROMPT = ("this model was trained without caption dropout, so it cannot sample from the empty prompt "
                    "(no prompt): give a prompt with words in it")
 
@@ -61,10 +57,6 @@ class Reconstruction:
     psnr: list[float]                # dB against the (resized) input, per depth
     codes: torch.Tensor              # LongTensor [h,w,D]
     input_image: Image.Image = field(repr=False, default=None)  # the input as the model saw it
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def default_device() -> torch.device:
@@ -318,7 +310,8 @@ class RQPipeline:
         if every is None:
             codes = self.transformer.generate(**kwargs)
         else:
-            for step, partial in self._sample_in_thread(kwargs, every, latest_only):
+            h, w, _ = self.rqvae.code_shape
+            for step, partial in sample_in_thread(self.transformer.generate, kwargs, every, h * w, latest_only):
                 if step is None:
                     codes = partial
                     break
@@ -327,66 +320,12 @@ class RQPipeline:
             images = self.rqvae.decode(codes)
         yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta)
 
-    def _sample_in_thread(self, kwargs, every: int, latest_only: bool = False):
-        """Run generate() in a worker thread; yield (step, codes so far), then (None, final codes).
-
-        The queue holds one item, so the worker runs at most a preview ahead of the consumer: when the
-        consumer stops (closes the stream, or drops it), sampling stops within a preview. latest_only:
-        the worker replaces an untaken item instead of waiting, and stops at its next position."""
-        h, w, _ = self.rqvae.code_shape
-        q: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def callback(step, codes):
-            if stop.is_set():
-                raise _Cancelled  # the consumer went away: stop sampling early
-            if step % every == 0 and step < h * w:
-                hand_over((step, codes))
-
-        def hand_over(item):
-            while latest_only:  # the worker alone puts: this ends after at most one stale item is dropped
-                try:
-                    return q.put_nowait(item)
-                except queue.Full:
-                    with contextlib.suppress(queue.Empty):
-                        q.get_nowait()
-            q.put(item)
-
-        def work():
-            try:
-                hand_over((None, self.transformer.generate(**kwargs, callback=callback)))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-                hand_over((e, None))
-
-        thread = threading.Thread(target=work, name=SAMPLING_THREAD, daemon=True)
-        thread.start()
-        try:
-            while True:
-                step, item = q.get()
-                if isinstance(step, BaseException):
-                    raise step
-                yield step, item
-                if step is None:
-                    return
-        finally:
-            stop.set()
-            while thread.is_alive():  # take what the worker is waiting to hand over, so that it sees `stop`
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            thread.join()
-
     @torch.inference_mode()
     def _preview(self, codes: torch.Tensor, step: int, meta: dict, output_type) -> RQPipelineOutput:
         """Decode the sampled positions; positions not sampled yet are shown grey."""
-        f = self.rqvae.config.downsample
-        known = (codes >= 0).all(-1)  # [B,h,w]
-        images = self.rqvae.decode(codes.clamp(min=0))
-        mask = repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f)
-        images = torch.where(mask, images, torch.zeros_like(images))  # 0 = mid grey in [-1,1]
         h, w, _ = self.rqvae.code_shape
-        return RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta, done=step / (h * w))
+        return RQPipelineOutput(self._as_output_type(decode_preview(self.rqvae, codes), output_type), codes.cpu(),
+                                **meta, done=step / (h * w))
 
     # ---- reconstruction and completion --------------------------------------------------------
 

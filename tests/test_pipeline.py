@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipelines import RQPipeline
-from pipelines.rq_pipeline import SAMPLING_THREAD
+from pipelines.streaming import SAMPLING_THREAD
 from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
 
@@ -76,6 +76,21 @@ def test_stream_yields_previews_then_the_same_final_images(pipe):
     assert torch.all(first.images[:, :, 8:] == 0.5)
     # the sampled rows of a preview are those of the final stack
     assert torch.equal(previews[1].codes[:, :2], final.codes[:, :2])
+
+
+def test_preview_decodes_every_known_position_and_greys_the_rest(pipe):
+    """Previews decode only the code rows down to the last known position (a completion's kept codes can
+    sit in any row); every known cell shows its decoded pixels, every unknown one is grey."""
+    f = pipe.rqvae.config.downsample
+    codes = pipe("squares", num_images=2, generator=gen(4), output_type="pt").codes  # [2, 4, 4, D]
+    partial = torch.full_like(codes, -1)
+    partial[:, 0], partial[:, 2, 1] = codes[:, 0], codes[:, 2, 1]  # row 0, and one kept cell in row 2
+    with torch.inference_mode():
+        out = pipe._preview(partial, 5, {}, "pt")
+    assert out.images.shape == (2, 3, 4 * f, 4 * f) and out.done == 5 / 16
+    grey = out.images == 0.5
+    assert grey[:, :, 3 * f:].all() and grey[:, :, f: 2 * f].all() and grey[:, :, 2 * f: 3 * f, :f].all()
+    assert not grey[:, :, :f].all() and not grey[:, :, 2 * f: 3 * f, f: 2 * f].all()
 
 
 def test_latest_only_stream_skips_previews_a_busy_consumer_missed(pipe):
