@@ -57,12 +57,10 @@ def packed_weights(model: nn.Module, rows: int):
     and at least PACK_MIN_ROWS rows; otherwise it does nothing. Packing takes ~5 ms per call at those sizes.
     """
     packs = None
-    p = next(model.parameters(), None)
-    if rows >= PACK_MIN_ROWS and p is not None and p.device.type == "cpu" and p.dtype == torch.float32 \
-            and mkl_packing_available():
+    if rows >= PACK_MIN_ROWS and mkl_packing_available():
         with torch.no_grad():
-            packs = {id(m): torch.ops.mkl._mkl_reorder_linear_weight(m.weight, rows)
-                     for m in model.modules() if type(m) is nn.Linear}
+            packs = {id(m): torch.ops.mkl._mkl_reorder_linear_weight(m.weight, rows) for m in model.modules()
+                     if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32}
     token = _PACKED.set((rows, packs) if packs else None)
     try:
         yield
@@ -73,7 +71,8 @@ def packed_weights(model: nn.Module, rows: int):
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x) for x [..., in]; inside packed_weights for x's row count, through the packed weight."""
     state = None if torch.compiler.is_compiling() else _PACKED.get()
-    if state is not None and x.numel() == state[0] * x.shape[-1] and not torch.is_grad_enabled():
+    if state is not None and x.numel() == state[0] * x.shape[-1] and x.dtype == torch.float32 \
+            and not torch.is_grad_enabled():
         packed = state[1].get(id(module))
         if packed is not None:
             return torch.ops.mkl._mkl_linear(x, packed, module.weight, module.bias, state[0])

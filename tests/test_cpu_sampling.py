@@ -83,6 +83,19 @@ def test_packed_weights_multiply_like_the_linear_layers():
 
 
 @needs_mkl_packing
+def test_sampling_outside_float32_keeps_working():
+    """bf16 weights are not packed, and under bf16 autocast the packed path leaves the bf16 activations to
+    plain Linear layers: both sample valid codes at a row count that packs float32."""
+    model = make_model()
+    labels = torch.tensor([0, 1, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = model.generate(class_labels=labels, generator=gen(6))
+    assert codes.shape == (4, *SHAPE) and 0 <= int(codes.min()) and int(codes.max()) < K
+    codes = model.to(torch.bfloat16).generate(class_labels=labels, generator=gen(6))
+    assert codes.shape == (4, *SHAPE) and 0 <= int(codes.min()) and int(codes.max()) < K
+
+
+@needs_mkl_packing
 def test_sampling_with_packed_weights_matches_the_teacher_forced_model():
     """Batch 4 with guidance (8 rows) samples through the packed weights; the uncached path (full forwards,
     plain F.linear) draws the same codes for the same seed, and a packed call leaves no state behind."""
