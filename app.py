@@ -42,6 +42,7 @@ DEFAULT_WEIGHTS = HERE / "weights" / "emoji-64"
 RANDOM_CLASS = "Random class"
 MAX_SEED = 2**63 - 1
 DISPLAY = 256  # outputs are upscaled (nearest neighbour) to about this many pixels
+PREVIEW_INTERVAL = 0.15  # seconds between streamed previews (see generate)
 CACHE_ROOT = Path(os.environ.get("GRADIO_EXAMPLES_CACHE", ".gradio/cached_examples"))
 CSS = ".pixelated img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}"
 LAUNCH_KWARGS = dict(theme=gr.themes.Soft(), css=CSS, show_error=True)  # Gradio 6: theme/css go to launch()
@@ -252,10 +253,12 @@ def build_demo(pipe_or_path) -> gr.Blocks:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         progress(0, desc="Sampling")
         with user_errors():
-            # latest_only: previews never hold sampling back (a slow CPU or browser sees fewer of them)
+            # latest_only: previews never hold sampling back (a slow CPU or browser sees fewer of them);
+            # min_interval: fewer previews to decode and send (whole answer 0.57-0.64 -> 0.40-0.46 s, 2 cores)
             for i, out in enumerate(pipe.stream(labels, pick_prompt(prompt), num_images, temperature,
                                                 generator=generator, guidance_scale=guidance_scale,
-                                                latest_only=True, **sampling_filters(top_k, top_p))):
+                                                latest_only=True, min_interval=PREVIEW_INTERVAL,
+                                                **sampling_filters(top_k, top_p))):
                 if i == 0:
                     warn_truncated(pipe, out)
                 progress(out.done, desc="Sampling" if out.done < 1 else "Done")

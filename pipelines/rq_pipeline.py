@@ -285,14 +285,18 @@ class RQPipeline:
     def stream(self, class_labels=None, prompt: str | list[str] | None = None, num_images: int | None = None,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None,
-               output_type: str = "pil", every: int | None = None, latest_only: bool = False):
+               output_type: str = "pil", every: int | None = None, latest_only: bool = False,
+               min_interval: float = 0.0):
         """Like __call__, but yields a preview after every `every` positions (default: every code row):
         sampled positions decoded, the rest grey. The last item is the final output (done == 1).
         Closing the stream early stops the sampling.
 
         latest_only=True (what the app uses): sampling never waits for the consumer. Each preview shows
         the newest rows, previews the consumer was too busy to take are skipped, and the final output
-        comes as soon as sampling ends. A slow consumer then sees fewer previews, not a slower answer."""
+        comes as soon as sampling ends. A slow consumer then sees fewer previews, not a slower answer.
+        min_interval: at least this many seconds between previews (the first is never held back); the
+        ones due sooner are skipped before decoding. The app uses 0.15 s: on 2 cores every preview
+        decoded and sent slows the sampling thread down."""
         kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
                                              output_type, 3, temperature=temperature, top_k=top_k, top_p=top_p)
         w = self.rqvae.code_shape[1]
@@ -301,17 +305,22 @@ class RQPipeline:
                              f"got {every!r}")
         if not isinstance(latest_only, bool):
             raise ValueError(f"latest_only must be True or False, got {latest_only!r}")
-        yield from self._sample(kwargs, meta, output_type, every=int(every or w), latest_only=latest_only)
+        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) \
+                or not 0 <= min_interval < float("inf"):
+            raise ValueError(f"min_interval must be a number of seconds >= 0, got {min_interval!r}")
+        yield from self._sample(kwargs, meta, output_type, every=int(every or w), latest_only=latest_only,
+                                min_interval=float(min_interval))
 
     def _sample(self, kwargs: dict, meta: dict, output_type: str, every: int | None = None,
-                latest_only: bool = False):
+                latest_only: bool = False, min_interval: float = 0.0):
         """generate(**kwargs), decoded; with `every`, previews first (sampling then runs in a thread).
         meta: the outputs' class_labels, prompts and truncated_prompts."""
         if every is None:
             codes = self.transformer.generate(**kwargs)
         else:
             h, w, _ = self.rqvae.code_shape
-            for step, partial in sample_in_thread(self.transformer.generate, kwargs, every, h * w, latest_only):
+            for step, partial in sample_in_thread(self.transformer.generate, kwargs, every, h * w, latest_only,
+                                                  min_interval):
                 if step is None:
                     codes = partial
                     break

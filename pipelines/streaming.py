@@ -3,8 +3,10 @@ of partly sampled code stacks into previews."""
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -18,20 +20,25 @@ class _Cancelled(Exception):
 
 
 def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every: int, positions: int,
-                     latest_only: bool = False):
+                     latest_only: bool = False, min_interval: float = 0.0):
     """Run generate(**kwargs, callback=...) in a worker thread; yield (step, codes so far) after every
     `every` of the `positions` code positions, then (None, final codes).
 
     The queue holds one item, so the worker runs at most a preview ahead of the consumer: when the
     consumer stops (closes the stream, or drops it), sampling stops within a preview. latest_only:
-    the worker replaces an untaken item instead of waiting, and stops at its next position."""
+    the worker replaces an untaken item instead of waiting, and stops at its next position.
+    min_interval: seconds between the previews handed over (the first is never held back); the ones
+    due sooner are skipped, so they cost neither decoding nor sending."""
     q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
+    last = -math.inf  # when the worker last handed over a preview (time.monotonic)
 
     def callback(step, codes):
+        nonlocal last
         if stop.is_set():
             raise _Cancelled  # the consumer went away: stop sampling early
-        if step % every == 0 and step < positions:
+        if step % every == 0 and step < positions and time.monotonic() - last >= min_interval:
+            last = time.monotonic()
             hand_over((step, codes))
 
     def hand_over(item):

@@ -115,6 +115,21 @@ def test_latest_only_stream_skips_previews_a_busy_consumer_missed(pipe):
         next(pipe.stream("squares", latest_only="yes"))
 
 
+def test_min_interval_skips_previews_due_too_soon(pipe):
+    """min_interval: the first preview always comes, later ones only after the interval, and the skipped ones
+    are never decoded; the final output is that of a plain call."""
+    final = pipe("squares", num_images=2, generator=gen(3), output_type="pt")
+    for latest_only in (False, True):
+        items = list(pipe.stream("squares", num_images=2, generator=gen(3), output_type="pt",
+                                 latest_only=latest_only, min_interval=3600))
+        assert [p.done for p in items] == [0.25, 1.0]  # only the first preview (after row 1), then the final
+        assert torch.equal(items[-1].codes, final.codes)
+    assert len(list(pipe.stream("squares", generator=gen(3), min_interval=0))) == 4  # 0: every row
+    for bad in (-1, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="min_interval must be a number of seconds >= 0"):
+            next(pipe.stream("squares", min_interval=bad))
+
+
 def test_num_images_repeats_one_label_and_must_match_several(pipe):
     assert pipe("stars").class_labels == [2]  # default: one image per label
     assert pipe("stars", num_images=3).class_labels == [2, 2, 2]
