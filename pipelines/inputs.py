@@ -17,17 +17,17 @@ def is_whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class") -> None:
     if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
         raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
-    if not (_is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
+    if not (is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
         raise ValueError(f"default_guidance_scale must be a number >= 0 (1 = no guidance), "
                          f"got {default_guidance_scale!r}")
-    if caption_dropout is not None and not (_is_number(caption_dropout) and 0 <= caption_dropout < 1):
+    if caption_dropout is not None and not (is_number(caption_dropout) and 0 <= caption_dropout < 1):
         raise ValueError(f"caption_dropout must be None (unknown) or the training's rate in [0, 1), "
                          f"got {caption_dropout!r}")
     if not (isinstance(class_title, str) and 0 < len(class_title.strip()) <= 40 and class_title.isprintable()):

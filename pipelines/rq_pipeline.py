@@ -29,7 +29,7 @@ from rqvae import RQVAE
 
 from .hub import push_to_hub
 from .inputs import (batch_size, check_num_images, check_options, check_prompt_list,
-                     clean_prompt, is_whole, label_list, prompt_list, read_options, read_prompts)
+                     clean_prompt, is_number, is_whole, label_list, prompt_list, read_options, read_prompts)
 from .streaming import decode_preview, sample_in_thread
 
 PIPELINE_FILE = "pipeline.json"
@@ -305,8 +305,7 @@ class RQPipeline:
                              f"got {every!r}")
         if not isinstance(latest_only, bool):
             raise ValueError(f"latest_only must be True or False, got {latest_only!r}")
-        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) \
-                or not 0 <= min_interval < float("inf"):
+        if not (is_number(min_interval) and 0 <= min_interval < float("inf")):
             raise ValueError(f"min_interval must be a number of seconds >= 0, got {min_interval!r}")
         yield from self._sample(kwargs, meta, output_type, every=int(every or w), latest_only=latest_only,
                                 min_interval=float(min_interval))

@@ -10,6 +10,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 
 SAMPLING_THREAD = "RQPipeline.stream"  # the worker thread of stream(), named so that it can be found
@@ -37,8 +38,11 @@ def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every:
         nonlocal last
         if stop.is_set():
             raise _Cancelled  # the consumer went away: stop sampling early
-        if step % every == 0 and step < positions and time.monotonic() - last >= min_interval:
-            last = time.monotonic()
+        if step % every or step >= positions:
+            return
+        now = time.monotonic()
+        if now - last >= min_interval:
+            last = now
             hand_over((step, codes))
 
     def hand_over(item):
@@ -76,7 +80,6 @@ def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every:
         thread.join()
 
 
-@torch.inference_mode()
 def decode_preview(rqvae, codes: torch.Tensor) -> torch.Tensor:
     """codes [B,h,w,D], -1 where not sampled yet -> images [B,3,H,W] in [-1,1], unsampled cells grey (0).
 
@@ -88,7 +91,5 @@ def decode_preview(rqvae, codes: torch.Tensor) -> torch.Tensor:
     rows = int(known.any(0).any(-1).nonzero().max()) + 1 if known.any() else 1
     latent = rqvae.embed_codes(codes.clamp(min=0))[:, :, :rows]  # [B,C,rows,w]
     top = rqvae.decoder(latent).clamp(-1, 1)  # [B,3,rows*f,W]
-    images = top.new_zeros(top.shape[0], top.shape[1], codes.shape[1] * f, top.shape[3])
-    images[:, :, : rows * f] = top
-    mask = repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f)
-    return torch.where(mask, images, torch.zeros_like(images))
+    images = F.pad(top, (0, 0, 0, (codes.shape[1] - rows) * f))  # [B,3,H,W], the rows below 0
+    return images.masked_fill(~repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f), 0)
