@@ -26,6 +26,8 @@ class RQVAEConfig:
     in_channels: int = 3
     channels: int = 64              # width of the first conv level
     channel_mult: tuple[int, ...] = ()  # width multiplier per level; () = (1, 2, 2, 4, 4, ...)
+    decoder_channels: int = 0       # the decoder's first-level width; 0 = channels. Wider sharpens decodes
+                                    # without changing the codes (train it with --decoder_only)
     num_res_blocks: int = 1         # residual blocks per level
     mid_attention: bool = True      # self-attention at the code grid resolution
     latent_dim: int = 64            # code embedding dimension
@@ -42,6 +44,8 @@ class RQVAEConfig:
                      "channels", "latent_dim", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_channels < 0:
+            raise ValueError(f"decoder_channels must be >= 0 (0 = channels), got {self.decoder_channels}")
         if self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.resolution % self.downsample:
@@ -119,7 +123,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, c: RQVAEConfig):
         super().__init__()
-        widths = [c.channels * m for m in c.channel_mult][::-1]
+        widths = [(c.decoder_channels or c.channels) * m for m in c.channel_mult][::-1]
         cin = widths[0]
         layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1), ResBlock(cin, cin)]
         if c.mid_attention:

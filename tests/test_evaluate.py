@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
@@ -141,6 +142,8 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
     assert report["nll_mean"] == pytest.approx(float(nll.mean()), rel=1e-3)
     assert float(per_depth_nll(pipe.transformer, codes, labels).mean()) != pytest.approx(report["nll_mean"], rel=1e-3)
     assert report["pairs"] == 2 and report["heldout_emoji"] == 2 and report["pair_retrieval_top10"] == 1.0
+    # the reference queries (reconstructions; the emoji in its other style): fewer than 10 per style, all found
+    assert report["pair_retrieval_top10_reconstruction"] == 1.0 and report["pair_retrieval_top10_other_styles"] == 1.0
     assert 1 <= report["pair_median_rank"] <= 5
     for key in ("judge_test_accuracy", "judge_accuracy_heldout_pair", "judge_accuracy_heldout_emoji",
                 "pair_category_consistency", "heldout_emoji_category_consistency"):
@@ -163,6 +166,16 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
                   "--max_pairs", "1", "--max_heldout_emoji", "1"])
     assert quick["pairs"] == 1 and quick["heldout_emoji"] == 1
     assert quick["judge_test_accuracy"] == report["judge_test_accuracy"]
+
+
+def test_retrieval_ranks_count_only_nearer_images_of_the_query_style():
+    from training.evaluate_text import retrieval_ranks
+
+    gallery = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [1.0, 0.1]]), dim=1)
+    gallery_styles = torch.tensor([0, 0, 0, 0, 1])  # the last image is nearest to query 0 but of another style
+    query = F.normalize(torch.tensor([[1.0, 0.05], [0.0, 1.0]]), dim=1)
+    ranks = retrieval_ranks(query, gallery, gallery_styles, torch.tensor([0, 0]), torch.tensor([2, 3]))
+    assert ranks.tolist() == [3, 1]  # query 0: rows 0 and 1 are nearer than its target, row 4 is not its style
 
 
 def test_captioned_styles_without_train_dir(text_weights, styles, one_thread):

@@ -123,6 +123,7 @@ def test_strict_loading_rejects_tampered_weights(tmp_path, tamper, message):
     ({"resolution": 20}, "not divisible"),
     ({"bogus": 1}, "unknown field"),
     ({"quantize_dropout": 1}, "true or false"),
+    ({"decoder_channels": -8}, "decoder_channels must be >= 0"),
 ])
 def test_bad_config_json_is_rejected(tmp_path, edit, message):
     RQVAE(tiny()).save_pretrained(tmp_path)

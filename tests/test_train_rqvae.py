@@ -110,6 +110,35 @@ def test_decoder_only_keeps_the_codes(image_dir, tmp_path, capsys):
     assert "--decoder_only needs --init_from" in capsys.readouterr().err
 
 
+def test_wider_decoder_for_the_same_codes(image_dir, tmp_path, capsys):
+    """--decoder_channels with --init_from of another width: the encoder and codebook are loaded (same codes),
+    the decoder is new and wider; the width is saved in config.json and read back."""
+    base = ["--data_dir", str(image_dir), *FAST1, "--validation_steps", "100", "--ema_decay", "0"]
+    main([*base, "--output_dir", str(tmp_path / "a"), "--max_train_steps", "2"])
+    main([*base, "--output_dir", str(tmp_path / "b"), "--max_train_steps", "2", "--init_from", str(tmp_path / "a"),
+          "--decoder_only", "--decoder_channels", "24"])
+    assert "encoder and codebook loaded; a fresh decoder of width 24 (its own: 16)" in capsys.readouterr().out
+    a, b = RQVAE.from_pretrained(tmp_path / "a"), RQVAE.from_pretrained(tmp_path / "b")
+    assert b.config.decoder_channels == 24 and a.config.decoder_channels == 0 and b.config.channels == 16
+    assert b.decoder.net[0].weight.shape[0] == 24 * a.config.channel_mult[-1]  # the decoder starts at the top level
+    for part in ("encoder", "quantizer"):
+        for k, v in getattr(a, part).state_dict().items():
+            assert torch.equal(v, getattr(b, part).state_dict()[k]), (part, k)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.equal(a.encode(images), b.encode(images))
+    assert b.decode(b.encode(images)).shape == images.shape
+    # the same width spelled out: a plain strict load; another change besides the width: the mismatch is named
+    main([*base, "--output_dir", str(tmp_path / "c"), "--max_train_steps", "1", "--init_from", str(tmp_path / "a"),
+          "--decoder_channels", "16", "--learning_rate", "1e-12"])
+    torch.testing.assert_close(RQVAE.from_pretrained(tmp_path / "c").decoder.conv_out.weight, a.decoder.conv_out.weight)
+    capsys.readouterr()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**PRESETS["tiny"], "latent_dim": 8}))
+    code, err = run([*base, "--config", str(other), "--output_dir", str(tmp_path / "d"), "--init_from",
+                     str(tmp_path / "a"), "--decoder_channels", "24"], capsys)
+    assert code == 2 and "has shape" in err and err.strip().count("\n") == 0, err
+
+
 def test_partial_checkpoint_is_never_resumed(image_dir, tmp_path):
     out = tmp_path / "run"
     main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--max_train_steps", "2",

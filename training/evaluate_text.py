@@ -9,7 +9,9 @@ The styles are the model's classes. Reported: reconstruction PSNR per depth (ove
 codebook usage; test NLL per depth given each image's prompt and style; a judge CNN trained on the train
 split to tell the category (its accuracy on the real test images); held-out pairs: SAMPLES samples of
 (name, style) each, retrieved when the real image is among the TOP_K nearest of all real images of that
-style (train + test) to the samples' mean feature (cosine, the judge's penultimate features; goal >= 50 %);
+style (train + test) to the samples' mean feature (cosine, the judge's penultimate features; goal >= 50 %),
+and for reference the same retrieval of the RQ-VAE's reconstructions of the real images (the ceiling stage 1
+allows) and of the emoji's real images in its other styles (knowing the emoji, not the style's drawing);
 category consistency of the pair samples and of held-out emoji samples, and its ratio to the judge's
 accuracy on real test images (goal >= 0.9); sampling seconds per image at batch 4 on this CPU.
 """
@@ -203,6 +205,41 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
     return report
 
 
+def retrieval_ranks(query, gallery, gallery_styles, styles, targets) -> torch.Tensor:
+    """Rank (1 = nearest, by cosine) of each query's target among the gallery images of its style.
+    query [P,F] and gallery [M,F] unit-norm, gallery_styles [M], styles [P], targets [P] gallery rows -> [P]."""
+    sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
+    target = sims[torch.arange(len(query)), targets]  # [P]
+    return (sims > target[:, None]).sum(1) + 1
+
+
+@torch.no_grad()
+def retrieval_references(pipe, classifier, test: Split, train: Split, images, pairs, gallery, gallery_styles) -> dict:
+    """Pair retrieval of queries that are not samples, to read the samples' figure against:
+    - reconstruction: the RQ-VAE's reconstruction of the real held-out image (what a stage 2 that drew that
+      image's own codes would score: the ceiling this stage 1 allows);
+    - other_styles: the mean feature of the same emoji's real training images in its other styles (what a
+      model that knows the emoji but not how this style draws it would score)."""
+    if not pairs:
+        return {}
+    vae, styles = pipe.rqvae, test.styles[pairs]
+    targets = len(train.ds) + torch.tensor(pairs, dtype=torch.long)
+    device = next(vae.parameters()).device
+    real = images[pairs]
+    recon = torch.cat([vae.decode(vae.encode(x.to(device))).float().cpu() for x in real.split(128)])
+    report = {f"pair_retrieval_top{TOP_K}_reconstruction":
+              mean(retrieval_ranks(judged(classifier, recon)[0], gallery, gallery_styles, styles, targets) <= TOP_K)}
+    rows_of = {}
+    for i, name in enumerate(train.names):
+        rows_of.setdefault(name, []).append(i)
+    known = [k for k, i in enumerate(pairs) if test.names[i] in rows_of]  # pairs whose emoji is in training
+    if known:
+        query = torch.stack([gallery[rows_of[test.names[pairs[k]]]].mean(0) for k in known])  # train rows lead
+        ranks = retrieval_ranks(F.normalize(query, dim=1), gallery, gallery_styles, styles[known], targets[known])
+        report[f"pair_retrieval_top{TOP_K}_other_styles"] = mean(ranks <= TOP_K)
+    return report
+
+
 def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: torch.Tensor, per_style: dict) -> dict:
     """The judge's figures: its accuracy on real test images, held-out pair retrieval, category
     consistency of samples, and the sampling time."""
@@ -237,15 +274,15 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
         return rows, samples, feats, right
 
     pairs, samples, feats, right = held_out_samples("pair", args.max_pairs, "pair samples")
-    query = F.normalize(feats.view(len(pairs), SAMPLES, feats.shape[1]).mean(1), dim=1)  # [P,F]
     styles = test.styles[pairs]  # [P]
-    sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
-    target = sims[torch.arange(len(pairs)), len(train.ds) + torch.tensor(pairs, dtype=torch.long)]  # [P]
-    ranks = (sims > target[:, None]).sum(1) + 1  # 1 = nearest
+    targets = len(train.ds) + torch.tensor(pairs, dtype=torch.long)  # the real images' gallery rows [P]
+    query = F.normalize(feats.view(len(pairs), SAMPLES, feats.shape[1]).mean(1), dim=1)  # [P,F]
+    ranks = retrieval_ranks(query, gallery, gallery_styles, styles, targets)
     hits = ranks <= TOP_K
     report.update({"pairs": len(pairs), f"pair_retrieval_top{TOP_K}": mean(hits),
                    "pair_median_rank": float(ranks.float().median()) if len(pairs) else None,
                    "pair_category_consistency": mean(right)})
+    report.update(retrieval_references(pipe, classifier, test, train, images, pairs, gallery, gallery_styles))
     report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
                                                       report["judge_test_accuracy"])
 

@@ -7,11 +7,12 @@ may sit at the root), or a Hugging Face dataset (--dataset_name): captions are n
 
 The final EMA model lands in --output_dir (RQVAE.from_pretrained(output_dir)): stage 2's --rqvae.
 --init_from takes a model folder or a pipeline folder (its rqvae/), e.g. to fine-tune the decoder of
-weights/emoji-64 with --decoder_only.
+weights/emoji-64 with --decoder_only, or to train a wider one for its codes (--decoder_only --decoder_channels 64).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def parse_args(argv=None):
                    help=f"preset {sorted(PRESETS)}, a config .json, a model folder or a pipeline folder "
                         f"(default: --init_from's, else emoji-64)")
     p.add_argument("--resolution", type=cli.positive_int, default=None, help="override the config's")
+    p.add_argument("--decoder_channels", type=cli.positive_int, default=None,
+                   help="override the config's decoder width; with --init_from of another width, the encoder and "
+                        "codebook are loaded and the decoder starts fresh (with --decoder_only: the codes stay)")
     p.add_argument("--validation_dir", default=None, help="held-out ImageFolder for PSNR (default: train)")
     p.add_argument("--num_validation_images", type=cli.positive_int, default=64)
     p.add_argument("--caption_column", default=None,
@@ -65,9 +69,28 @@ def parse_args(argv=None):
     return args
 
 
+def load_init_from(model: RQVAE, init_from: str | None, accelerator) -> None:
+    """--init_from's weights; when only the decoder's width differs (--decoder_channels), its encoder and
+    codebook, and a fresh decoder."""
+    if not init_from:
+        return
+    source = RQVAE.from_pretrained(init_from)  # strict: its own config and weights must match
+    width_of = lambda c: c.decoder_channels or c.channels  # noqa: E731
+    same_decoder = width_of(source.config) == width_of(model.config)
+    if same_decoder or dataclasses.replace(source.config, decoder_channels=model.config.decoder_channels) \
+            != model.config:  # the same model, or another config (the strict load names the mismatch)
+        cli.load_init_from(model, init_from)
+        return
+    model.encoder.load_state_dict(source.encoder.state_dict())
+    model.quantizer.load_state_dict(source.quantizer.state_dict())
+    accelerator.print(f"--init_from {init_from}: encoder and codebook loaded; a fresh decoder of width "
+                      f"{width_of(model.config)} (its own: {width_of(source.config)})")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution)
+    config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution,
+                                 decoder_channels=args.decoder_channels)
     dataset = train_data(args, config.resolution, args.caption_column or "text")
     if isinstance(dataset, CaptionedImageFolder):
         dataset = dataset.images()[0]  # each file once per epoch, however many captions it has
@@ -83,7 +106,7 @@ def main(argv=None):
     accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
 
     model = RQVAE(config)
-    cli.load_init_from(model, args.init_from)
+    load_init_from(model, args.init_from, accelerator)
     criterion = RQVAELoss(args.reconstruction_loss, args.perceptual_weight, args.perceptual_weights,
                           args.disc_weight, args.disc_start,
                           # each layer halves the patch grid; keep at least 4x4 patches for the 4x4 kernels
