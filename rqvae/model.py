@@ -66,6 +66,11 @@ class RQVAEConfig:
         side = self.resolution // self.downsample
         return (side, side, self.code_depth)
 
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's first-level width: decoder_channels, else channels."""
+        return self.decoder_channels or self.channels
+
 
 def norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
@@ -123,7 +128,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, c: RQVAEConfig):
         super().__init__()
-        widths = [(c.decoder_channels or c.channels) * m for m in c.channel_mult][::-1]
+        widths = [c.decoder_width * m for m in c.channel_mult][::-1]
         cin = widths[0]
         layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1), ResBlock(cin, cin)]
         if c.mid_attention:

@@ -200,7 +200,7 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
             report[f"nll_mean_heldout_{kind}"] = float(nll.mean())
 
     if train is not None:
-        report.update(judge_samples(args, pipe, test, train, images, per_style))
+        report.update(judge_samples(args, pipe, test, train, images, codes, per_style))
     report["per_style"] = per_style
     return report
 
@@ -214,19 +214,18 @@ def retrieval_ranks(query, gallery, gallery_styles, styles, targets) -> torch.Te
 
 
 @torch.no_grad()
-def retrieval_references(pipe, classifier, test: Split, train: Split, images, pairs, gallery, gallery_styles) -> dict:
+def retrieval_references(vae, classifier, test: Split, train: Split, codes, pairs, targets, gallery,
+                         gallery_styles) -> dict:
     """Pair retrieval of queries that are not samples, to read the samples' figure against:
     - reconstruction: the RQ-VAE's reconstruction of the real held-out image (what a stage 2 that drew that
       image's own codes would score: the ceiling this stage 1 allows);
     - other_styles: the mean feature of the same emoji's real training images in its other styles (what a
-      model that knows the emoji but not how this style draws it would score)."""
+      model that knows the emoji but not how this style draws it would score).
+    codes [N,h,w,D]: the test images' codes; pairs [P]: the held-out pairs' test rows, targets [P] their gallery rows."""
     if not pairs:
         return {}
-    vae, styles = pipe.rqvae, test.styles[pairs]
-    targets = len(train.ds) + torch.tensor(pairs, dtype=torch.long)
-    device = next(vae.parameters()).device
-    real = images[pairs]
-    recon = torch.cat([vae.decode(vae.encode(x.to(device))).float().cpu() for x in real.split(128)])
+    styles = gallery_styles[targets]  # [P]
+    recon = torch.cat([vae.decode(c).float().cpu() for c in codes[pairs].split(128)])
     report = {f"pair_retrieval_top{TOP_K}_reconstruction":
               mean(retrieval_ranks(judged(classifier, recon)[0], gallery, gallery_styles, styles, targets) <= TOP_K)}
     rows_of = {}
@@ -240,9 +239,10 @@ def retrieval_references(pipe, classifier, test: Split, train: Split, images, pa
     return report
 
 
-def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: torch.Tensor, per_style: dict) -> dict:
+def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: torch.Tensor, codes: torch.Tensor,
+                  per_style: dict) -> dict:
     """The judge's figures: its accuracy on real test images, held-out pair retrieval, category
-    consistency of samples, and the sampling time."""
+    consistency of samples, and the sampling time. codes [N,h,w,D]: the test images' codes."""
     names, R = pipe.class_names, pipe.resolution
     categories = sorted(set(train.categories))
     index = {c: i for i, c in enumerate(categories)}
@@ -282,7 +282,8 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     report.update({"pairs": len(pairs), f"pair_retrieval_top{TOP_K}": mean(hits),
                    "pair_median_rank": float(ranks.float().median()) if len(pairs) else None,
                    "pair_category_consistency": mean(right)})
-    report.update(retrieval_references(pipe, classifier, test, train, images, pairs, gallery, gallery_styles))
+    report.update(retrieval_references(pipe.rqvae, classifier, test, train, codes, pairs, targets, gallery,
+                                       gallery_styles))
     report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
                                                       report["judge_test_accuracy"])
 

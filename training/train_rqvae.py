@@ -74,17 +74,17 @@ def load_init_from(model: RQVAE, init_from: str | None, accelerator) -> None:
     codebook, and a fresh decoder."""
     if not init_from:
         return
-    source = RQVAE.from_pretrained(init_from)  # strict: its own config and weights must match
-    width_of = lambda c: c.decoder_channels or c.channels  # noqa: E731
-    same_decoder = width_of(source.config) == width_of(model.config)
-    if same_decoder or dataclasses.replace(source.config, decoder_channels=model.config.decoder_channels) \
-            != model.config:  # the same model, or another config (the strict load names the mismatch)
-        cli.load_init_from(model, init_from)
+    ours = model.config
+    theirs = cli.config_from_arg(RQVAEConfig, PRESETS, init_from, "--init_from")
+    if theirs.decoder_width == ours.decoder_width \
+            or dataclasses.replace(theirs, decoder_channels=ours.decoder_channels) != ours:
+        cli.load_init_from(model, init_from)  # the same model, or another config (the strict load names the mismatch)
         return
+    source = RQVAE.from_pretrained(init_from)  # strict
     model.encoder.load_state_dict(source.encoder.state_dict())
     model.quantizer.load_state_dict(source.quantizer.state_dict())
     accelerator.print(f"--init_from {init_from}: encoder and codebook loaded; a fresh decoder of width "
-                      f"{width_of(model.config)} (its own: {width_of(source.config)})")
+                      f"{ours.decoder_width} (its own: {theirs.decoder_width})")
 
 
 def main(argv=None):
