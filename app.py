@@ -327,9 +327,12 @@ def build_demo(pipe_or_path) -> gr.Blocks:
                         dice = gr.Button("🎲 Random", scale=1, min_width=90)
                     with gr.Accordion("Sampling", open=False):
                         temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
-                        top_k = gr.Slider(0, K, value=0, step=1, label="Top-k (0 = off)")
-                        top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p (1 = off)")
-                        cfg = gr.Slider(0.0, max(10.0, pipe.default_guidance_scale), step=0.1,
+                        # 0 / 1 with both left there: the model's own defaults (pipeline.json; converted models)
+                        unset = "the model's" if pipe.top_k is not None or pipe.top_p is not None else "off"
+                        top_k = gr.Slider(0, K, value=0, step=1, label=f"Top-k (0 = {unset})")
+                        top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label=f"Top-p (1 = {unset})")
+                        # hidden where the null class was never trained (converted official models): always 1
+                        cfg = gr.Slider(0.0, max(10.0, pipe.default_guidance_scale), step=0.1, visible=pipe.guidance,
                                         value=pipe.default_guidance_scale, label="Guidance scale (1 = off)")
                     go = gr.Button("Generate", variant="primary")
                 gallery = gr.Gallery(label="Samples", elem_id="samples", columns=4, height=440, format="png",

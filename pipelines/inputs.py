@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
-OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title")  # the keys of pipeline.json
+OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title", "guidance", "top_k",
+           "top_p")  # the keys of pipeline.json
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
 
 
@@ -21,7 +22,8 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class") -> None:
+def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class", guidance=True,
+                  top_k=None, top_p=None) -> None:
     if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
         raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
     if not (is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
@@ -33,6 +35,15 @@ def check_options(max_images, default_guidance_scale, caption_dropout, class_tit
     if not (isinstance(class_title, str) and 0 < len(class_title.strip()) <= 40 and class_title.isprintable()):
         raise ValueError(f"class_title must be a short name for what the classes are (e.g. 'Style'), "
                          f"got {class_title!r:.60}")
+    if not isinstance(guidance, bool) or (not guidance and default_guidance_scale != 1):
+        raise ValueError(f"guidance must be true or false (false: the null class is untrained, so "
+                         f"default_guidance_scale must be 1), got {guidance!r}")
+    for name, value, ok in (("top_k", top_k, lambda k: is_whole(k) and k >= 1),
+                            ("top_p", top_p, lambda q: is_number(q) and 0 < q <= 1)):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(v is None or ok(v) for v in values):
+            raise ValueError(f"{name} must be null, a default for every depth or a list of one per depth, "
+                             f"got {value!r:.60}")
 
 
 def read_options(file: Path) -> dict:

@@ -66,8 +66,11 @@ def default_device() -> torch.device:
 class RQPipeline:
     def __init__(self, rqvae: RQVAE, transformer: RQTransformer, max_images: int = 16,
                  default_guidance_scale: float = 3.0, caption_dropout: float | None = None,
-                 prompts: list[str] | None = None, class_title: str = "Class"):
-        """caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
+                 prompts: list[str] | None = None, class_title: str = "Class", guidance: bool = True,
+                 top_k: int | list[int] | None = None, top_p: float | list[float] | None = None):
+        """guidance: False when the null class was never trained (converted official checkpoints): then
+        guidance_scale must stay 1. top_k, top_p: the sampling filters used when a call gives none (one value,
+        or a list of one per depth as the official configs give them). caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
         the empty prompt was never seen, so sampling it (no prompt) is refused. prompts: example prompts (the
         training captions) for text models, saved as rqtransformer/prompts.json. class_title: what the classes
         are, for display (e.g. "Style")."""
@@ -75,7 +78,7 @@ class RQPipeline:
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
                              f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
-        check_options(max_images, default_guidance_scale, caption_dropout, class_title)
+        check_options(max_images, default_guidance_scale, caption_dropout, class_title, guidance, top_k, top_p)
         prompts = check_prompt_list([] if prompts is None else prompts, "prompts")
         if prompts and not transformer.has_text:
             raise ValueError("prompts are example prompts for a text model; this model has no text conditioning")
@@ -85,6 +88,7 @@ class RQPipeline:
         self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
         self.caption_dropout = None if caption_dropout is None else float(caption_dropout)
         self._prompts, self.class_title = prompts, class_title.strip()
+        self.guidance, self.top_k, self.top_p = guidance, top_k, top_p
         self.folder: Path | None = None  # set by from_pretrained; push_to_hub reuses its card and examples
 
     # ---- construction -------------------------------------------------------------------------
@@ -135,6 +139,9 @@ class RQPipeline:
             options["caption_dropout"] = self.caption_dropout
         if self.class_title != "Class":
             options["class_title"] = self.class_title
+        if not self.guidance:
+            options["guidance"] = False
+        options.update({k: v for k, v in (("top_k", self.top_k), ("top_p", self.top_p)) if v is not None})
         (path / PIPELINE_FILE).write_text(json.dumps(options, indent=2) + "\n")
         if self._prompts:
             (path / "rqtransformer" / PROMPTS_FILE).write_text(
@@ -215,6 +222,12 @@ class RQPipeline:
             labels = labels * (batch // len(labels))
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale  # without labels or text generate() ignores it (but checks it)
+        elif not self.guidance and guidance_scale != 1:
+            raise ValueError(f"guidance is off for this model: its unconditional (null) class was never trained "
+                             f"(a converted official checkpoint), so guidance_scale must be 1, got {guidance_scale!r}; "
+                             "fine-tune it with --cfg_dropout to train one")
+        if options.get("top_k") is None and options.get("top_p") is None:  # neither given: the model's defaults
+            options.update(top_k=self.top_k, top_p=self.top_p)
         tensor = None if labels is None else torch.tensor(labels, dtype=torch.long, device=self.device)
         kwargs = dict(class_labels=tensor, text_tokens=text, num_samples=batch, guidance_scale=guidance_scale,
                       generator=generator, **options)

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
 from rqcore.hub import resolve_folder
 from rqcore.pretrained import PretrainedMixin
 
-from .cpu import half_weight_copy, linear, native_gelu
+from .blocks import SHORT_SEQUENCE, Block, KVCache, causal_attention  # noqa: F401 (re-exported)
+from .cpu import half_weight_copy, linear
 from .sampling import generate as _generate
 
 TEXT_PAD_ID = 0  # pads prompts to max_text_len (rqtransformer.tokenizer uses the same id)
@@ -58,6 +58,11 @@ class RQTransformerConfig:
     class_names: list[str] = field(default_factory=list)  # empty, or one name per class
     text_vocab_size: int = 0            # the prompt tokenizer's vocabulary; 0 = no text conditioning
     max_text_len: int = 0               # prompt tokens prefixing the codes (padded/truncated to it); 0 = no text
+    # the official (kakaobrain) layout, for converted checkpoints; the defaults are this project's own
+    cumsum_depth_emb: bool = False      # depth input d > 0: the summed embeddings of codes 0..d-1 from a table of
+                                        # its own (depth_code_emb); else code_emb of code d-1
+    spatial_norm: bool = True           # a LayerNorm after the spatial transformer
+    start_token: bool = True            # False (text models): no start token, the last prompt token predicts code 0
 
     def __post_init__(self):
         if not isinstance(self.code_shape, (list, tuple)) or len(self.code_shape) != 3:
@@ -90,117 +95,9 @@ class RQTransformerConfig:
         if (self.text_vocab_size > 0) != (self.max_text_len > 0):
             raise ValueError(f"text_vocab_size ({self.text_vocab_size}) and max_text_len ({self.max_text_len}) "
                              "must both be 0 (no text) or both positive")
-
-
-class KVCache(nn.Module):
-    """Keys and values of one attention layer for incremental decoding: kv [B, 2, heads, length, dim_head].
-
-    Keys and values share one buffer so that each step writes both with a single copy. Caches live
-    outside the model (one set per `generate` call), so concurrent calls on one model do not collide.
-    """
-
-    def __init__(self, batch_size: int, heads: int, length: int, dim_head: int, device=None, dtype=None):
-        super().__init__()
-        shape = (batch_size, 2, heads, length, dim_head)
-        # empty, not zeros: every position is written before it is read, and zeroing a batch-16 sampling's
-        # caches took 5 % of its time (page faults of fresh memory)
-        self.register_buffer("kv", torch.empty(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, pos: int, kv: torch.Tensor) -> torch.Tensor:
-        """Write kv [B, 2, heads, n, dim_head] at positions [pos, pos+n) -> filled kv [B, 2, heads, pos+n, dim_head]."""
-        cache, end = self.kv, pos + kv.shape[3]
-        cache[:, :, :, pos:end] = kv
-        return cache[:, :, :, :end]
-
-
-# On CPU, torch's fused attention kernel is tuned for long sequences: for the depth transformer's
-# 4 tokens its forward+backward is 3x slower than plain matmuls (measured on 2 cores; even at 64 tokens).
-SHORT_SEQUENCE = 64
-
-
-def causal_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention over q, k, v [B, heads, n, e] -> [B, heads, n, e]."""
-    n = q.shape[-2]
-    if q.device.type != "cpu" or n > SHORT_SEQUENCE:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, heads, n, n]
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    weights = F.dropout(scores.masked_fill(future, float("-inf")).softmax(-1), dropout_p)
-    return weights @ v
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.resid_drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        """x [B, n, dim] at positions [pos, pos+n) -> [B, n, dim].
-
-        Without a cache: causal attention over x. With one: k, v are written at [pos, pos+n) and the
-        queries attend over positions [0, pos+n) (n > 1 only from pos 0, causally: a prefill).
-        """
-        B, n, _ = x.shape
-        # views, not einops: sampling runs this once per layer and token. One token needs no permute (and
-        # no transpose below): those two ops per layer and token cost 2.5 % of a small model's sampling time.
-        qkv = self.qkv(x)  # [B, n, 3 * dim]
-        if n == 1:
-            qkv = qkv.view(B, 3, self.heads, 1, -1)  # [B, 3, heads, 1, dim_head]
-        else:
-            qkv = qkv.view(B, n, 3, self.heads, -1).permute(0, 2, 3, 1, 4)  # [B, 3, heads, n, dim_head]
-        q, kv = qkv[:, 0], qkv[:, 1:]
-        if cache is not None:
-            if n > 1 and pos:
-                raise ValueError(f"several new tokens ({n}) can only be written from position 0, got pos={pos}")
-            kv = cache.update(pos, kv)  # [B, 2, heads, pos+n, dim_head]
-        k, v = kv.unbind(1)
-        if cache is not None and n == 1:  # one query over the filled prefix: no mask needed
-            y = v if pos == 0 else F.scaled_dot_product_attention(q, k, v)  # at pos 0, one key: its value
-        else:
-            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        y = self.proj(y.reshape(B, 1, -1) if n == 1 else y.transpose(1, 2).reshape(B, n, -1))  # [B, n, dim]
-        return self.resid_drop(y) if self.training else y
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x):
-        x = self.fc2(F.gelu(self.fc1(x)))
-        return self.drop(x) if self.training else x
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, c: RQTransformerConfig):
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(c.dim), SelfAttention(c.dim, c.heads, c.dropout)
-        self.ln2, self.mlp = nn.LayerNorm(c.dim), MLP(c.dim, c.mlp_ratio * c.dim, c.dropout)
-
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:  # [B, n, dim]
-        x = x + self.attn(self.ln1(x), cache, pos)
-        return x + self.mlp(self.ln2(x))
-
-    def step(self, x: torch.Tensor, kv: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token x [B, dim] at position pos, its layer's cache buffer kv [B, 2, heads, length, dim_head]
-        -> [B, dim]: forward(x[:, None], cache, pos)[:, 0] in eval mode, with fewer Python calls and tensor ops."""
-        attn, B = self.attn, x.shape[0]
-        qkv = linear(attn.qkv, self.ln1(x)).view(B, 3, attn.heads, 1, -1)  # [B, 3, heads, 1, dim_head]
-        kv.narrow(3, pos, 1).copy_(qkv[:, 1:])
-        if pos:  # one query over the filled prefix: no mask needed
-            k, v = kv.narrow(3, 0, pos + 1).unbind(1)  # [B, heads, pos+1, dim_head] each
-            y = F.scaled_dot_product_attention(qkv.select(1, 0), k, v)
-        else:  # one key: its value
-            y = qkv.select(1, 2)
-        x = x + linear(attn.proj, y.reshape(B, -1))
-        return x + linear(self.mlp.fc2, native_gelu(linear(self.mlp.fc1, self.ln2(x))))
+        if not self.start_token and (not self.max_text_len or self.num_classes):
+            raise ValueError("start_token=False needs a text model without classes (the prompt's last token "
+                             "then predicts the first code)")
 
 
 class RQTransformer(PretrainedMixin, nn.Module):
@@ -211,8 +108,12 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.config = c = config
         h, w, D = c.code_shape
         self.code_emb = nn.Embedding(c.codebook_size, c.dim)
-        self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)  # last row = null class / start token
-        self.spatial_pos = nn.Parameter(torch.zeros(h * w, c.dim))
+        if c.cumsum_depth_emb:
+            self.depth_code_emb = nn.Embedding(c.codebook_size, c.dim)
+        if c.start_token:
+            self.class_emb = nn.Embedding(c.num_classes + 1, c.dim)  # last row = null class / start token
+        # by the position of the input: the start token, then codes 0..h*w-2 (the last code is never an input)
+        self.spatial_pos = nn.Parameter(torch.zeros(h * w - (not c.start_token), c.dim))
         self.depth_pos = nn.Parameter(torch.zeros(D, c.dim))
         if c.max_text_len:  # models without text keep exactly their old tensors (old files load strictly)
             self.text_emb = nn.Embedding(c.text_vocab_size, c.dim)  # row TEXT_PAD_ID: the pad token
@@ -220,7 +121,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.tokenizer = None  # a PromptTokenizer for text models: set by training, saved and loaded with the model
         self.drop = nn.Dropout(c.dropout)
         self.spatial_blocks = nn.ModuleList(Block(c) for _ in range(c.spatial_layers))
-        self.spatial_norm = nn.LayerNorm(c.dim)
+        self.spatial_norm = nn.LayerNorm(c.dim) if c.spatial_norm else nn.Identity()
         self.depth_blocks = nn.ModuleList(Block(c) for _ in range(c.depth_layers))
         self.depth_norm = nn.LayerNorm(c.dim)
         self.head = nn.Linear(c.dim, c.codebook_size)
@@ -341,8 +242,9 @@ class RQTransformer(PretrainedMixin, nn.Module):
 
         The sequence is the L = max_text_len text embeddings (none without text), then the h*w code
         positions: the input of code position t is the class embedding (t = 0) or the summed code embeddings
-        of position t-1. Position embeddings are added here. Causal; with caches (new_caches) earlier
-        positions come from them.
+        of position t-1. Without a start token (start_token=False) the code inputs begin with position 0's
+        codes and the last text token's output predicts code 0. Position embeddings are added here. Causal;
+        with caches (new_caches) earlier positions come from them.
         """
         L = self.config.max_text_len
         if pos >= L:  # code positions only: every sampling step
@@ -355,7 +257,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
     def depth_transformer(self, x: torch.Tensor, caches: nn.ModuleList | None = None, pos: int = 0) -> torch.Tensor:
         """Depth inputs x [N, n, dim] of depths [pos, pos+n) -> logits [N, n, K]; output d predicts code d.
 
-        The input of depth 0 is the spatial output, of depth d > 0 the embedding of code d-1. Causal, as above.
+        The input of depth 0 is the spatial output, of depth d > 0 the embedding of code d-1 (cumsum_depth_emb:
+        the sum of depth_code_emb over codes 0..d-1). Causal, as above.
         """
         x = x + self.depth_pos[pos : pos + x.shape[1]]
         x = self.drop(x) if self.training else x
@@ -371,7 +274,9 @@ class RQTransformer(PretrainedMixin, nn.Module):
         text = self._text(text_tokens, B, codes.device)  # [B, L] or None
         flat = rearrange(codes.long(), "b h w d -> b (h w) d")
         # spatial input of position t: the class (t = 0), else the summed code embeddings of position t-1
-        x = torch.cat([self.class_emb(labels)[:, None], self.code_emb(flat[:, :-1]).sum(2)], dim=1)  # [B, h*w, dim]
+        x = self.code_emb(flat[:, :-1]).sum(2)  # [B, h*w-1, dim]
+        if self.config.start_token:
+            x = torch.cat([self.class_emb(labels)[:, None], x], dim=1)  # [B, h*w, dim]
         if text is not None:
             # How text attends: causally, like the codes after it (as in DALL-E's transformer). Every code
             # position sees the whole prompt either way; a causal prefix lets one lower-triangular mask serve
@@ -380,11 +285,13 @@ class RQTransformer(PretrainedMixin, nn.Module):
             # would need an explicit prefix-LM mask in both, for little gain on short prompts. Pads are
             # ordinary tokens (pad embedding + text position, like DALL-E's per-position pads): real tokens
             # never see them, and all pads is the empty prompt that caption dropout trains for guidance.
-            x = torch.cat([self.text_emb(text), x], dim=1)  # [B, L + h*w, dim]
-        out = self.spatial_transformer(x)[:, x.shape[1] - h * w:]  # [B, h*w, dim]: the code positions
+            x = torch.cat([self.text_emb(text), x], dim=1)  # [B, L + h*w (- 1 without start token), dim]
+        out = self.spatial_transformer(x)[:, x.shape[1] - h * w:]  # [B, h*w, dim]: the outputs predicting codes
         out = rearrange(out, "b n c -> (b n) 1 c")  # [B*h*w, 1, dim]
-        # depth input of depth d: the spatial output (d = 0), else the embedding of code d-1
-        y = torch.cat([out, self.code_emb(rearrange(flat[..., :-1], "b n d -> (b n) d"))], dim=1)  # [B*h*w, D, dim]
+        # depth input of depth d: the spatial output (d = 0), else the embedding of code d-1 (or of codes 0..d-1)
+        prev = rearrange(flat[..., :-1], "b n d -> (b n) d")  # [B*h*w, D-1]
+        emb = self.depth_code_emb(prev).cumsum(1) if self.config.cumsum_depth_emb else self.code_emb(prev)
+        y = torch.cat([out, emb], dim=1)  # [B*h*w, D, dim]
         logits = self.depth_transformer(y)  # [B*h*w, D, K]
         return rearrange(logits, "(b h w) d k -> b h w d k", b=B, h=h, w=w)
 

@@ -30,13 +30,21 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
     With a filter, only the k best codes (all K, sorted, for top-p alone) are softmaxed and drawn
     from: the same distribution as masking the rest to -inf, at a fraction of the work for small k.
+    Codes tied with the k-th best are kept too (as the official sampler does), so k is a floor.
     """
     if temperature != 1.0:
         logits = logits / temperature
     K = logits.shape[-1]
     if (top_k is None or top_k >= K) and (top_p is None or top_p >= 1.0):
         return draw(logits.softmax(-1), generator).squeeze(-1)
-    best, index = torch.topk(logits, min(top_k or K, K), dim=-1)  # [B, k] each, best first
+    k = min(top_k or K, K)
+    best, index = torch.topk(logits, k, dim=-1)  # [B, k] each, best first
+    if k < K:  # ties at the k-th value (finite: -inf rows are excluded anyway) widen the set
+        kth = best[:, -1:]  # [B, 1]
+        wide = int(((logits >= kth) & (kth > -math.inf)).sum(-1).max())
+        if wide > k:
+            best, index = torch.topk(logits, wide, dim=-1)
+            best = best.masked_fill(best < kth, -math.inf)
     if top_p is not None and top_p < 1.0:
         probs = best.softmax(-1)
         best = best.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))  # better codes hold >= top_p
@@ -54,15 +62,26 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1, keepdim=True)
 
 
+def per_depth(value, depth: int) -> list:
+    """A sampling option given once or per depth (a list of D values, as the official configs do) -> D values."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * depth
+
+
 def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads) -> None:
-    K = model.config.codebook_size
+    K, D = model.config.codebook_size, model.config.code_shape[2]
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding use top_k=1)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K):
-        raise ValueError(f"top_k must be None or an integer in [1, {K}] (the codebook size), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    for name, value in (("top_k", top_k), ("top_p", top_p)):
+        if isinstance(value, (list, tuple)) and len(value) != D:
+            raise ValueError(f"{name} must be one value or a list of one per depth ({D}), got {value!r}")
+    if not all(k is None or (not isinstance(k, bool) and isinstance(k, int) and 1 <= k <= K)
+               for k in per_depth(top_k, D)):
+        raise ValueError(f"top_k must be None or an integer in [1, {K}] (the codebook size), or a list of one per "
+                         f"depth, got {top_k!r}")
+    if not all(p is None or (not isinstance(p, bool) and isinstance(p, (int, float)) and 0 < p <= 1)
+               for p in per_depth(top_p, D)):
+        raise ValueError(f"top_p must be None or a number in (0, 1], or a list of one per depth, got {top_p!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not 0 <= guidance_scale < float("inf"):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
@@ -168,7 +187,8 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     (default: the prefix or text batch, or 1); with labels it may only repeat their length.
     text_tokens (text models only): prompt token ids [B or 1, max_text_len] right-padded with
     TEXT_PAD_ID (batch 1 is broadcast); None = the empty prompt.
-    top_k=1 is greedy decoding. guidance_scale != 1 with labels or text runs conditional rows and
+    top_k=1 is greedy decoding; top_k and top_p may also be lists of one value per depth (as the official
+    configs give them). guidance_scale != 1 with labels or text runs conditional rows and
     unconditional rows (null class and empty prompt) in one batch of 2B: logits = uncond + scale * (cond - uncond).
     guidance_cutoff: with guidance_scale > 1, codes whose conditional probability is below this fraction of the
     most likely code's are never drawn (0 = off). Guidance can favour a code the conditional model finds very
@@ -248,6 +268,7 @@ def _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, f
     h, w, D = model.config.code_shape
     device = model.head.weight.device
     codes = torch.full((B, h * w, D), -1, dtype=torch.long, device=device)  # -1 = not generated yet
+    top_ks, top_ps = per_depth(top_k, D), per_depth(top_p, D)
     if forced is not None:
         codes = torch.where(keep[..., None], forced, codes)
         all_forced = keep.all(0).tolist()  # positions forced in every row skip sampling (same in both paths)
@@ -262,7 +283,7 @@ def _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, f
             if cutoff > -math.inf and scale > 1:  # p_cond(k) < cutoff * max p_cond: never drawn (logit gaps
                 # are log-ratios); only when extrapolating, so that scale 0 stays the unconditional model
                 logits = logits.masked_fill(cond < cond.amax(-1, keepdim=True) + cutoff, -math.inf)
-        code = sample_logits(logits, temperature, top_k, top_p, generator)
+        code = sample_logits(logits, temperature, top_ks[d], top_ps[d], generator)
         if keep is not None:
             code = torch.where(keep[:, t], forced[:, t, d], code)
         codes[:, t, d] = code
@@ -284,18 +305,23 @@ def _sample_cached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k,
     R = rows.shape[0]
     spatial_caches, depth_caches = model.new_caches(R), model.new_caches(R, depth=True)
     spatial, depth, code_emb = model.spatial_transformer, model.depth_transformer, model.code_emb
+    # the depth input of depth d > 0: code d-1's embedding, or the running sum over codes 0..d-1 (cumsum_depth_emb)
+    depth_emb = model.depth_code_emb if model.config.cumsum_depth_emb else None
+    first = None  # without a start token: the last prompt token's output, the depth input of position 0
     if text is not None:  # prefill: the prompts' keys and values at positions [0, L), once
-        _prefill(model, text, spatial_caches)
-    x = model.class_emb(rows)[:, None]  # [R, 1, dim] spatial input of code position 0
+        first = _prefill(model, text, spatial_caches)
+    start = model.config.start_token
+    x = model.class_emb(rows)[:, None] if start else None  # [R, 1, dim] spatial input of code position 0
     for t in range(h * w):
-        y = spatial(x, spatial_caches, L + t)  # [R, 1, dim]: the depth input of depth 0
+        # [R, 1, dim]: the depth input of depth 0 (sequence position L + t, or L + t - 1 without a start token)
+        y = spatial(x, spatial_caches, L + t - (not start)) if start or t else first
         if not all_forced[t]:
+            e = 0  # cumsum_depth_emb: the sum of this position's code embeddings so far
             for d in range(D):
                 code = pick(depth(y, depth_caches, d)[:, 0], t, d)  # [B]
                 if d + 1 < D:
-                    y = code_emb(code)[:, None]  # [B, 1, dim]
-                    if cfg:
-                        y = y.repeat(2, 1, 1)  # [2B, 1, dim]: both halves continue with the same code
+                    e = code_emb(code) if depth_emb is None else depth_emb(code) + e  # [B, dim]
+                    y = e[:, None] if not cfg else e[:, None].repeat(2, 1, 1)  # [R, 1, dim]: both halves, one code
         report(callback, t)
         if t + 1 < h * w:
             x = code_emb(codes[:, t]).sum(1, keepdim=True)  # [B, 1, dim]
@@ -304,8 +330,9 @@ def _sample_cached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k,
     return codes
 
 
-def _prefill(model, text: torch.Tensor, caches: nn.ModuleList) -> None:
-    """Write the keys and values of the prompts text [R, L] at positions [0, L) of the spatial caches.
+def _prefill(model, text: torch.Tensor, caches: nn.ModuleList) -> torch.Tensor:
+    """Write the keys and values of the prompts text [R, L] at positions [0, L) of the spatial caches;
+    returns the spatial output of the last prompt token [R, 1, dim].
 
     Rows share few prompts (often one per call, and guidance's unconditional rows all hold the empty
     one), so each distinct prompt runs once and is copied to its rows: at batch 16 a 16-token prefill of
@@ -313,9 +340,10 @@ def _prefill(model, text: torch.Tensor, caches: nn.ModuleList) -> None:
     unique, index = torch.unique(text, dim=0, return_inverse=True)  # [U, L], [R]
     L = text.shape[1]
     shared = model.new_caches(len(unique))
-    model.spatial_transformer(model.text_emb(unique), shared, 0)  # [U, L, dim], outputs unused
+    out = model.spatial_transformer(model.text_emb(unique), shared, 0)  # [U, L, dim]
     for cache, one in zip(caches, shared):
         cache.kv[:, :, :, :L] = one.kv[index, :, :, :L]  # [R, 2, heads, L, dim_head]
+    return out[index, -1:]  # [R, 1, dim]
 
 
 def _sample_uncached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, forced, keep,

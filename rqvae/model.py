@@ -30,6 +30,14 @@ class RQVAEConfig:
                                     # without changing the codes (train it with --decoder_only)
     num_res_blocks: int = 1         # residual blocks per level
     mid_attention: bool = True      # self-attention at the code grid resolution
+    # the official (kakaobrain) layout, for converted checkpoints; the defaults are this project's own
+    attn_resolutions: tuple[int, ...] = ()  # self-attention after every residual block at these resolutions
+    pad_downsample: bool = False    # downsample: zero-pad right/bottom, 3x3 stride-2 conv (else 4x4, padding 1)
+    decoder_extra_block: bool = False  # the decoder has num_res_blocks + 1 blocks per level
+    upsample_keeps_width: bool = False  # the upsample conv keeps the width (the next block's shortcut changes it)
+    quant_convs: bool = False       # encoder ends 3x3 conv to z_channels then 1x1 to latent_dim; decoder starts
+                                    # 1x1 then 3x3 (one 3x3 conv is not the same at the zero-padded borders)
+    z_channels: int = 0             # the width between those convs; 0 = latent_dim
     latent_dim: int = 64            # code embedding dimension
     commitment_weight: float = 0.25
     ema_decay: float = 0.99
@@ -40,6 +48,10 @@ class RQVAEConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        if self.z_channels < 0 or any(r < 1 for r in self.attn_resolutions):
+            raise ValueError(f"z_channels must be >= 0 and attn_resolutions positive, got {self.z_channels} "
+                             f"and {self.attn_resolutions}")
         for name in ("resolution", "codebook_size", "code_depth", "downsample", "in_channels",
                      "channels", "latent_dim", "kmeans_iters"):
             if getattr(self, name) < 1:
@@ -103,22 +115,49 @@ class AttnBlock(nn.Module):
         return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
+class PadDownsample(nn.Module):
+    """Halve the resolution: zero-pad one column right and one row below, then a 3x3 stride-2 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+def level_blocks(c: RQVAEConfig, cin: int, cout: int, blocks: int, resolution: int) -> list[nn.Module]:
+    """`blocks` residual blocks cin -> cout, each followed by attention at the attn_resolutions."""
+    layers = []
+    for _ in range(blocks):
+        layers.append(ResBlock(cin, cout))
+        cin = cout
+        if resolution in c.attn_resolutions:
+            layers.append(AttnBlock(cout))
+    return layers
+
+
 class Encoder(nn.Module):
     def __init__(self, c: RQVAEConfig):
         super().__init__()
         widths = [c.channels * m for m in c.channel_mult]
         layers = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
-        cin = widths[0]
+        cin, res = widths[0], c.resolution
         for i, cout in enumerate(widths):
-            for _ in range(c.num_res_blocks):
-                layers.append(ResBlock(cin, cout))
-                cin = cout
-            if i < len(widths) - 1:  # strided conv halves the resolution
-                layers.append(nn.Conv2d(cin, cin, 4, stride=2, padding=1))
+            layers += level_blocks(c, cin, cout, c.num_res_blocks, res)
+            cin = cout
+            if i < len(widths) - 1:  # a strided conv halves the resolution
+                layers.append(PadDownsample(cin) if c.pad_downsample else nn.Conv2d(cin, cin, 4, stride=2, padding=1))
+                res //= 2
         layers.append(ResBlock(cin, cin))
         if c.mid_attention:
             layers.append(AttnBlock(cin))
-        layers += [ResBlock(cin, cin), norm(cin), nn.SiLU(), nn.Conv2d(cin, c.latent_dim, 1)]
+        layers += [ResBlock(cin, cin), norm(cin), nn.SiLU()]
+        if c.quant_convs:
+            z = c.z_channels or c.latent_dim
+            layers += [nn.Conv2d(cin, z, 3, padding=1), nn.Conv2d(z, c.latent_dim, 1)]
+        else:
+            layers.append(nn.Conv2d(cin, c.latent_dim, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):  # [B,3,H,W] -> [B,C,h,w]
@@ -130,17 +169,23 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [c.decoder_width * m for m in c.channel_mult][::-1]
         cin = widths[0]
-        layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1), ResBlock(cin, cin)]
+        if c.quant_convs:
+            z = c.z_channels or c.latent_dim
+            layers = [nn.Conv2d(c.latent_dim, z, 1), nn.Conv2d(z, cin, 3, padding=1)]
+        else:
+            layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1)]
+        layers.append(ResBlock(cin, cin))
         if c.mid_attention:
             layers.append(AttnBlock(cin))
         layers.append(ResBlock(cin, cin))
+        res = c.resolution // c.downsample
         for i, cout in enumerate(widths):
-            for _ in range(c.num_res_blocks):
-                layers.append(ResBlock(cin, cout))
-                cin = cout
-            if i < len(widths) - 1:  # upsample straight to the next level's (narrower) width: cheaper
-                cin = widths[i + 1]
+            layers += level_blocks(c, cin, cout, c.num_res_blocks + c.decoder_extra_block, res)
+            cin = cout
+            if i < len(widths) - 1:  # by default, upsample straight to the next level's (narrower) width: cheaper
+                cin = cout if c.upsample_keeps_width else widths[i + 1]
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cout, cin, 3, padding=1)]
+                res *= 2
         layers += [norm(cin), nn.SiLU()]
         self.net = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)  # "last layer" for the adaptive GAN weight

@@ -16,61 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pipelines import RQPipeline
-from rqcore.metrics import psnr
-from rqcore.pretrained import load_weights, write_safetensors
 from rqtransformer.losses import per_depth_nll
-from rqvae import RQVAE
 
 from .cli import positive_int, run_cli
 from .data import has_captions, image_folder
-
-
-@torch.no_grad()
-def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-    """PSNR at every depth 1..D and codebook usage of `images` (model in eval mode)."""
-    D, K = model.config.code_depth, model.config.codebook_size
-    sums, used = torch.zeros(D), torch.zeros(K, dtype=torch.bool)
-    for chunk in images.split(batch_size):
-        codes = model.encode(chunk)
-        used[codes.flatten().unique()] = True
-        for k in range(1, D + 1):
-            sums[k - 1] += psnr(model.decode(codes, depth=k), chunk).sum()
-    out = {f"psnr_depth{k}": float(sums[k - 1] / len(images)) for k in range(1, D + 1)}
-    out["codebook_usage"] = float(used.float().mean())
-    return out
-
-
-class SmallClassifier(nn.Module):
-    """A strided stem, four conv stages and global pooling: enough to tell emoji categories apart at 64 px."""
-
-    def __init__(self, num_classes: int, width: int = 24):
-        super().__init__()
-        layers, cin = [nn.Conv2d(3, width, 4, stride=2, padding=1), nn.ReLU()], width  # halve first: CPU-cheap
-        for i in range(4):
-            cout = width * 2 ** i
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                       nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
-            cin = cout
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(cin, num_classes))
-
-    def embed(self, x):  # [B,3,H,W] in [-1,1] -> pooled penultimate features [B,F] (for retrieval)
-        return self.features(x).mean((2, 3))
-
-    def forward(self, x):  # [B,3,H,W] in [-1,1] -> logits [B,C]
-        return self.head(self.embed(x))
+# the measures evaluate_text shares live in eval_common (so imports run one way); SmallClassifier stays
+# importable from here, where it was defined before
+from .eval_common import SmallClassifier, accuracy, evaluate_depths, fit_classifier, judge, nll_report  # noqa: F401
+from .evaluate_text import evaluate_captioned
 
 
 def train_classifier(train_dir: str, classes: list[str], resolution: int, steps: int, seed: int = 0):
@@ -80,54 +42,9 @@ def train_classifier(train_dir: str, classes: list[str], resolution: int, steps:
     return fit_classifier(ds, len(classes), steps, seed)
 
 
-def fit_classifier(ds, num_classes: int, steps: int, seed: int = 0) -> SmallClassifier:
-    """A SmallClassifier trained for `steps` steps on `ds` (items (image [3,R,R], label, ...))."""
-    torch.manual_seed(seed)
-    model = SmallClassifier(num_classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    loader = DataLoader(ds, batch_size=64, shuffle=True, drop_last=len(ds) > 64, num_workers=1,
-                        generator=torch.Generator().manual_seed(seed))
-    model.train()
-    step, bar = 0, tqdm(total=steps, desc="classifier")
-    while step < steps:
-        for x, y, *_ in loader:
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            if step >= steps:
-                break
-    bar.close()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    preds = torch.cat([classifier(x).argmax(-1) for x in images.split(128)])
-    return float((preds == labels).float().mean())
-
-
 def per_class_accuracy(classifier: nn.Module, images, labels, names: list[str]) -> dict[str, float]:
     return {name: round(accuracy(classifier, images[labels == c], labels[labels == c]), 3)
             for c, name in enumerate(names) if bool((labels == c).any())}
-
-
-def judge(args, num_classes: int, train) -> SmallClassifier:
-    """The judge: loaded from --classifier when that file exists, else train() (and saved there)."""
-    path = Path(args.classifier) if args.classifier else None
-    if path is not None and path.is_file():
-        model = SmallClassifier(num_classes)
-        load_weights(model, path)
-        return model.eval()
-    model = train()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return model
 
 
 def parse_args(argv=None):
@@ -198,14 +115,6 @@ def evaluate_classes(args, pipe: RQPipeline) -> dict:
     return report
 
 
-def nll_report(nll: torch.Tensor) -> dict:
-    """Per-depth NLL [D] (nats) -> nll_depth*, perplexity_depth*, nll_mean."""
-    out = {f"nll_depth{d + 1}": round(float(v), 4) for d, v in enumerate(nll)}
-    out.update({f"perplexity_depth{d + 1}": round(math.exp(v), 2) for d, v in enumerate(nll.tolist())})
-    out["nll_mean"] = round(float(nll.mean()), 4)
-    return out
-
-
 def rounded(value):
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
@@ -233,7 +142,6 @@ def main(argv=None) -> dict:
     start = time.time()
     pipe = RQPipeline.from_pretrained(args.weights, device="cpu")
     if has_captions(args.data_dir):
-        from .evaluate_text import evaluate_captioned  # it builds on this module's helpers: imported here
         report = evaluate_captioned(args, pipe)
     else:
         report = evaluate_classes(args, pipe)

@@ -38,7 +38,7 @@ from rqtransformer.losses import per_depth_nll
 
 from .captions import spread
 from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
-from .evaluate import accuracy, evaluate_depths, fit_classifier, judge, nll_report
+from .eval_common import accuracy, evaluate_depths, fit_classifier, judge, nll_report
 
 SAMPLES = 4  # samples per held-out pair / held-out emoji image
 TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style

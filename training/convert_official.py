@@ -1,0 +1,196 @@
+"""Convert the paper's released checkpoints (kakaobrain/rq-vae-transformer) into a pipeline folder.
+
+    python -m training.convert_official --rqvae stage1/ --rqtransformer stage2/ --output_dir OUT \
+        [--tokenizer DIR] [--ema]
+
+Each stage folder is laid out as in the released tarballs: model.pt beside config.yaml. The result loads
+with `RQPipeline.from_pretrained(OUT)` and `python app.py --weights OUT`: rqvae/ and rqtransformer/
+(config.json + model.safetensors, tokenizer.json for text models), pipeline.json with the official
+sampling settings, and a README.md model card. `--rqvae` alone writes an RQ-VAE folder.
+
+model.pt files are pickles: they are read only here, with torch.load(weights_only=True), tensors only.
+The weights are CC-BY-NC-SA 4.0: non-commercial use only, whatever this project's own licence.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipelines import RQPipeline
+from rqtransformer.model import RQTransformer
+from rqvae import RQVAE
+
+from . import official
+from .cli import run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rqvae", required=True, help="the released stage-1 folder (model.pt + config.yaml)")
+    p.add_argument("--rqtransformer", help="the released stage-2 folder (model.pt + config.yaml); needs --rqvae, "
+                                           "whose codebook its embeddings are built from")
+    p.add_argument("--output_dir", required=True, help="the pipeline folder (or RQ-VAE folder) to write")
+    p.add_argument("--tokenizer", help="text models: the folder of the official BPE files "
+                                       "(bpe-16k-vocab.json + bpe-16k-merges.txt)")
+    p.add_argument("--ema", action="store_true", help="convert state_dict_ema instead of state_dict (a checkpoint "
+                                                      "without one keeps its state_dict: stage 1 has none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    for flag in ("rqvae", "rqtransformer", "tokenizer"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"--{flag} {value} is not a folder")
+    if args.tokenizer and not args.rqtransformer:
+        raise ValueError("--tokenizer is for a text stage 2: give --rqtransformer too")
+    out = Path(args.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--output_dir {out} exists and is not empty: choose another or pass --overwrite")
+
+
+def has_ema(folder: Path) -> bool:
+    """Whether model.pt holds state_dict_ema (read safely, as every read here)."""
+    try:
+        official.read_state(folder, ema=True)
+        return True
+    except ValueError as e:
+        if "has no 'state_dict_ema'" in str(e):
+            return False
+        raise
+
+
+def sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_rqvae(folder: Path, ema: bool) -> tuple[RQVAE, dict, bool]:
+    """-> (our RQVAE in eval mode, the official tensors, whether EMA weights were used)."""
+    data = official.read_yaml(folder)
+    config = official.rqvae_config(data)
+    use_ema = ema and has_ema(folder)
+    tensors = official.read_state(folder, ema=use_ema)
+    model = RQVAE(config)
+    state = official.rqvae_state(model, config, tensors)
+    official.check_shapes(model, state, "stage 1")
+    model.load_state_dict(state, strict=True)
+    return model.eval(), tensors, use_ema
+
+
+def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: bool,
+                        tokenizer_dir: str | None) -> tuple[RQTransformer, dict]:
+    """-> (our RQTransformer, the official sampling settings)."""
+    data = official.read_yaml(folder)
+    config = official.transformer_config(data, vae.config)
+    if config.num_classes == 1000:  # ImageNet: the names in index order, from torchvision (nothing downloaded)
+        config.class_names = official.imagenet_class_names()
+    if config.max_text_len and not tokenizer_dir:
+        raise ValueError("this stage 2 is a text model: give --tokenizer, the folder of the official BPE files")
+    if tokenizer_dir and not config.max_text_len:
+        raise ValueError("--tokenizer given, but this stage 2 has no text conditioning")
+    tensors = official.read_state(folder, ema=ema)
+    model = RQTransformer(config)
+    state = official.transformer_state(config, tensors, codebook)
+    official.check_shapes(model, state, "stage 2")
+    model.load_state_dict(state, strict=True)
+    if config.max_text_len:
+        model.tokenizer = official.text_tokenizer(Path(tokenizer_dir), data, config.text_vocab_size)
+    settings = official.sampling_settings(data)
+    K = config.codebook_size
+    top_k = settings["top_k"]  # the official sampler takes min(top_k, K), and None as no filter
+    settings["top_k"] = [min(int(k), K) for k in top_k] if isinstance(top_k, list) else \
+        (min(int(top_k), K) if top_k is not None else None)
+    return model.eval(), settings
+
+
+def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: dict, ema: dict) -> str:
+    rows = [f"| stage 1 | `{Path(args.rqvae).name}/model.pt` | `{sha256(Path(args.rqvae) / 'model.pt')}` | "
+            f"{'state_dict_ema' if ema['rqvae'] else 'state_dict'} |"]
+    if transformer is not None:
+        rows.append(f"| stage 2 | `{Path(args.rqtransformer).name}/model.pt` | "
+                    f"`{sha256(Path(args.rqtransformer) / 'model.pt')}` | "
+                    f"{'state_dict_ema' if ema['rqtransformer'] else 'state_dict'} |")
+    vc = vae.config
+    lines = [
+        "---", "license: cc-by-nc-sa-4.0", "tags: [rq-vae, rq-transformer, converted]", "---", "",
+        "# A converted RQ-VAE / RQ-Transformer checkpoint", "",
+        f"Converted from the checkpoints released with *Autoregressive Image Generation using Residual "
+        f"Quantization* (Lee et al., CVPR 2022), repository {official.SOURCE}, by `python -m "
+        "training.convert_official`. The tensors are the official ones, rearranged; outputs match the official "
+        "code in float32 (see the project's README).", "",
+        "| stage | file | sha256 | weights |", "|---|---|---|---|", *rows, "",
+        f"**Licence: {official.LICENCE}.** The released weights may be used for non-commercial purposes only, "
+        "with attribution, and derivatives shared alike. The code that converted and runs them is Apache-2.0.", "",
+        "## What the conversion did", "",
+        f"- Stage 1: {vc.resolution} px images, {vc.code_shape[0]}x{vc.code_shape[1]}x{vc.code_shape[2]} codes from "
+        f"one shared codebook of {vc.codebook_size}; the codebook's padding row was dropped.",
+    ]
+    if transformer is not None:
+        tc = transformer.config
+        kind = ("text-to-image" if tc.max_text_len else f"{tc.num_classes} classes" if tc.num_classes
+                else "unconditional")
+        n = sum(p.numel() for p in transformer.parameters())
+        lines += [
+            f"- Stage 2 ({kind}, {n / 1e6:.0f} M parameters here): the code embeddings (an MLP of the stage-1 "
+            "codebook rows) were folded into tables; the depth context is the cumulative sum of the earlier "
+            "depths' embeddings.",
+            "- Guidance is off: the official models never trained an unconditional (null) class or empty prompt. "
+            "Fine-tuning with `--cfg_dropout` trains one.",
+            f"- Default sampling (the official config's): top-k {settings['top_k']}, top-p {settings['top_p']}.",
+        ]
+        if tc.max_text_len:
+            lines.append(f"- Prompts: the official lower-cased BPE tokenizer (tokenizer.json), {tc.max_text_len} "
+                         "tokens, [PAD] = 0. The next-text-token head (`cond_classifier`) was dropped: sampling "
+                         "images never uses it.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    print(f"reading stage 1 from {args.rqvae}", flush=True)
+    vae, vae_tensors, vae_ema = convert_rqvae(Path(args.rqvae), args.ema)
+    transformer, settings = None, {}
+    if args.rqtransformer:
+        print(f"reading stage 2 from {args.rqtransformer}", flush=True)
+        codebook = vae.quantizer.codebooks[0].detach()  # [K, C]: the rows stage 2's MLPs embed
+        transformer, settings = convert_transformer(Path(args.rqtransformer), vae, codebook, args.ema,
+                                                    args.tokenizer)
+    del vae_tensors
+    out = Path(args.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:  # written beside, then renamed: an interrupted conversion never leaves half a folder behind
+        if transformer is None:
+            vae.save_pretrained(tmp)
+        else:
+            text = transformer.config.max_text_len > 0
+            pipe = RQPipeline(vae, transformer, default_guidance_scale=1.0, guidance=False,
+                              caption_dropout=0.0 if text else None,
+                              class_title="ImageNet class" if transformer.config.num_classes == 1000 else "Class",
+                              **settings)
+            pipe.save_pretrained(tmp)
+        card = model_card(args, vae, transformer, settings, {"rqvae": vae_ema, "rqtransformer": args.ema})
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out} ({official.LICENCE})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
