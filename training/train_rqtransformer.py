@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 
 from pipelines import RQPipeline
-from pipelines.inputs import check_options
+from pipelines.inputs import check_options, read_options
 from rqtransformer.losses import code_loss, per_depth_nll
 from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
 from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
@@ -174,13 +174,19 @@ def main(argv=None):
     unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
     if unknown:
         raise ValueError(f"{val_flag} has classes that {data_flag} lacks: {unknown}")
-    saved = None
+    saved, data_classes, options = None, None, {}
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
+        # a pipeline's sampling defaults and whether its null class was ever trained (not for converted models)
+        options = read_options(Path(args.init_from).parent / "pipeline.json")
+        names = saved.class_names or [str(i) for i in range(saved.num_classes)]  # as the pipeline shows them
+        if classes and set(classes) <= set(names) and classes != names:
+            data_classes, classes = classes, names  # folders named after some of the model's classes
         if saved.num_classes != len(classes):
             data = "--unconditional" if args.unconditional else f"the data has {len(classes)} {classes}"
-            raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes {saved.class_names}, "
-                             f"{data}: fine-tuning needs as many classes"
+            raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes "
+                             f"{names[:8]}{' ...' if saved.num_classes > 8 else ''}, {data}: "
+                             "fine-tuning needs as many classes, or class folders named after some of them"
                              + ("; add --unconditional" if not saved.num_classes else ""))
         if captioned and not saved.max_text_len:
             raise ValueError(f"--init_from {args.init_from} has no text conditioning but {data_flag} is captioned: "
@@ -235,6 +241,12 @@ def main(argv=None):
 
     val = encode(val_set, False, False) if val_set is not None else None  # each process encodes 1/N
     train_data = encode(train_set, args.hflip, drawn)
+    # guidance needs a trained null class / empty prompt: this run's dropout, or the model's before it
+    guidance = options.get("guidance", True) or (args.caption_dropout if tokenizer else args.cfg_dropout) > 0
+    guidance_scale = args.sample_guidance_scale if guidance else 1.0
+    class_title = options.get("class_title", "Class") if args.class_title == "Class" else args.class_title
+    if data_classes:  # the data's class indices -> the model's, by name
+        train_data[1] = torch.tensor([classes.index(c) for c in data_classes])[train_data[1]]
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
         val[1] = torch.tensor([classes.index(c) for c in val_set.classes])[val[1]]
     codes = train_data[0]
@@ -328,12 +340,13 @@ def main(argv=None):
         with trainer.evaluation(ema, raw):
             metrics = validation_loss() if val is not None else {}
             if grid:
-                pipe = RQPipeline(vae, raw, max_images=grid_size)
+                pipe = RQPipeline(vae, raw, max_images=grid_size, top_k=options.get("top_k"),
+                                  top_p=options.get("top_p"))
                 g = torch.Generator(accelerator.device).manual_seed(args.seed)
                 with warnings.catch_warnings():  # captions cut to max_text_len: counted once, at the start
                     warnings.simplefilter("ignore", UserWarning)
                     images = pipe(grid_labels, prompt=grid_prompts, num_images=grid_size,
-                                  guidance_scale=args.sample_guidance_scale, generator=g,
+                                  guidance_scale=guidance_scale, generator=g,
                                   output_type="pt").images  # [B,3,H,W] in [0,1]
         if grid:
             (out / "samples").mkdir(exist_ok=True)
@@ -354,9 +367,10 @@ def main(argv=None):
             prompts = None  # example prompts for the app: a spread of the distinct training captions
             if tokenizer:
                 prompts = examples_first(spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS))
-            RQPipeline(vae, raw, default_guidance_scale=args.sample_guidance_scale,
+            RQPipeline(vae, raw, default_guidance_scale=guidance_scale,
                        caption_dropout=args.caption_dropout if tokenizer else None, prompts=prompts,
-                       class_title=args.class_title).save_pretrained(out)  # prompts: rqtransformer/prompts.json
+                       class_title=class_title, guidance=guidance, top_k=options.get("top_k"),
+                       top_p=options.get("top_p")).save_pretrained(out)  # prompts: rqtransformer/prompts.json
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),
