@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.run --quick    # tiny sizes, a minute: checks the suite (writes no file by default)
     .venv/bin/python -m bench.run --only sampling training --threads 2 --out /tmp/results.json
     .venv/bin/python -m bench.run --only app --app-weights /path/to/pipeline
+    .venv/bin/python -m bench.run --only official --official DIR   # vs the official sampler (DIR: its source tree)
 
 Method (issue 7): one process, same configuration and thread count for ours and the reference,
 warm-up excluded, median of >= 3 repeats (time.perf_counter). OMP_WAIT_POLICY=PASSIVE is set before
@@ -21,13 +22,13 @@ import json
 import time
 from pathlib import Path
 
-from bench import app_latency, load_test, sampling, training
+from bench import app_latency, load_test, official, sampling, training
 from bench.common import emit, machine_info, parse_args
 
 SECTIONS = {"sampling": sampling.figures, "training": training.figures, "app": app_latency.figures,
-            "load": load_test.figures}
+            "load": load_test.figures, "official": official.figures}
 OPTIONS = {"app": lambda a: {"weights": a.app_weights},  # extra keyword arguments per section
-           "load": lambda a: {"weights": a.app_weights}}
+           "load": lambda a: {"weights": a.app_weights}, "official": lambda a: {"tree": a.official}}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
 
@@ -37,6 +38,8 @@ def main(argv=None) -> dict:
         p.add_argument("--out", type=Path, default=None,
                        help=f"results file (default: {DEFAULT_OUT.name} beside this script; none with --quick)")
         p.add_argument("--app-weights", default=app_latency.OPTIONS["weights"], help="pipeline folder for app.py")
+        p.add_argument("--official", default=None, help=f"official source tree for the official section "
+                                                        f"(default: ${official.ENV}; skipped without one)")
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     t0 = time.perf_counter()
     results = {"machine": emit(machine_info(args.quick)), "figures": []}

@@ -123,8 +123,8 @@ class RQPipeline:
         pipe.to(device or default_device(), dtype)
         if cpu_float16_weights is not False and pipe.device.type == "cpu" and dtype in (None, torch.float32):
             if cpu_float16_weights or weights_fit_float16(transformer):
-                try:  # the copy has the same float32 parameters and state_dict; training uses them as is
-                    pipe.transformer = transformer.quantized_for_cpu().eval()
+                try:  # in place: the same float32 parameters and state_dict; training uses them as is
+                    pipe.transformer = transformer.quantized_for_cpu(inplace=True).eval()
                 except ValueError:
                     if cpu_float16_weights:
                         raise  # asked for explicitly; by default the float32 model simply stays

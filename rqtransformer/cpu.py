@@ -129,16 +129,20 @@ def weights_fit_float16(model: nn.Module) -> bool:
         return all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in tensors)
 
 
-def half_weight_copy(model: nn.Module) -> nn.Module:
-    """A copy of model (shared tokenizer) with every nn.Linear a HalfWeightLinear, packed and checked now."""
+def half_weight_copy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A copy of model (shared tokenizer) with every nn.Linear a HalfWeightLinear, packed and checked now.
+    inplace: swap the layers of model itself (no second copy of its weights; they are shared anyway, but a
+    deep copy duplicates them first); on failure model is left as it was."""
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("quantized_for_cpu needs a float32 model on the CPU: call it on model.float().cpu()")
     tokenizer = getattr(model, "tokenizer", None)
-    new = copy.deepcopy(model, memo={id(tokenizer): tokenizer} if tokenizer is not None else None)
+    new = model if inplace else copy.deepcopy(model, memo={id(tokenizer): tokenizer} if tokenizer is not None else None)
+    swapped = []
     for module in list(new.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Linear:
                 setattr(module, name, HalfWeightLinear.from_linear(child))
+                swapped.append((module, name, child))
     try:  # pack every weight now (fails early on CPUs or builds without fbgemm) and use each entry point once,
         with torch.inference_mode(), warnings.catch_warnings():  # which is when torch warns about them
             warnings.filterwarnings("ignore", _DEPRECATED)
@@ -146,6 +150,8 @@ def half_weight_copy(model: nn.Module) -> nn.Module:
                 if isinstance(m, HalfWeightLinear):
                     m(torch.zeros(1, m.in_features))
     except (RuntimeError, AttributeError) as e:
+        for module, name, child in swapped if inplace else ():
+            setattr(module, name, child)
         raise ValueError(f"float16 CPU weights need torch's fbgemm kernels (x86 with AVX2), unavailable here "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); sample with the float32 model") \
             from None

@@ -99,11 +99,12 @@ def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: b
         raise ValueError("this stage 2 is a text model: give --tokenizer, the folder of the official BPE files")
     if tokenizer_dir and not config.max_text_len:
         raise ValueError("--tokenizer given, but this stage 2 has no text conditioning")
-    tensors = official.read_state(folder, ema=ema)
-    model = RQTransformer(config)
+    tensors = official.read_state(folder, ema=ema)  # memory-mapped
+    with torch.device("meta"):  # no random init: the official tensors (mapped, or folded once) become ours
+        model = RQTransformer(config)
     state = official.transformer_state(config, tensors, codebook)
     official.check_shapes(model, state, "stage 2")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     if config.max_text_len:
         model.tokenizer = official.text_tokenizer(Path(tokenizer_dir), data, config.text_vocab_size)
     settings = official.sampling_settings(data)
