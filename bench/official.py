@@ -50,7 +50,8 @@ CONFIGS = {  # name: (extra sizes, batches, goals per batch)
     "ffhq-355m": (dict(codebook_size=2048, code_shape=(8, 8, 4), dim=1024, heads=16, spatial_layers=24,
                        depth_layers=4, input_embed_dim=256, num_classes=0), (1, 4), (None, None)),
 }
-QUICK_EXTRA = {"reference": dict(input_embed_dim=32, num_classes=10), "ffhq-355m": dict(input_embed_dim=32, num_classes=0)}
+QUICK_EXTRA = {"reference": dict(input_embed_dim=32, num_classes=10),  # --quick: bench.common QUICK sizes
+               "ffhq-355m": dict(input_embed_dim=32, num_classes=0)}
 CONFIG_PATCHES = [  # official rqtransformer/configs.py under Python 3.11: dataclass instances as field defaults
     ("from dataclasses import dataclass\n", "from dataclasses import dataclass, field\n"),
     ("block: AttentionBlockConfig = AttentionBlockConfig()",

@@ -134,6 +134,11 @@ class RQPipeline:
         path = Path(path)
         self.rqvae.save_pretrained(path / "rqvae", dtype=dtype)
         self.transformer.save_pretrained(path / "rqtransformer", dtype=dtype)
+        self.save_options(path)
+
+    def save_options(self, path) -> None:
+        """pipeline.json (and a text model's rqtransformer/prompts.json): save_pretrained less the weights."""
+        path = Path(path)
         options = {"max_images": self.max_images, "default_guidance_scale": self.default_guidance_scale}
         if self.caption_dropout is not None:
             options["caption_dropout"] = self.caption_dropout

@@ -168,7 +168,7 @@ class PretrainedMixin:
 
     config_class: type = None
     # built on the meta device and loaded by assignment: one copy of the weights in memory, not a random init plus
-    # the file's (models whose non-persistent buffers a constructor must fill keep False)
+    # the file's (a model with non-persistent buffers fills them in materialize_meta(), called after loading)
     meta_init: bool = False
     extra_json_fields: tuple[str, ...] = ()  # attributes saved in config.json beside the config
 
@@ -279,6 +279,8 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, assign: bool =
     state = {k: tensors.pop(k).to(expected[k].dtype) for k in wanted}  # popped: a cast frees the file's copy
     state.update({k: state[v] for k, v in alias.items()})
     model.load_state_dict(state, strict=True, assign=assign)
+    if assign and hasattr(model, "materialize_meta"):
+        model.materialize_meta()  # what loading cannot fill: non-persistent buffers
     if assign:
         left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
         if left:

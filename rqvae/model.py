@@ -196,13 +196,18 @@ class Decoder(nn.Module):
 
 class RQVAE(PretrainedMixin, nn.Module):
     config_class = RQVAEConfig
+    meta_init = True  # from_pretrained builds on the meta device; materialize_meta() fills the rest
 
     def __init__(self, config: RQVAEConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quantizer = ResidualVQ(
+        self.quantizer = self._quantizer(config)
+
+    @staticmethod
+    def _quantizer(config: RQVAEConfig) -> ResidualVQ:
+        return ResidualVQ(
             dim=config.latent_dim,
             num_quantizers=config.code_depth,
             codebook_size=config.codebook_size,
@@ -214,6 +219,14 @@ class RQVAE(PretrainedMixin, nn.Module):
             commitment_weight=config.commitment_weight,
             quantize_dropout=config.quantize_dropout and config.code_depth > 1,
         )
+
+    def materialize_meta(self) -> None:
+        """After loading onto the meta device: a real quantizer (its non-persistent buffers are no state_dict
+        entries, so loading cannot fill them) holding the loaded codebook (small: K x C)."""
+        loaded = self.quantizer.state_dict()
+        with torch.device("cpu"):
+            self.quantizer = self._quantizer(self.config)
+        self.quantizer.load_state_dict(loaded)
 
     @property
     def code_shape(self) -> tuple[int, int, int]:

@@ -1,10 +1,12 @@
-"""A real browser uses the served text app: Playwright drives the system's Chromium (never a downloaded
-one), picks a random prompt, types a prompt, clicks Generate and waits until the gallery shows the images."""
+"""A real browser uses the served apps: Playwright drives the system's Chromium (never a downloaded one).
+The text app: pick a random prompt, type a prompt, click Generate and wait until the gallery shows the images;
+a converted official model: search its class list and generate, with no guidance control."""
 from __future__ import annotations
 
 import shutil
 import time
 from io import BytesIO
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -61,3 +63,59 @@ def test_type_a_prompt_click_generate_and_see_the_images(served_text):
     assert not errors, errors
     assert done, f"the gallery shows {len(images)} images captioned {captions}, not the {len(expected)} final ones"
     assert captions == [prompt] * len(expected)
+
+
+@pytest.fixture(scope="module")
+def served_converted(tmp_path_factory):
+    """The app around the converted official class fixture (see test_official.py), over HTTP."""
+    import app
+    from gradio_client import Client
+
+    from conftest import free_port
+    from training.convert_official import main as convert
+
+    root = tmp_path_factory.mktemp("converted_app")
+    fixtures = Path(__file__).parent / "fixtures" / "official"
+    convert(["--rqvae", str(fixtures / "stage1"), "--rqtransformer", str(fixtures / "class"),
+             "--output_dir", str(root / "weights")])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "CACHE_ROOT", root / "cache")
+        demo = app.build_demo(root / "weights")
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                    **app.LAUNCH_KWARGS)
+    try:
+        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads"))
+    finally:
+        demo.close()
+
+
+def test_a_converted_official_model_in_the_browser(served_converted):
+    """Search the class list, generate with the official sampling settings; no guidance control is offered."""
+    client = served_converted
+    expected = [pixels(x) for x in client.predict(class_name="7", api_name="/generate")]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(client.src)
+            classes = page.get_by_label("Class").first
+            classes.click()
+            classes.fill("7")  # the dropdown filters as one types: 1,000 ImageNet names need it
+            page.get_by_role("option", name="7", exact=True).click()
+            page.get_by_text("Sampling").first.click()
+            assert page.get_by_text("Top-k (0 = the model's)").count() == 1
+            assert page.get_by_text("Guidance scale").count() == 0  # the null class was never trained
+            page.get_by_role("button", name="Generate", exact=True).click()
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                _, images = gallery(page)
+                done = len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected))
+                if done or time.monotonic() > deadline:
+                    break
+                page.wait_for_timeout(250)
+            errors = page.locator(".toast-body.error").all_inner_texts()
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert done, f"the gallery shows {len(images)} images, not the {len(expected)} final ones"

@@ -56,17 +56,6 @@ def check_args(args) -> None:
         raise ValueError(f"--output_dir {out} exists and is not empty: choose another or pass --overwrite")
 
 
-def has_ema(folder: Path) -> bool:
-    """Whether model.pt holds state_dict_ema (read safely, as every read here)."""
-    try:
-        official.read_state(folder, ema=True)
-        return True
-    except ValueError as e:
-        if "has no 'state_dict_ema'" in str(e):
-            return False
-        raise
-
-
 def sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
@@ -75,17 +64,16 @@ def sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_rqvae(folder: Path, ema: bool) -> tuple[RQVAE, dict, bool]:
-    """-> (our RQVAE in eval mode, the official tensors, whether EMA weights were used)."""
+def convert_rqvae(folder: Path, ema: bool) -> tuple[RQVAE, bool]:
+    """-> (our RQVAE in eval mode, whether EMA weights were used)."""
     data = official.read_yaml(folder)
     config = official.rqvae_config(data)
-    use_ema = ema and has_ema(folder)
-    tensors = official.read_state(folder, ema=use_ema)
+    tensors, use_ema = official.read_state(folder, ema=ema, fallback=True)
     model = RQVAE(config)
     state = official.rqvae_state(model, config, tensors)
     official.check_shapes(model, state, "stage 1")
     model.load_state_dict(state, strict=True)
-    return model.eval(), tensors, use_ema
+    return model.eval(), use_ema
 
 
 def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: bool,
@@ -99,8 +87,8 @@ def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: b
         raise ValueError("this stage 2 is a text model: give --tokenizer, the folder of the official BPE files")
     if tokenizer_dir and not config.max_text_len:
         raise ValueError("--tokenizer given, but this stage 2 has no text conditioning")
-    tensors = official.read_state(folder, ema=ema)  # memory-mapped
-    with torch.device("meta"):  # no random init: the official tensors (mapped, or folded once) become ours
+    tensors, _ = official.read_state(folder, ema=ema)
+    with torch.device("meta"):  # no random init: the official tensors (or ours folded from them) become ours
         model = RQTransformer(config)
     state = official.transformer_state(config, tensors, codebook)
     official.check_shapes(model, state, "stage 2")
@@ -160,28 +148,29 @@ def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: di
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    print(f"reading stage 1 from {args.rqvae}", flush=True)
-    vae, vae_tensors, vae_ema = convert_rqvae(Path(args.rqvae), args.ema)
-    transformer, settings = None, {}
-    if args.rqtransformer:
-        print(f"reading stage 2 from {args.rqtransformer}", flush=True)
-        codebook = vae.quantizer.codebooks[0].detach()  # [K, C]: the rows stage 2's MLPs embed
-        transformer, settings = convert_transformer(Path(args.rqtransformer), vae, codebook, args.ema,
-                                                    args.tokenizer)
-    del vae_tensors
     out = Path(args.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:  # written beside, then renamed: an interrupted conversion never leaves half a folder behind
-        if transformer is None:
-            vae.save_pretrained(tmp)
-        else:
+        print(f"reading stage 1 from {args.rqvae}", flush=True)
+        vae, vae_ema = convert_rqvae(Path(args.rqvae), args.ema)
+        transformer, settings = None, {}
+        if args.rqtransformer:
+            vae.save_pretrained(tmp / "rqvae")
+            codebook = vae.quantizer.codebooks[0].detach().clone()  # [K, C]: the rows stage 2's MLPs embed
+            vae.to("meta")  # saved: its weights need not share the memory with stage 2's
+            print(f"reading stage 2 from {args.rqtransformer}", flush=True)
+            transformer, settings = convert_transformer(Path(args.rqtransformer), vae, codebook, args.ema,
+                                                        args.tokenizer)
             text = transformer.config.max_text_len > 0
             pipe = RQPipeline(vae, transformer, default_guidance_scale=1.0, guidance=False,
                               caption_dropout=0.0 if text else None,
                               class_title="ImageNet class" if transformer.config.num_classes == 1000 else "Class",
                               **settings)
-            pipe.save_pretrained(tmp)
+            transformer.save_pretrained(tmp / "rqtransformer")
+            pipe.save_options(tmp)
+        else:
+            vae.save_pretrained(tmp)
         card = model_card(args, vae, transformer, settings, {"rqvae": vae_ema, "rqtransformer": args.ema})
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if out.exists():

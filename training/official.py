@@ -46,35 +46,49 @@ def read_yaml(folder: Path) -> dict:
     return data
 
 
-def read_state(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of model.pt's `state_dict` (`state_dict_ema` with ema), read without running any code."""
+def _load(file: Path, mmap: bool):
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the load below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises pickle's UnpicklingError, RuntimeError, EOFError...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if mmap and "mmap" in first:
+            return None  # an old-format file: read it whole
+        if "weights_only" in str(e) or type(e).__name__ == "UnpicklingError":
+            what = re.search(r"Unsupported [^.\n]*", str(e))  # e.g. "Unsupported global: GLOBAL posix.system"
+            raise ValueError(f"{file} holds objects a weights-only load refuses, so it was not read"
+                             + (f" ({what.group(0)[:160]})" if what else "")) from None
+        raise ValueError(f"{file} is not a readable PyTorch checkpoint ({first[:160]})") from None
+
+
+def read_state(folder: Path, ema: bool = False, fallback: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors of model.pt's `state_dict` (`state_dict_ema` with ema; its `state_dict` if it has none and
+    fallback), read without running any code -> (tensors, whether they are the EMA ones).
+
+    Memory: the file is first memory-mapped to see what it holds. When the chosen weights are most of it, it is
+    read into memory instead, so that each tensor is freed once converted (converting pops them; mapped pages
+    would stay resident until the end); otherwise (optimizer state beside them) only the weights are touched."""
     file = Path(folder) / "model.pt"
     if not file.is_file():
         raise ValueError(f"{folder} has no model.pt")
-    data = None
-    for mmap in (True, False):  # mmap: the tensors stay on disk until copied (old-format files cannot)
-        try:
-            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the load below says what matters
-                warnings.simplefilter("ignore")
-                data = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    data = _load(file, mmap=True)
+    for attempt in range(2):
+        if data is None:
+            data = _load(file, mmap=False)
+        use_ema = ema and isinstance(data, dict) and ("state_dict_ema" in data or not fallback)
+        key = "state_dict_ema" if use_ema else "state_dict"
+        if not isinstance(data, dict) or key not in data:
+            have = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{file} has no '{key}' (it has {have})" + ("; drop --ema" if ema else ""))
+        state = data[key]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{file}: '{key}' is not a mapping of names to tensors")
+        weights = sum(v.untyped_storage().nbytes() for v in state.values())
+        if attempt or weights < 0.9 * file.stat().st_size:
             break
-        except Exception as e:  # noqa: BLE001 - torch raises pickle's UnpicklingError, RuntimeError, EOFError...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            if mmap and "mmap" in first:
-                continue
-            if "weights_only" in str(e) or type(e).__name__ == "UnpicklingError":
-                what = re.search(r"Unsupported [^.\n]*", str(e))  # e.g. "Unsupported global: GLOBAL posix.system"
-                raise ValueError(f"{file} holds objects a weights-only load refuses, so it was not read"
-                                 + (f" ({what.group(0)[:160]})" if what else "")) from None
-            raise ValueError(f"{file} is not a readable PyTorch checkpoint ({first[:160]})") from None
-    key = "state_dict_ema" if ema else "state_dict"
-    if not isinstance(data, dict) or key not in data:
-        have = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{file} has no '{key}' (it has {have})" + ("; drop --ema" if ema else ""))
-    state = data[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: '{key}' is not a mapping of names to tensors")
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
+        data = None  # mostly these weights: read them whole (freed one by one as they are converted)
+    return {str(k).removeprefix("module."): v for k, v in state.items()}, use_ema
 
 
 def _get(section: dict, key: str, where: str):
@@ -160,16 +174,16 @@ def _stage1_modules(model, c: RQVAEConfig) -> list[tuple[str, str, torch.nn.Modu
 
 
 def rqvae_state(model, c: RQVAEConfig, official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our RQVAE state_dict from the official stage-1 tensors (every official tensor used, or one line why not)."""
+    """Our RQVAE state_dict from the official stage-1 tensors, popped from `official` as they are used (every one
+    must be, or one line says why not)."""
     from rqvae.model import AttnBlock, ResBlock
 
-    out, used = {}, set()
+    out = {}
 
-    def take(key: str) -> torch.Tensor:
+    def take(key: str) -> torch.Tensor:  # popped: each official tensor is used once, then only ours holds it
         if key not in official:
             raise ValueError(f"stage 1 model.pt has no tensor '{key}', which config.yaml's layout needs")
-        used.add(key)
-        return official[key]
+        return official.pop(key)
 
     for ours, theirs, module in _stage1_modules(model, c):
         if isinstance(module, AttnBlock):
@@ -186,17 +200,16 @@ def rqvae_state(model, c: RQVAEConfig, official: dict[str, torch.Tensor]) -> dic
     if book.shape[0] != K + 1:
         raise ValueError(f"stage 1 codebook has {book.shape[0] - 1} codes, config.yaml says n_embed {K}")
     size, avg = take("quantizer.codebooks.0.cluster_size_ema"), take("quantizer.codebooks.0.embed_ema")
+    first = {"weight": book, "cluster_size_ema": size, "embed_ema": avg}
     for d in range(D):  # one shared codebook, stored once per depth in the official file
         for n in ("weight", "cluster_size_ema", "embed_ema"):
             key = f"quantizer.codebooks.{d}.{n}"
-            if d and key in official:
-                if not torch.equal(official[key], official[f"quantizer.codebooks.0.{n}"]):
-                    raise ValueError(f"stage 1 '{key}' differs from depth 0's: the codebook is not shared")
-                used.add(key)
+            if d and key in official and not torch.equal(official.pop(key), first[n]):
+                raise ValueError(f"stage 1 '{key}' differs from depth 0's: the codebook is not shared")
         q = f"quantizer.layers.{d}._codebook"
         out[f"{q}.embed"], out[f"{q}.embed_avg"] = book[:K][None], avg[None]
         out[f"{q}.cluster_size"], out[f"{q}.initted"] = size[None], torch.tensor(True)
-    extra = sorted(set(official) - used)
+    extra = sorted(official)
     if extra:
         raise ValueError(f"stage 1 model.pt has tensors config.yaml's layout does not use: {extra[:5]}"
                          + (" ..." if len(extra) > 5 else ""))
@@ -259,14 +272,13 @@ def transformer_config(data: dict, vae: RQVAEConfig, class_names: list[str] | No
 
 def transformer_state(c: RQTransformerConfig, official: dict[str, torch.Tensor],
                       codebook: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Our RQTransformer state_dict from the official stage-2 tensors and the stage-1 codebook E [K, C]."""
-    used = set()
+    """Our RQTransformer state_dict from the official stage-2 tensors (popped from `official` as they are used,
+    so that each is freed once converted) and the stage-1 codebook E [K, C]."""
 
     def take(key: str) -> torch.Tensor:
         if key not in official:
             raise ValueError(f"stage 2 model.pt has no tensor '{key}', which config.yaml's layout needs")
-        used.add(key)
-        return official[key]
+        return official.pop(key)
 
     h, w, D = c.code_shape
     out = {}
@@ -305,7 +317,7 @@ def transformer_state(c: RQTransformerConfig, official: dict[str, torch.Tensor],
                 out[f"{o}.mlp.fc1.{p}"], out[f"{o}.mlp.fc2.{p}"] = take(f"{t}.mlp.0.{p}"), take(f"{t}.mlp.2.{p}")
     for p in ("weight", "bias"):
         out[f"depth_norm.{p}"], out[f"head.{p}"] = take(f"classifier.layer_norm.{p}"), take(f"classifier.linear.{p}")
-    extra = sorted(k for k in set(official) - used if not k.startswith(STAGE2_DROPPED))
+    extra = sorted(k for k in official if not k.startswith(STAGE2_DROPPED))
     if extra:
         raise ValueError(f"stage 2 model.pt has tensors config.yaml's layout does not use: {extra[:5]}"
                          + (" ..." if len(extra) > 5 else ""))
