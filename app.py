@@ -205,10 +205,11 @@ def model_card(weights: Path | None, pipe: RQPipeline) -> str:
         text = re.sub(r"\A---\n.*?\n---\n", "", (weights / "README.md").read_text(), flags=re.S)  # front matter
     h, w, D = pipe.rqvae.code_shape
     params = sum(p.numel() for m in (pipe.rqvae, pipe.transformer) for p in m.parameters())
-    c = pipe.transformer.config
+    c, names = pipe.transformer.config, pipe.class_names  # ImageNet's 1,000: the first few
     facts = (f"### This model\n{pipe.resolution} px images as {h}×{w}×{D} codes from a codebook of "
              f"{c.codebook_size}; {params / 1e6:.1f} M parameters; running on `{pipe.device}`. "
-             f"{pipe.class_title} choices: {', '.join(map(pretty, pipe.class_names)) or 'none'}. "
+             f"{pipe.class_title} choices: {', '.join(map(pretty, names[:24])) or 'none'}"
+             f"{f' ... ({len(names):,} in all)' if len(names) > 24 else ''}. "
              f"Prompts: {f'up to {c.max_text_len} tokens' if pipe.has_text else 'none (no text conditioning)'}.")
     return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, METHOD]))
 

@@ -9,7 +9,8 @@ Without CUDA it says so in one line and exits 0: there is nothing to check. Exit
 failed. Sampling uses the reference configuration (bench.common.FULL, codebook 512, 8x8x4 codes) at batch
 1, 16 and 64: ours in float32, bfloat16 and with compile_steps(), the reference (`generate()`, which
 re-runs the forward for every code) at batch 1 and 16. Each time is the median of 3 runs after a warm-up,
-with torch.cuda.synchronize() inside the timed region.
+with torch.cuda.synchronize() inside the timed region. Then one 256-px image at the paper's FFHQ-355M size
+(bench.paper_size, random weights): sampling and decoding apart, batch 1 and 4, float32 and bfloat16.
 """
 from __future__ import annotations
 
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
     emit(gpu_record())
     tests = None if args.no_tests else emit(cuda_tests())
     figures = sampling_figures(args.quick)
+    from bench.paper_size import timing_figures  # one 256-px image at the FFHQ-355M size, sampled and decoded
+
+    figures += timing_figures(args.quick, torch.device("cuda"))
     emit({"figure": "gpu_check_summary", "seconds": round(time.perf_counter() - t0, 1),
           "cuda_tests_ok": None if tests is None else tests["ok"], "sampling_figures": len(figures)})
     return 0 if tests is None or tests["ok"] else 1

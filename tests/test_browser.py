@@ -89,9 +89,9 @@ def served_converted(tmp_path_factory):
         demo.close()
 
 
-def test_a_converted_official_model_in_the_browser(served_converted):
+def test_a_converted_official_model_in_the_browser(served_converted, tmp_path):
     """Search the class list, generate with the official sampling settings; no guidance control is offered."""
-    client = served_converted
+    client, shot = served_converted, tmp_path / "converted.png"
     expected = [pixels(x) for x in client.predict(class_name="7", api_name="/generate")]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -103,8 +103,9 @@ def test_a_converted_official_model_in_the_browser(served_converted):
             classes.click()
             classes.fill("7")  # the dropdown filters as one types: 1,000 ImageNet names need it
             page.get_by_role("option", name="7", exact=True).click()
-            page.get_by_text("Sampling").first.click()
-            assert page.get_by_text("Top-k (0 = the model's)").count() == 1
+            page.get_by_role("button", name="Sampling").first.click()
+            sync_api.expect(page.get_by_text("Top-k (0 = the model's)").first).to_be_visible()
+            page.screenshot(path=str(shot))
             assert page.get_by_text("Guidance scale").count() == 0  # the null class was never trained
             page.get_by_role("button", name="Generate", exact=True).click()
             deadline = time.monotonic() + WAIT_S
