@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import platform
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,18 @@ def test_pipeline_folder_card_and_options(converted, tmp_path):
     assert options["guidance"] is False and options["top_k"] == 64 and options["top_p"] == 0.7
     assert (out / "rqtransformer" / "tokenizer.json").is_file()
     assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in out.rglob("*"))
+
+
+def test_float16_files_sample_with_float16_weights_on_the_cpu(tmp_path):
+    from rqtransformer.cpu import HalfWeightLinear
+
+    out = run_convert(tmp_path / "half", "uncond", "--dtype", "float16")
+    assert load_file(str(out / "rqtransformer" / "model.safetensors"))["head.weight"].dtype == torch.float16
+    assert load_file(str(out / "rqvae" / "model.safetensors"))["decoder.conv_out.weight"].dtype == torch.float32
+    pipe = RQPipeline.from_pretrained(out, device="cpu")
+    if platform.machine() in ("x86_64", "AMD64"):  # fbgemm's float16 kernels: x86 only
+        assert isinstance(pipe.transformer.head, HalfWeightLinear)
+    assert pipe(num_images=1, output_type="pt").images.shape == (1, 3, 32, 32)
 
 
 def test_ema_picks_state_dict_ema(tmp_path):

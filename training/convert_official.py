@@ -40,6 +40,9 @@ def parse_args(argv=None):
                                        "(bpe-16k-vocab.json + bpe-16k-merges.txt)")
     p.add_argument("--ema", action="store_true", help="convert state_dict_ema instead of state_dict (a checkpoint "
                                                       "without one keeps its state_dict: stage 1 has none)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="the transformer's stored weights: float32 (exact) or float16 (half the size; on a CPU the "
+                        "app then samples with float16 weights, about 3x faster at 355 M, not bit-exact)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     return p.parse_args(argv)
 
@@ -120,7 +123,7 @@ def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: di
         "code in float32 (see the project's README).", "",
         "| stage | file | sha256 | weights |", "|---|---|---|---|", *rows, "",
         f"**Licence: {official.LICENCE}.** The released weights may be used for non-commercial purposes only, "
-        "with attribution, and derivatives shared alike. The code that converted and runs them is Apache-2.0.", "",
+        "with attribution, and derivatives shared alike.", "",
         "## What the conversion did", "",
         f"- Stage 1: {vc.resolution} px images, {vc.code_shape[0]}x{vc.code_shape[1]}x{vc.code_shape[2]} codes from "
         f"one shared codebook of {vc.codebook_size}; the codebook's padding row was dropped.",
@@ -167,7 +170,7 @@ def main(argv=None) -> None:
                               caption_dropout=0.0 if text else None,
                               class_title="ImageNet class" if transformer.config.num_classes == 1000 else "Class",
                               **settings)
-            transformer.save_pretrained(tmp / "rqtransformer")
+            transformer.save_pretrained(tmp / "rqtransformer", dtype=getattr(torch, args.dtype))
             pipe.save_options(tmp)
         else:
             vae.save_pretrained(tmp)
