@@ -63,6 +63,8 @@ class RQTransformerConfig:
                                         # its own (depth_code_emb); else code_emb of code d-1
     spatial_norm: bool = True           # a LayerNorm after the spatial transformer
     start_token: bool = True            # False (text models): no start token, the last prompt token predicts code 0
+    text_pool: bool = False             # text models: the mean embedding of the prompt's tokens is added to the start
+                                        # token, as a class embedding is (a direct path, besides the attention prefix)
 
     def __post_init__(self):
         if not isinstance(self.code_shape, (list, tuple)) or len(self.code_shape) != 3:
@@ -95,6 +97,8 @@ class RQTransformerConfig:
         if (self.text_vocab_size > 0) != (self.max_text_len > 0):
             raise ValueError(f"text_vocab_size ({self.text_vocab_size}) and max_text_len ({self.max_text_len}) "
                              "must both be 0 (no text) or both positive")
+        if self.text_pool and (not self.max_text_len or not self.start_token):
+            raise ValueError("text_pool needs a text model with a start token (max_text_len > 0, start_token true)")
         if not self.start_token and (not self.max_text_len or self.num_classes):
             raise ValueError("start_token=False needs a text model without classes (the prompt's last token "
                              "then predicts the first code)")
@@ -218,6 +222,16 @@ class RQTransformer(PretrainedMixin, nn.Module):
                              f"got range [{lo}, {hi}]")
         return text_tokens.to(device=device, dtype=torch.long)
 
+    def start_inputs(self, labels: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """The spatial input of code position 0 [B, 1, dim]: the class embedding (the null class without one),
+        plus with text_pool the mean embedding of the prompt's non-pad tokens (zero for the empty prompt)."""
+        x = self.class_emb(labels)[:, None]  # [B, 1, dim]
+        if self.config.text_pool and text is not None:
+            real = (text != TEXT_PAD_ID).unsqueeze(-1).to(x.dtype)  # [B, L, 1]
+            pooled = (self.text_emb(text) * real).sum(1) / real.sum(1).clamp(min=1)  # [B, dim]
+            x = x + pooled[:, None]
+        return x
+
     # ---- the two transformers: one forward for training and for cached sampling ----------------------
 
     def new_caches(self, batch_size: int, depth: bool = False) -> nn.ModuleList:
@@ -277,7 +291,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         # spatial input of position t: the class (t = 0), else the summed code embeddings of position t-1
         x = self.code_emb(flat[:, :-1]).sum(2)  # [B, h*w-1, dim]
         if self.config.start_token:
-            x = torch.cat([self.class_emb(labels)[:, None], x], dim=1)  # [B, h*w, dim]
+            x = torch.cat([self.start_inputs(labels, text), x], dim=1)  # [B, h*w, dim]
         if text is not None:
             # How text attends: causally, like the codes after it (as in DALL-E's transformer). Every code
             # position sees the whole prompt either way; a causal prefix lets one lower-triangular mask serve

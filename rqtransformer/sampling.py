@@ -311,7 +311,7 @@ def _sample_cached(model, rows, text, B, cfg, scale, cutoff, temperature, top_k,
     if text is not None:  # prefill: the prompts' keys and values at positions [0, L), once
         first = _prefill(model, text, spatial_caches)
     start = model.config.start_token
-    x = model.class_emb(rows)[:, None] if start else None  # [R, 1, dim] spatial input of code position 0
+    x = model.start_inputs(rows, text) if start else None  # [R, 1, dim] spatial input of code position 0
     for t in range(h * w):
         # [R, 1, dim]: the depth input of depth 0 (sequence position L + t, or L + t - 1 without a start token)
         y = spatial(x, spatial_caches, L + t - (not start)) if start or t else first

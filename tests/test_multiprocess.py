@@ -242,7 +242,9 @@ def test_a_hung_process_times_out_after_ddp_timeout(tmp_path):
     finally:
         stop(proc)  # the launcher would SIGKILL the stopped process after its own grace period
     line = [x for x in log.read_text(errors="replace").splitlines() if "lost contact" in x]
-    assert line and 3 <= took < 30, log.read_text(errors="replace")[-2000:]
+    # no lower bound: gloo counts the 3 s from when the collective began, which can precede the SIGSTOP
+    # (2.97 s seen in a fresh clone); the bound that matters is that the run stops instead of hanging
+    assert line and took < 30, log.read_text(errors="replace")[-2000:]
     # gloo words the 3 s timeout one of two ways (both seen in fresh-clone runs on the same kind of machine)
     assert re.match(r"error: process 0 of 2 lost contact with the others \((Timed out waiting 3000ms"
                     r"|Application timeout caused pair closure)", line[0]), line[0]

@@ -86,6 +86,9 @@ def parse_args(argv=None):
     t.add_argument("--text_vocab_size", type=cli.positive_int, default=None,
                    help="vocabulary of the prompt tokenizer trained on the training captions (default 2048; "
                         "fewer when the captions hold fewer distinct pieces)")
+    t.add_argument("--text_pool", action="store_true",
+                   help="add the prompt's mean token embedding to the start token, as a class embedding is: the "
+                        "prompt reaches every position directly, not only through attention to the prefix")
     t.add_argument("--max_text_len", type=cli.positive_int, default=None,
                    help="prompt tokens the model reads; longer captions are truncated (default 32)")
     t.add_argument("--caption_dropout", type=float, default=None,
@@ -213,7 +216,8 @@ def main(argv=None):
     config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
                                  codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                                  num_classes=len(classes), class_names=classes,
-                                 text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len)
+                                 text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len,
+                                 text_pool=True if args.text_pool else None)
     accelerator = trainer.setup(args, "rqtransformer")
     main_process = accelerator.is_main_process
     if tokenizer_file is not None and main_process and not tokenizer_file.is_file():

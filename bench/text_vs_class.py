@@ -1,0 +1,152 @@
+"""Does a prompt condition as well as a class label? A paired toy: the same 16-px images of four colours,
+once as class folders (class = the colour) and once as captions ("a red circle"), the same tiny RQ-VAE, and
+stage 2 trained through the real entry point for the same steps; then 16 samples per colour at guidance 1
+and 3, scored by their dominant colour. Variants: the class path, the text path as it was (the prompt is
+an attention prefix), and the text path with --text_pool (the prompt's mean embedding also joins the start
+token, as a class embedding does).
+
+    python -m bench.text_vs_class                 # 3 seeds x 2 step counts x 3 variants, a few minutes
+    python -m bench.text_vs_class --quick         # one seed, few steps: checks the script
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import emit, parse_args, run_main
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 210), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+PER_COLOUR = 16  # samples per colour and setting
+
+
+def make_images(root: Path, per_shape: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
+    """16-px images: a shape in a darker shade of the colour's background -> [(file, colour, shape)]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:16, :16]
+    items = []
+    for colour, rgb in COLOURS.items():
+        (root / "classes" / colour).mkdir(parents=True)
+        for shape in SHAPES:
+            for i in range(per_shape):
+                a = np.empty((16, 16, 3))
+                a[:] = np.array(rgb) * rng.uniform(0.85, 1.1)
+                cy, cx = rng.integers(5, 11, 2)
+                mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9 if shape == "circle"
+                        else (abs(yy - cy) <= 2) & (abs(xx - cx) <= 2))
+                a[mask] *= 0.6
+                name = f"{colour}-{shape}-{i}.png"
+                Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / "classes" / colour / name)
+                items.append((f"{colour}/{name}", colour, shape))
+    rows = [{"file_name": f, "text": f"a {c} {s}"} for f, c, s in items]  # the same files, captioned
+    (root / "classes" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return items
+
+
+def dominant_colour(images: torch.Tensor) -> torch.Tensor:
+    """images [B,3,H,W] in [0,1] -> index into COLOURS [B] (the palette colour most pixels are nearest to)."""
+    palette = torch.tensor([*COLOURS.values()], dtype=torch.float) / 255
+    nearest = torch.cdist(images.permute(0, 2, 3, 1).flatten(1, 2), palette[None]).argmin(-1)  # [B, H*W]
+    return torch.stack([(nearest == k).sum(1) for k in range(len(COLOURS))], 1).argmax(1)
+
+
+def train_vae(root: Path, steps: int, seed: int) -> Path:
+    from training.data import image_folder
+    from rqvae import PRESETS, RQVAE, RQVAEConfig
+
+    ds = image_folder(root / "classes", 16)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    torch.manual_seed(seed)
+    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "code_depth": 2, "codebook_size": 16, "latent_dim": 8,
+                               "mid_attention": False, "quantize_dropout": False, "threshold_ema_dead_code": 0.0}))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for _ in range(steps):
+        recon, terms = vae(images)
+        loss = (recon - images).abs().mean() + terms["commitment"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+    folder = root / f"vae-{seed}"
+    vae.save_pretrained(folder)
+    return folder
+
+
+def train_stage2(root: Path, vae: Path, variant: str, steps: int, seed: int) -> Path:
+    from training.train_rqtransformer import main
+
+    out = root / f"{variant}-{steps}-{seed}"
+    data = root / "classes"
+    args = ["--rqvae", str(vae), "--output_dir", str(out), "--config", "tiny", "--train_batch_size", "16",
+            "--max_train_steps", str(steps), "--learning_rate", "3e-3", "--lr_warmup_steps", "10",
+            "--ema_decay", "0", "--report_to", "none", "--validation_steps", "100000", "--checkpointing_steps",
+            "100000", "--seed", str(seed), "--mixed_precision", "no", "--samples_per_class", "1"]
+    if variant == "class":  # class folders; captions ignored by stripping them to a copy without metadata
+        plain = root / f"plain-{seed}"
+        if not plain.exists():
+            for f in data.rglob("*.png"):
+                (plain / f.parent.name).mkdir(parents=True, exist_ok=True)
+                (plain / f.parent.name / f.name).write_bytes(f.read_bytes())
+        args += ["--data_dir", str(plain), "--cfg_dropout", "0.1"]
+    else:
+        args += ["--data_dir", str(data), "--unconditional", "--caption_dropout", "0.1", "--max_text_len", "8",
+                 "--text_vocab_size", "300"] + (["--text_pool"] if variant == "text_pool" else [])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(args)
+    return out
+
+
+def accuracy(folder: Path, variant: str, guidance: float, seed: int) -> float:
+    from pipelines import RQPipeline
+
+    pipe = RQPipeline.from_pretrained(folder, device="cpu")
+    pipe.max_images = 64
+    names = list(COLOURS)
+    target = torch.arange(len(names)).repeat_interleave(PER_COLOUR)
+    kw = dict(guidance_scale=guidance, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    if variant == "class":
+        images = pipe([names[i] for i in target.tolist()], **kw).images
+    else:  # the training captions of that colour, half of each shape
+        images = pipe(prompt=[f"a {names[i]} circle" if k % 2 else f"a {names[i]} square"
+                              for k, i in enumerate(target.tolist())], **kw).images
+    return (dominant_colour(images) == target).float().mean().item()
+
+
+def figures(quick: bool) -> list[dict]:
+    torch.set_num_threads(1)
+    seeds, steps = ((0,), (40,)) if quick else ((0, 1, 2), (150, 300))
+    out, table = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root)
+        for seed in seeds:
+            vae = train_vae(root, 60 if quick else 600, seed)
+            for n in steps:
+                for variant in ("class", "text", "text_pool"):
+                    folder = train_stage2(root, vae, variant, n, seed)
+                    for g in (1.0, 3.0):
+                        acc = accuracy(folder, variant, g, seed)
+                        table.setdefault((variant, n, g), []).append(acc)
+                        out.append(emit({"figure": "text_vs_class", "variant": variant, "steps": n, "guidance": g,
+                                         "seed": seed, "accuracy": round(acc, 4)}))
+    for (variant, n, g), accs in sorted(table.items()):
+        out.append(emit({"figure": "text_vs_class_mean", "variant": variant, "steps": n, "guidance": g,
+                         "seeds": len(accs), "accuracy": round(statistics.mean(accs), 4),
+                         "min": round(min(accs), 4), "max": round(max(accs), 4)}))
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    return run_main(figures, parse_args(__doc__.splitlines()[0], argv))
+
+
+if __name__ == "__main__":
+    main()
