@@ -33,6 +33,19 @@ def gallery(page) -> tuple[list[str], list[np.ndarray]]:
     return captions, images
 
 
+def wait_for_final(page, expected: list[np.ndarray], caption: str | None = None) -> tuple[bool, list, list]:
+    """Previews come first: wait until the gallery has settled on the expected final images (and captions)
+    -> (done, captions, images)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        captions, images = gallery(page)  # captions read first: they may be of the outgoing output
+        done = len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected)) \
+            and (caption is None or captions == [caption] * len(expected))
+        if done or time.monotonic() > deadline:
+            return done, captions, images
+        page.wait_for_timeout(250)
+
+
 def test_type_a_prompt_click_generate_and_see_the_images(served_text):
     client, _ = served_text
     prompt = "blue square"
@@ -50,13 +63,7 @@ def test_type_a_prompt_click_generate_and_see_the_images(served_text):
             assert box.input_value() in CAPTIONS  # a training caption from prompts.json
             box.fill(prompt)
             page.get_by_role("button", name="Generate", exact=True).click()
-            deadline = time.monotonic() + WAIT_S
-            while True:  # previews come first; wait until the gallery has settled on the final images
-                captions, images = gallery(page)  # captions read first: they may be of the outgoing output
-                done = len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected))
-                if done and captions == [prompt] * len(expected) or time.monotonic() > deadline:
-                    break
-                page.wait_for_timeout(250)
+            done, captions, images = wait_for_final(page, expected, prompt)
             errors = page.locator(".toast-body.error").all_inner_texts()
         finally:
             browser.close()
@@ -108,13 +115,7 @@ def test_a_converted_official_model_in_the_browser(served_converted, tmp_path):
             page.screenshot(path=str(shot))
             assert page.get_by_text("Guidance scale").count() == 0  # the null class was never trained
             page.get_by_role("button", name="Generate", exact=True).click()
-            deadline = time.monotonic() + WAIT_S
-            while True:
-                _, images = gallery(page)
-                done = len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected))
-                if done or time.monotonic() > deadline:
-                    break
-                page.wait_for_timeout(250)
+            done, _, images = wait_for_final(page, expected)
             errors = page.locator(".toast-body.error").all_inner_texts()
         finally:
             browser.close()

@@ -1,4 +1,4 @@
-"""text_pool: the prompt's mean token embedding joins the start token (a class embedding's direct path), in
+"""text_pool: the prompt's pooled token embeddings join the start token (a class embedding's direct path), in
 the teacher-forced forward and in both samplers; the empty prompt adds nothing; old text models load as before."""
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def test_the_pooled_prompt_reaches_the_first_position_and_the_empty_prompt_adds_
     with torch.inference_mode():
         assert torch.equal(plain(codes, labels, EMPTY), pooled(codes, labels, EMPTY))
         a, b = plain(codes, labels, PROMPTS), pooled(codes, labels, PROMPTS)
-    assert not torch.allclose(a[:, 0, 0], b[:, 0, 0])  # position 0 sees the mean of the prompt's tokens
+    assert not torch.allclose(a[:, 0, 0], b[:, 0, 0])  # position 0 sees the pooled prompt
     x = pooled.start_inputs(labels, PROMPTS)  # [2, 1, dim]
-    mean = pooled.text_emb(PROMPTS[0, :3]).mean(0)  # the real tokens of prompt 0, pads left out
-    assert torch.allclose(x[0, 0], pooled.class_emb.weight[0] + mean, atol=1e-6)
+    pool = pooled.text_emb(PROMPTS[0, :3]).sum(0) / 3 ** 0.5  # the real tokens of prompt 0, pads left out
+    assert torch.allclose(x[0, 0], pooled.class_emb.weight[0] + pool, atol=1e-6)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

@@ -87,8 +87,8 @@ def parse_args(argv=None):
                    help="vocabulary of the prompt tokenizer trained on the training captions (default 2048; "
                         "fewer when the captions hold fewer distinct pieces)")
     t.add_argument("--text_pool", action="store_true",
-                   help="add the prompt's mean token embedding to the start token, as a class embedding is: the "
-                        "prompt reaches every position directly, not only through attention to the prefix")
+                   help="add the prompt's pooled token embeddings to the start token, as a class embedding is: "
+                        "the prompt reaches every position directly, not only through attention to the prefix")
     t.add_argument("--max_text_len", type=cli.positive_int, default=None,
                    help="prompt tokens the model reads; longer captions are truncated (default 32)")
     t.add_argument("--caption_dropout", type=float, default=None,
