@@ -68,12 +68,12 @@ class RQPipeline:
                  default_guidance_scale: float = 3.0, caption_dropout: float | None = None,
                  prompts: list[str] | None = None, class_title: str = "Class", guidance: bool = True,
                  top_k: int | list[int] | None = None, top_p: float | list[float] | None = None):
-        """guidance: False when the null class was never trained (converted official checkpoints): then
-        guidance_scale must stay 1. top_k, top_p: the sampling filters used when a call gives none (one value,
-        or a list of one per depth as the official configs give them). caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
+        """caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
         the empty prompt was never seen, so sampling it (no prompt) is refused. prompts: example prompts (the
         training captions) for text models, saved as rqtransformer/prompts.json. class_title: what the classes
-        are, for display (e.g. "Style")."""
+        are, for display (e.g. "Style"). guidance: False when the null class was never trained (converted
+        official checkpoints): guidance_scale must then stay 1. top_k, top_p: the sampling filters used when a
+        call gives neither (one value, or a list of one per depth as the official configs give them)."""
         tc, vc = transformer.config, rqvae.config
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
@@ -293,7 +293,8 @@ class RQPipeline:
         """Sample images of `class_labels` (a class name or index, or a list of them: one image each) and/or
         `prompt` (text models: a string, or a list of them: one image each; None = the empty prompt).
         num_images repeats a single label/prompt (None: once), or sets the count without either.
-        guidance_scale None = the pipeline's default, 1 = off. Prompts longer than the model's max_text_len
+        guidance_scale None = the pipeline's default, 1 = off. top_k and top_p both None: the pipeline's
+        defaults (pipeline.json; the official settings in a converted folder), else none. Prompts longer than the model's max_text_len
         tokens are cut: the output lists them in truncated_prompts, and a warning says so."""
         kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
                                              output_type, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -102,6 +102,15 @@ def _need(cond: bool, message: str) -> None:
         raise ValueError(f"config.yaml: {message}: this layout is not supported by the converter")
 
 
+def _taker(official: dict[str, torch.Tensor], stage: str):
+    """take(key): the official tensor, popped (each is used once, then only ours holds it), or one line."""
+    def take(key: str) -> torch.Tensor:
+        if key not in official:
+            raise ValueError(f"{stage} model.pt has no tensor '{key}', which config.yaml's layout needs")
+        return official.pop(key)
+    return take
+
+
 # ---- stage 1 --------------------------------------------------------------------------------------------
 
 def rqvae_config(data: dict) -> RQVAEConfig:
@@ -178,13 +187,7 @@ def rqvae_state(model, c: RQVAEConfig, official: dict[str, torch.Tensor]) -> dic
     must be, or one line says why not)."""
     from rqvae.model import AttnBlock, ResBlock
 
-    out = {}
-
-    def take(key: str) -> torch.Tensor:  # popped: each official tensor is used once, then only ours holds it
-        if key not in official:
-            raise ValueError(f"stage 1 model.pt has no tensor '{key}', which config.yaml's layout needs")
-        return official.pop(key)
-
+    out, take = {}, _taker(official, "stage 1")
     for ours, theirs, module in _stage1_modules(model, c):
         if isinstance(module, AttnBlock):
             for p in ("weight", "bias"):
@@ -274,12 +277,7 @@ def transformer_state(c: RQTransformerConfig, official: dict[str, torch.Tensor],
                       codebook: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our RQTransformer state_dict from the official stage-2 tensors (popped from `official` as they are used,
     so that each is freed once converted) and the stage-1 codebook E [K, C]."""
-
-    def take(key: str) -> torch.Tensor:
-        if key not in official:
-            raise ValueError(f"stage 2 model.pt has no tensor '{key}', which config.yaml's layout needs")
-        return official.pop(key)
-
+    take = _taker(official, "stage 2")
     h, w, D = c.code_shape
     out = {}
     if c.cumsum_depth_emb:  # fold the MLPs of codebook rows into tables (float64, then rounded once)
