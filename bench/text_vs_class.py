@@ -28,7 +28,12 @@ SHAPES = ("circle", "square")
 PER_COLOUR = 16  # samples per colour and setting
 
 
-def make_images(root: Path, per_shape: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
+def caption(colour: str, shape: str, words: str) -> str:
+    """The caption of an image: "a red circle" (full), or the class's information alone: "red" (colour)."""
+    return f"a {colour} {shape}" if words == "full" else colour
+
+
+def make_images(root: Path, words: str = "full", per_shape: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
     """16-px images: a shape in a darker shade of the colour's background -> [(file, colour, shape)]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:16, :16]
@@ -46,7 +51,7 @@ def make_images(root: Path, per_shape: int = 4, seed: int = 0) -> list[tuple[str
                 name = f"{colour}-{shape}-{i}.png"
                 Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / "classes" / colour / name)
                 items.append((f"{colour}/{name}", colour, shape))
-    rows = [{"file_name": f, "text": f"a {c} {s}"} for f, c, s in items]  # the same files, captioned
+    rows = [{"file_name": f, "text": caption(c, s, words)} for f, c, s in items]  # the same files, captioned
     (root / "classes" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return items
 
@@ -104,7 +109,7 @@ def train_stage2(root: Path, vae: Path, variant: str, steps: int, seed: int) -> 
     return out
 
 
-def accuracy(folder: Path, variant: str, guidance: float, seed: int) -> float:
+def accuracy(folder: Path, variant: str, guidance: float, seed: int, words: str) -> float:
     from pipelines import RQPipeline
 
     pipe = RQPipeline.from_pretrained(folder, device="cpu")
@@ -115,38 +120,44 @@ def accuracy(folder: Path, variant: str, guidance: float, seed: int) -> float:
     if variant == "class":
         images = pipe([names[i] for i in target.tolist()], **kw).images
     else:  # the training captions of that colour, half of each shape
-        images = pipe(prompt=[f"a {names[i]} circle" if k % 2 else f"a {names[i]} square"
-                              for k, i in enumerate(target.tolist())], **kw).images
+        images = pipe(prompt=[caption(names[i], SHAPES[k % 2], words) for k, i in enumerate(target.tolist())],
+                      **kw).images
     return (dominant_colour(images) == target).float().mean().item()
 
 
-def figures(quick: bool, seeds: int = 3) -> list[dict]:
+def figures(quick: bool, seeds: int = 3, words: str = "full") -> list[dict]:
     torch.set_num_threads(1)
     seeds, steps = ((0,), (40,)) if quick else (tuple(range(seeds)), (150, 300))
     out, table = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_images(root)
+        make_images(root, words)
         for seed in seeds:
             vae = train_vae(root, 60 if quick else 600, seed)
             for n in steps:
                 for variant in ("class", "text", "text_pool"):
                     folder = train_stage2(root, vae, variant, n, seed)
                     for g in (1.0, 3.0):
-                        acc = accuracy(folder, variant, g, seed)
+                        acc = accuracy(folder, variant, g, seed, words)
                         table.setdefault((variant, n, g), []).append(acc)
-                        out.append(emit({"figure": "text_vs_class", "variant": variant, "steps": n, "guidance": g,
+                        out.append(emit({"figure": "text_vs_class", "captions": words, "variant": variant,
+                                         "steps": n, "guidance": g,
                                          "seed": seed, "accuracy": round(acc, 4)}))
     for (variant, n, g), accs in sorted(table.items()):
-        out.append(emit({"figure": "text_vs_class_mean", "variant": variant, "steps": n, "guidance": g,
+        out.append(emit({"figure": "text_vs_class_mean", "captions": words, "variant": variant, "steps": n,
+                         "guidance": g,
                          "seeds": len(accs), "accuracy": round(statistics.mean(accs), 4),
                          "min": round(min(accs), 4), "max": round(max(accs), 4)}))
     return out
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(__doc__.splitlines()[0], argv, lambda p: p.add_argument("--seeds", type=int, default=3))
-    return run_main(lambda quick: figures(quick, args.seeds), args)
+    def extra(p):
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--captions", choices=["full", "colour"], default="full",
+                       help='"a red circle", or the colour alone (the class\'s information, no more)')
+    args = parse_args(__doc__.splitlines()[0], argv, extra)
+    return run_main(lambda quick: figures(quick, args.seeds, args.captions), args)
 
 
 if __name__ == "__main__":

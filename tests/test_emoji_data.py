@@ -393,3 +393,27 @@ def test_bad_packages(v6_packages, tmp_path, break_it, styles, message):
         emoji.build_styles_from_packages(v6_packages, tmp_path / "out", styles)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_keyword_captions_share_words_in_training_only(v6_packages, tmp_path):
+    """--keywords: one extra caption row per CLDR keyword for each training image; test keeps one row each."""
+    data = v6_packages["openmoji"] / "package" / "data" / "openmoji.json"
+    entries = json.loads(data.read_text())
+    tags = {TRAINED: "face, Grin, , face", HELD: "cat, face, pet"}  # messy on purpose: case, blanks, repeats
+    data.write_text(json.dumps([{**o, "tags": tags[o["hexcode"]]} if o["hexcode"] in tags else o for o in entries]))
+    out = tmp_path / "kw"
+    m = emoji.build_styles_from_packages(v6_packages, out, keywords=True)
+    train, test = rows_of(out, "train"), rows_of(out, "test")
+    extra = [r for r in train if r.get("keyword")]
+    trained_files = sorted(r["file_name"] for r in train if r["unified"] == TRAINED and not r.get("keyword"))
+    assert trained_files and sorted(r["file_name"] for r in extra if r["text"] == "grin") == trained_files
+    assert {r["text"] for r in extra} == {"face", "grin"}  # the held-out cat face adds none
+    assert m["keyword_captions"] == len(extra) == 2 * len(trained_files)
+    assert not any(r.get("keyword") for r in test)
+    assert next(r for r in test if r["unified"] == HELD)["keywords"] == ["cat", "face", "pet"]
+    assert len(test) == len(files(out / "test"))  # one row per test image: the evaluation pairs are unchanged
+    ds = captioned_image_folder(out / "train", 8)
+    assert len(ds.captions) == len(train) and "grin" in ds.captions
+    (v6_packages.pop("openmoji"), v6_packages.pop("fluentui-emoji"))
+    with pytest.raises(emoji.EmojiError, match="need the openmoji package"):
+        emoji.build_styles_from_packages(v6_packages, tmp_path / "none", styles=("noto",), keywords=True)

@@ -4,7 +4,7 @@ tree by category.
     python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
-        [--skin_tones | --no-skin_tones] [--cache_dir DIR] [--overwrite]
+        [--skin_tones | --no-skin_tones] [--keywords] [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
@@ -17,7 +17,10 @@ Styles layout (default), a captioned folder per split whose class sub-folders ar
 
 metadata rows: file_name ("noto/1f600.png"), text (the emoji's CLDR name, lower-cased, as OpenMoji lists it:
 "enraged face"; emoji-datasource's name where OpenMoji has none), unified, category, unicode_name
-(emoji-datasource's name, sometimes an old Unicode one: "pouting face") and, in test/, heldout.
+(emoji-datasource's name, sometimes an old Unicode one: "pouting face"), keywords (OpenMoji's CLDR keywords,
+when it lists them) and, in test/, heldout. With --keywords, train/ also has one caption row per keyword of
+each image ({"file_name", "text": "pet", "unified", "category", "keyword": true}): words that recur across
+emoji; test/ keeps one row per image.
 
 Split, so anyone can rebuild it: an emoji is held out in every style ("emoji") when
 zlib.crc32(unified.encode()) % 100 < 10 (the base emoji's code, e.g. "1F600"); else the (emoji, style) pair
@@ -49,8 +52,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from training.emoji_sources import (DROPPED_CATEGORY, EmojiError, check_renderer, fetch_package, fluent_variant,
-                                    load_png, match_fluent, no_fe0f, openmoji_index, package_root, read_emoji_json,
-                                    render_svg, variant_text, variants)
+                                    load_png, match_fluent, no_fe0f, openmoji_index, openmoji_keywords, package_root,
+                                    read_emoji_json, render_svg, variant_text, variants)
 
 __all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "main"]
 
@@ -218,10 +221,12 @@ def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, 
 
 def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tuple(SOURCES),
                                skin_tones: bool = False, *, overwrite: bool = False,
-                               versions: dict | None = None) -> dict:
+                               versions: dict | None = None, keywords: bool = False) -> dict:
     """Styles layout from unpacked packages ({npm name: dir}): emoji.json from emoji-datasource-google
     (or -twitter), OpenMoji's CLDR names (when given) for matching Fluent files. Writes the captioned
-    folders at `out` atomically and returns the manifest (with per-style match counts)."""
+    folders at `out` atomically and returns the manifest (with per-style match counts).
+    keywords (needs openmoji): each training image also gets one caption row per CLDR keyword of its emoji
+    ("cat", "face", "pet" for cat face; marked "keyword": true), so that words recur across emoji."""
     out = Path(out)
     _check_out(out, overwrite)
     ds = next((packages[n] for n in ("emoji-datasource-google", "emoji-datasource-twitter") if n in packages), None)
@@ -229,6 +234,9 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
         raise EmojiError("no emoji-datasource package given: emoji.json lists the emoji and their names")
     emojis = read_emoji_json(ds)
     cldr = openmoji_index(packages["openmoji"])[1] if "openmoji" in packages else {}
+    if keywords and "openmoji" not in packages:
+        raise EmojiError("keyword captions need the openmoji package (its data lists the CLDR keywords)")
+    words = openmoji_keywords(packages["openmoji"]) if keywords else {}
     jobs, match, unmatched_out = [], {}, {}
     for style in styles:
         if SOURCES[style][0] not in packages:
@@ -250,6 +258,8 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
             if held := heldout_of(e["unified"], style):
                 row["heldout"] = held
             jobs.append((src, "test" if held else "train", row))
+            if words.get(no_fe0f(e["unified"])):
+                row["keywords"] = words[no_fe0f(e["unified"])]
     if not jobs:
         raise EmojiError("no images selected: check --styles and the packages")
 
@@ -263,6 +273,10 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
             dst.parent.mkdir(parents=True, exist_ok=True)
             (render_svg(src) if src.suffix == ".svg" else load_png(src)).save(dst)
             rows[split].append(row)
+            if split == "train":  # extra captions of the same file: training only, so the test pairs stay one each
+                rows[split] += [{"file_name": row["file_name"], "text": w, "unified": row["unified"],
+                                 "category": row["category"], "keyword": True}
+                                for w in row.get("keywords", []) if w != row["text"]]
             counts[split][row["file_name"].split("/")[0]] += 1
             heldout[row.get("heldout", "train")] += 1
         for split, rs in rows.items():
@@ -276,6 +290,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
                            "pair": "else test (heldout 'pair') if zlib.crc32(f'{unified}/{style}'.encode()) "
                                    "% 100 < 10, unified being the base emoji's code"},
             "emojis": len(emojis), "images": {s: sum(c.values()) for s, c in counts.items()},
+            "keyword_captions": sum(bool(r.get("keyword")) for r in rows["train"]),
             "counts": counts, "heldout_images": {k: heldout[k] for k in ("emoji", "pair")}, "match": match,
             "licences": {k: LICENCES[k] for k in dict.fromkeys(
                 ["emoji-datasource"] + [STYLE_LICENCE[s] for s in styles])},
@@ -292,7 +307,8 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
 
 
 def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = False, cache_dir: Path | None = None,
-          overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None) -> dict:
+          overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None,
+          keywords: bool = False) -> dict:
     """Fetch the packages (into cache_dir, or a temporary dir) and build `layout` at `out`."""
     _check_out(Path(out), overwrite)  # fail before downloading ~160 MB
     versions = {"emoji-datasource": version, **VERSIONS, **(versions or {})}
@@ -313,12 +329,12 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
         names = [SOURCES[s][0] for s in styles]
         if "emoji-datasource-google" not in names and "emoji-datasource-twitter" not in names:
             names.insert(0, "emoji-datasource-google")  # for emoji.json alone
-        if "fluentui-emoji" in names:
-            names.append("openmoji")  # its CLDR names match Fluent's file names
+        if "fluentui-emoji" in names or keywords:
+            names.append("openmoji")  # its CLDR names match Fluent's file names; it lists the keywords
         pkgs = {n: get(n) for n in dict.fromkeys(names)}
         return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
                                           versions={n: versions["emoji-datasource"] if n.startswith("emoji-")
-                                                    else versions[n] for n in pkgs})
+                                                    else versions[n] for n in pkgs}, keywords=keywords)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -341,6 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "would make people ~8x more frequent than anything else)")
     p.add_argument("--cache_dir", type=Path, default=None,
                    help="keep the npm tarballs here and reuse them (default: temporary dir)")
+    p.add_argument("--keywords", action="store_true",
+                   help="styles layout: also caption each training image with its emoji's CLDR keywords, one row "
+                        "each (\"cat\", \"face\", \"pet\" for cat face), so that words recur across emoji")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     known = STYLES if args.layout == "categories" else tuple(SOURCES)
@@ -354,8 +373,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.keywords and args.layout != "styles":
+            raise EmojiError("--keywords needs the styles layout (captioned folders)")
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
-                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version})
+                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -369,6 +390,8 @@ def main(argv=None) -> int:
         print(f"{style}: {c['matched']} of {m['emojis']} emoji matched, {c['unmatched']} not"
               f"{f' ({why})' if why else ''}{unused}; train {m['counts']['train'][style]}, "
               f"test {m['counts']['test'][style]} images")
+    if m["keyword_captions"]:
+        print(f"{m['keyword_captions']} keyword captions beside the names of the training images")
     print(f"wrote {args.out}: train {m['images']['train']}, test {m['images']['test']} images "
           f"(held out: {m['heldout_images']['emoji']} of unseen emoji, {m['heldout_images']['pair']} pairs); "
           f"unmatched listed in {args.out / 'unmatched.json'}")

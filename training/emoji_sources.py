@@ -152,6 +152,19 @@ def openmoji_index(package_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return {no_fe0f(p.stem): p for p in sorted(svg_dir.glob("*.svg"))}, names
 
 
+def openmoji_keywords(package_dir: Path) -> dict[str, list[str]]:
+    """{code without FE0F: its CLDR keywords} from OpenMoji's data ("tags": "cat, face, pet" for cat face),
+    lower-cased, in order, each once."""
+    data = _read_json(package_root(package_dir) / "data" / "openmoji.json", "an openmoji package")
+    out = {}
+    for o in data:
+        if isinstance(o, dict) and isinstance(o.get("hexcode"), str) and isinstance(o.get("tags"), str):
+            words = [w.strip().lower() for w in o["tags"].split(",")]
+            if words := list(dict.fromkeys(w for w in words if w)):
+                out[no_fe0f(o["hexcode"])] = words
+    return out
+
+
 def fluent_slug(name: str) -> str:
     """A CLDR name as Fluent names its files: "A button (blood type)" -> "a-button-blood-type"."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # piñata -> pinata
