@@ -414,6 +414,10 @@ def test_keyword_captions_share_words_in_training_only(v6_packages, tmp_path):
     assert len(test) == len(files(out / "test"))  # one row per test image: the evaluation pairs are unchanged
     ds = captioned_image_folder(out / "train", 8)
     assert len(ds.captions) == len(train) and "grin" in ds.captions
+    capped = emoji.build_styles_from_packages(v6_packages, tmp_path / "capped", keywords=True, max_keywords=1)
+    assert {r["text"] for r in rows_of(tmp_path / "capped", "train") if r.get("keyword")} == {"face"}  # the shared one
+    assert capped["keyword_captions"] == len(trained_files)
+    assert emoji.main(["--out", str(tmp_path / "x"), "--max_keywords", "2"]) == 2  # needs --keywords
     (v6_packages.pop("openmoji"), v6_packages.pop("fluentui-emoji"))
     with pytest.raises(emoji.EmojiError, match="need the openmoji package"):
         emoji.build_styles_from_packages(v6_packages, tmp_path / "none", styles=("noto",), keywords=True)

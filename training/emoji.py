@@ -4,7 +4,7 @@ tree by category.
     python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
-        [--skin_tones | --no-skin_tones] [--keywords] [--cache_dir DIR] [--overwrite]
+        [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K]] [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
@@ -221,12 +221,14 @@ def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, 
 
 def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tuple(SOURCES),
                                skin_tones: bool = False, *, overwrite: bool = False,
-                               versions: dict | None = None, keywords: bool = False) -> dict:
+                               versions: dict | None = None, keywords: bool = False,
+                               max_keywords: int | None = None) -> dict:
     """Styles layout from unpacked packages ({npm name: dir}): emoji.json from emoji-datasource-google
     (or -twitter), OpenMoji's CLDR names (when given) for matching Fluent files. Writes the captioned
     folders at `out` atomically and returns the manifest (with per-style match counts).
     keywords (needs openmoji): each training image also gets one caption row per CLDR keyword of its emoji
-    ("cat", "face", "pet" for cat face; marked "keyword": true), so that words recur across emoji."""
+    ("cat", "face", "pet" for cat face; marked "keyword": true), so that words recur across emoji.
+    max_keywords: at most this many per image, those most emoji share first (names stay a larger share)."""
     out = Path(out)
     _check_out(out, overwrite)
     ds = next((packages[n] for n in ("emoji-datasource-google", "emoji-datasource-twitter") if n in packages), None)
@@ -237,6 +239,9 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
     if keywords and "openmoji" not in packages:
         raise EmojiError("keyword captions need the openmoji package (its data lists the CLDR keywords)")
     words = openmoji_keywords(packages["openmoji"]) if keywords else {}
+    if max_keywords is not None:  # keep the words most emoji share: they are what links names together
+        shared = Counter(w for ws in words.values() for w in ws)
+        words = {code: sorted(ws, key=lambda w: -shared[w])[:max_keywords] for code, ws in words.items()}
     jobs, match, unmatched_out = [], {}, {}
     for style in styles:
         if SOURCES[style][0] not in packages:
@@ -308,7 +313,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
 
 def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = False, cache_dir: Path | None = None,
           overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None,
-          keywords: bool = False) -> dict:
+          keywords: bool = False, max_keywords: int | None = None) -> dict:
     """Fetch the packages (into cache_dir, or a temporary dir) and build `layout` at `out`."""
     _check_out(Path(out), overwrite)  # fail before downloading ~160 MB
     versions = {"emoji-datasource": version, **VERSIONS, **(versions or {})}
@@ -334,7 +339,8 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
         pkgs = {n: get(n) for n in dict.fromkeys(names)}
         return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
                                           versions={n: versions["emoji-datasource"] if n.startswith("emoji-")
-                                                    else versions[n] for n in pkgs}, keywords=keywords)
+                                                    else versions[n] for n in pkgs}, keywords=keywords,
+                                          max_keywords=max_keywords)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -360,6 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keywords", action="store_true",
                    help="styles layout: also caption each training image with its emoji's CLDR keywords, one row "
                         "each (\"cat\", \"face\", \"pet\" for cat face), so that words recur across emoji")
+    p.add_argument("--max_keywords", type=int, default=None,
+                   help="with --keywords: at most this many keyword rows per image, the words most emoji share "
+                        "first (default: all, 5.5 per image on average)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     known = STYLES if args.layout == "categories" else tuple(SOURCES)
@@ -375,8 +384,11 @@ def main(argv=None) -> int:
     try:
         if args.keywords and args.layout != "styles":
             raise EmojiError("--keywords needs the styles layout (captioned folders)")
+        if args.max_keywords is not None and (not args.keywords or args.max_keywords < 1):
+            raise EmojiError("--max_keywords needs --keywords and a whole number >= 1")
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
-                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords)
+                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords,
+                  args.max_keywords)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)
         return 2
