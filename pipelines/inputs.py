@@ -22,8 +22,7 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class", guidance=True,
-                  top_k=None, top_p=None) -> None:
+def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class", guidance=True) -> None:
     if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
         raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
     if not (is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
@@ -38,12 +37,6 @@ def check_options(max_images, default_guidance_scale, caption_dropout, class_tit
     if not isinstance(guidance, bool) or (not guidance and default_guidance_scale != 1):
         raise ValueError(f"guidance must be true or false (false: the null class is untrained, so "
                          f"default_guidance_scale must be 1), got {guidance!r}")
-    for name, value, ok in (("top_k", top_k, lambda k: is_whole(k) and k >= 1),
-                            ("top_p", top_p, lambda q: is_number(q) and 0 < q <= 1)):
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not values or not all(v is None or ok(v) for v in values):
-            raise ValueError(f"{name} must be null, a default for every depth or a list of one per depth, "
-                             f"got {value!r:.60}")
 
 
 def read_options(file: Path) -> dict:

@@ -25,6 +25,7 @@ from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqtransformer.cpu import weights_fit_float16
+from rqtransformer.sampling import check_filters
 from rqvae import RQVAE
 
 from .hub import push_to_hub
@@ -78,7 +79,8 @@ class RQPipeline:
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
                              f"{tc.codebook_size}, the RQ-VAE makes {vc.code_shape} from {vc.codebook_size}")
-        check_options(max_images, default_guidance_scale, caption_dropout, class_title, guidance, top_k, top_p)
+        check_options(max_images, default_guidance_scale, caption_dropout, class_title, guidance)
+        check_filters(transformer, top_k, top_p)  # the sampler's own rule, so a bad pipeline.json fails at load
         prompts = check_prompt_list([] if prompts is None else prompts, "prompts")
         if prompts and not transformer.has_text:
             raise ValueError("prompts are example prompts for a text model; this model has no text conditioning")

@@ -67,11 +67,9 @@ def per_depth(value, depth: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * depth
 
 
-def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads) -> None:
+def check_filters(model, top_k, top_p) -> None:
+    """top_k / top_p: None, one value, or a list of one per depth; k within the codebook, p in (0, 1]."""
     K, D = model.config.codebook_size, model.config.code_shape[2]
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding use top_k=1)")
     for name, value in (("top_k", top_k), ("top_p", top_p)):
         if isinstance(value, (list, tuple)) and len(value) != D:
             raise ValueError(f"{name} must be one value or a list of one per depth ({D}), got {value!r}")
@@ -82,6 +80,13 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cu
     if not all(p is None or (not isinstance(p, bool) and isinstance(p, (int, float)) and 0 < p <= 1)
                for p in per_depth(top_p, D)):
         raise ValueError(f"top_p must be None or a number in (0, 1], or a list of one per depth, got {top_p!r}")
+
+
+def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding use top_k=1)")
+    check_filters(model, top_k, top_p)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
             or not 0 <= guidance_scale < float("inf"):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
