@@ -278,11 +278,19 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, assign: bool =
                              f"{_kind(expected[key].dtype)} tensor ({expected[key].dtype})")
     state = {k: tensors.pop(k).to(expected[k].dtype) for k in wanted}  # popped: a cast frees the file's copy
     state.update({k: state[v] for k, v in alias.items()})
-    model.load_state_dict(state, strict=True, assign=assign)
-    if assign and hasattr(model, "materialize_meta"):
-        model.materialize_meta()  # what loading cannot fill: non-persistent buffers
     if assign:
-        left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-        if left:
-            raise ValueError(f"{type(model).__name__} cannot be built on the meta device: {left[:3]} are not "
-                             "in its state_dict")  # a bug of the model class, not the file
+        assign_state(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
+
+
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make `state`'s tensors the weights of `model`, built on the meta device (no copies), then fill what a
+    state_dict cannot (non-persistent buffers: the model's materialize_meta(), if it has one)."""
+    model.load_state_dict(state, strict=True, assign=True)
+    if hasattr(model, "materialize_meta"):
+        model.materialize_meta()
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{type(model).__name__} cannot be built on the meta device: {left[:3]} are not "
+                         "in its state_dict")  # a bug of the model class, not the file

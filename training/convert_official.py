@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pipelines import RQPipeline
+from rqcore.pretrained import assign_state
 from rqtransformer.model import RQTransformer
 from rqvae import RQVAE
 
@@ -67,16 +68,22 @@ def sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
+def build(model_class, config, convert, stage: str):
+    """model_class(config) built on the meta device (no random init), given the tensors convert(model) maps
+    from the official ones (checked against the config's shapes first)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    state = convert(model)
+    official.check_shapes(model, state, stage)
+    assign_state(model, state)
+    return model.eval()
+
+
 def convert_rqvae(folder: Path, ema: bool) -> tuple[RQVAE, bool]:
     """-> (our RQVAE in eval mode, whether EMA weights were used)."""
-    data = official.read_yaml(folder)
-    config = official.rqvae_config(data)
+    config = official.rqvae_config(official.read_yaml(folder))
     tensors, use_ema = official.read_state(folder, ema=ema, fallback=True)
-    model = RQVAE(config)
-    state = official.rqvae_state(model, config, tensors)
-    official.check_shapes(model, state, "stage 1")
-    model.load_state_dict(state, strict=True)
-    return model.eval(), use_ema
+    return build(RQVAE, config, lambda m: official.rqvae_state(m, config, tensors), "stage 1"), use_ema
 
 
 def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: bool,
@@ -91,11 +98,7 @@ def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: b
     if tokenizer_dir and not config.max_text_len:
         raise ValueError("--tokenizer given, but this stage 2 has no text conditioning")
     tensors, _ = official.read_state(folder, ema=ema)
-    with torch.device("meta"):  # no random init: the official tensors (or ours folded from them) become ours
-        model = RQTransformer(config)
-    state = official.transformer_state(config, tensors, codebook)
-    official.check_shapes(model, state, "stage 2")
-    model.load_state_dict(state, strict=True, assign=True)
+    model = build(RQTransformer, config, lambda m: official.transformer_state(config, tensors, codebook), "stage 2")
     if config.max_text_len:
         model.tokenizer = official.text_tokenizer(Path(tokenizer_dir), data, config.text_vocab_size)
     settings = official.sampling_settings(data)
@@ -103,7 +106,7 @@ def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: b
     top_k = settings["top_k"]  # the official sampler takes min(top_k, K), and None as no filter
     settings["top_k"] = [min(int(k), K) for k in top_k] if isinstance(top_k, list) else \
         (min(int(top_k), K) if top_k is not None else None)
-    return model.eval(), settings
+    return model, settings
 
 
 def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: dict, ema: dict) -> str:
