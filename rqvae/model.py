@@ -79,6 +79,11 @@ class RQVAEConfig:
         return (side, side, self.code_depth)
 
     @property
+    def z_width(self) -> int:
+        """The width between the quant_convs' 3x3 and 1x1 convs: z_channels, else latent_dim."""
+        return self.z_channels or self.latent_dim
+
+    @property
     def decoder_width(self) -> int:
         """The decoder's first-level width: decoder_channels, else channels."""
         return self.decoder_channels or self.channels
@@ -154,7 +159,7 @@ class Encoder(nn.Module):
             layers.append(AttnBlock(cin))
         layers += [ResBlock(cin, cin), norm(cin), nn.SiLU()]
         if c.quant_convs:
-            z = c.z_channels or c.latent_dim
+            z = c.z_width
             layers += [nn.Conv2d(cin, z, 3, padding=1), nn.Conv2d(z, c.latent_dim, 1)]
         else:
             layers.append(nn.Conv2d(cin, c.latent_dim, 1))
@@ -170,7 +175,7 @@ class Decoder(nn.Module):
         widths = [c.decoder_width * m for m in c.channel_mult][::-1]
         cin = widths[0]
         if c.quant_convs:
-            z = c.z_channels or c.latent_dim
+            z = c.z_width
             layers = [nn.Conv2d(c.latent_dim, z, 1), nn.Conv2d(z, cin, 3, padding=1)]
         else:
             layers = [nn.Conv2d(c.latent_dim, cin, 3, padding=1)]

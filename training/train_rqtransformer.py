@@ -158,6 +158,11 @@ def load_data(args, resolution: int):
     return train_set, val_set
 
 
+def by_name(labels: torch.Tensor, names: list[str], model_names: list[str]) -> torch.Tensor:
+    """Class indices into `names` -> indices into `model_names` (the same class names)."""
+    return torch.tensor([model_names.index(c) for c in names])[labels]
+
+
 def main(argv=None):
     args = parse_args(argv)
     vae_dir = cli.model_folder(args.rqvae, "--rqvae", "rqvae")
@@ -250,9 +255,9 @@ def main(argv=None):
     guidance_scale = args.sample_guidance_scale if guidance else 1.0
     class_title = options.get("class_title", "Class") if args.class_title == "Class" else args.class_title
     if data_classes:  # the data's class indices -> the model's, by name
-        train_data[1] = torch.tensor([classes.index(c) for c in data_classes])[train_data[1]]
+        train_data[1] = by_name(train_data[1], data_classes, classes)
     if val is not None and classes:  # the test folder's class indices -> the model's, by name
-        val[1] = torch.tensor([classes.index(c) for c in val_set.classes])[val[1]]
+        val[1] = by_name(val[1], val_set.classes, classes)
     codes = train_data[0]
     text = (f"; {len(train_set.captions)} captions ({len(set(train_set.captions))} distinct), prompt tokenizer "
             f"{tokenizer.vocab_size} tokens, max_text_len {max_text_len} ({truncated[0]} captions truncated), "
