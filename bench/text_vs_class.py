@@ -22,9 +22,8 @@ import torch
 from PIL import Image
 
 from bench.common import emit, parse_args, run_main
+from training.colour_toy import COLOURS, SHAPES, colour_image, colour_rqvae, dominant_colour
 
-COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 210), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square")
 PER_COLOUR = 16  # samples per colour and setting
 
 
@@ -36,50 +35,24 @@ def caption(colour: str, shape: str, words: str) -> str:
 def make_images(root: Path, words: str = "full", per_shape: int = 4, seed: int = 0) -> list[tuple[str, str, str]]:
     """16-px images: a shape in a darker shade of the colour's background -> [(file, colour, shape)]."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:16, :16]
     items = []
     for colour, rgb in COLOURS.items():
         (root / "classes" / colour).mkdir(parents=True)
         for shape in SHAPES:
             for i in range(per_shape):
-                a = np.empty((16, 16, 3))
-                a[:] = np.array(rgb) * rng.uniform(0.85, 1.1)
-                cy, cx = rng.integers(5, 11, 2)
-                mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9 if shape == "circle"
-                        else (abs(yy - cy) <= 2) & (abs(xx - cx) <= 2))
-                a[mask] *= 0.6
                 name = f"{colour}-{shape}-{i}.png"
-                Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / "classes" / colour / name)
+                Image.fromarray(colour_image(rgb, shape, rng)).save(root / "classes" / colour / name)
                 items.append((f"{colour}/{name}", colour, shape))
     rows = [{"file_name": f, "text": caption(c, s, words)} for f, c, s in items]  # the same files, captioned
     (root / "classes" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return items
 
 
-def dominant_colour(images: torch.Tensor) -> torch.Tensor:
-    """images [B,3,H,W] in [0,1] -> index into COLOURS [B] (the palette colour most pixels are nearest to)."""
-    palette = torch.tensor([*COLOURS.values()], dtype=torch.float) / 255
-    nearest = torch.cdist(images.permute(0, 2, 3, 1).flatten(1, 2), palette[None]).argmin(-1)  # [B, H*W]
-    return torch.stack([(nearest == k).sum(1) for k in range(len(COLOURS))], 1).argmax(1)
-
-
 def train_vae(root: Path, steps: int, seed: int) -> Path:
     from training.data import image_folder
-    from rqvae import PRESETS, RQVAE, RQVAEConfig
 
     ds = image_folder(root / "classes", 16)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    torch.manual_seed(seed)
-    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "code_depth": 2, "codebook_size": 16, "latent_dim": 8,
-                               "mid_attention": False, "quantize_dropout": False, "threshold_ema_dead_code": 0.0}))
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for _ in range(steps):
-        recon, terms = vae(images)
-        loss = (recon - images).abs().mean() + terms["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
+    vae = colour_rqvae(torch.stack([ds[i][0] for i in range(len(ds))]), steps, seed)
     folder = root / f"vae-{seed}"
     vae.save_pretrained(folder)
     return folder

@@ -58,6 +58,7 @@ def image_dir(tmp_path):
 
 def train_tiny_vae(image_dir, code_depth=2, codebook_size=16, steps=150):
     """A tiny RQ-VAE fitted on the fixture images: enough for the second depth to matter."""
+    from training.colour_toy import fit_rqvae
     from training.data import image_folder
 
     torch.manual_seed(0)
@@ -67,15 +68,7 @@ def train_tiny_vae(image_dir, code_depth=2, codebook_size=16, steps=150):
     # and depth 2 then helps on some CPUs and hurts on others (seen: -0.14 dB on an AVX-512 machine)
     config = RQVAEConfig(**{**PRESETS["tiny"], "code_depth": code_depth, "codebook_size": codebook_size,
                             "latent_dim": 8, "threshold_ema_dead_code": 0.0})
-    model = RQVAE(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        recon, terms = model(images)
-        loss = (recon - images).abs().mean() + terms["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), images
+    return fit_rqvae(RQVAE(config), images, steps, lr=3e-3), images
 
 
 @pytest.fixture(scope="session")

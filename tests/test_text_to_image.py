@@ -13,18 +13,15 @@ from PIL import Image
 from pipelines import RQPipeline
 from rqtransformer import RQTransformer
 from rqtransformer.losses import per_depth_nll
-from rqvae import PRESETS, RQVAE, RQVAEConfig
+from rqvae import RQVAE
 from training import train_rqvae
 from training.cli import run_cli
 from training.data import captioned_image_folder
 from training.captions import caption_rows, prompt_batch, spread
+from training.colour_toy import COLOURS, SHAPES, colour_image, colour_rqvae, dominant_colour
 from training.train_rqtransformer import main
 
 from conftest import FAST1, FAST2, make_image_folder
-
-COLOURS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 210), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():  # tiny models on shared cores: one intra-op thread is faster, and calmer under load
@@ -39,19 +36,12 @@ def make_colour_folder(root, per_caption=2, seed=0):
     captioned "<colour> <shape>" in metadata.jsonl."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
-    yy, xx = np.mgrid[:16, :16]
     rows = []
     for colour, rgb in COLOURS.items():
         for shape in SHAPES:
             for i in range(per_caption):
-                a = np.empty((16, 16, 3))
-                a[:] = np.array(rgb) * rng.uniform(0.85, 1.1)
-                cy, cx = rng.integers(5, 11, 2)
-                shape_mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= 9 if shape == "circle"
-                              else (abs(yy - cy) <= 2) & (abs(xx - cx) <= 2))
-                a[shape_mask] *= 0.6  # a darker shade: the image keeps one colour
                 name = f"{colour}-{shape}-{i}.png"
-                Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(root / name)
+                Image.fromarray(colour_image(rgb, shape, rng)).save(root / name)
                 rows.append({"file_name": name, "text": f"{colour} {shape}"})
     write_metadata(root, rows)
     return root
@@ -59,14 +49,6 @@ def make_colour_folder(root, per_caption=2, seed=0):
 
 def write_metadata(root, rows) -> None:
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def dominant_colour(images: torch.Tensor) -> torch.Tensor:
-    """images [B,3,H,W] in [0,1] -> index into COLOURS [B]: the palette colour most pixels are nearest to."""
-    palette = torch.tensor([*COLOURS.values()], dtype=torch.float) / 255
-    nearest = torch.cdist(images.permute(0, 2, 3, 1).flatten(1, 2), palette[None]).argmin(-1)  # [B, H*W]
-    counts = torch.stack([(nearest == k).sum(1) for k in range(len(COLOURS))], 1)
-    return counts.argmax(1)
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +62,7 @@ def colour_vae(colours, tmp_path_factory):
     colours right, or the test below would measure the RQ-VAE instead of the prompts."""
     ds = captioned_image_folder(colours, 16)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
-    torch.manual_seed(0)
-    # no attention, quantize dropout or dead-code restarts: faster, and steady over seeds at this size
-    vae = RQVAE(RQVAEConfig(**{**PRESETS["tiny"], "code_depth": 2, "codebook_size": 16, "latent_dim": 8,
-                               "mid_attention": False, "quantize_dropout": False, "threshold_ema_dead_code": 0.0}))
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
-    for _ in range(200):
-        recon, terms = vae(images)
-        loss = (recon - images).abs().mean() + terms["commitment"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vae.eval()
+    vae = colour_rqvae(images, steps=200)
     with torch.no_grad():
         decoded = vae.decode(vae.encode(images)) * 0.5 + 0.5
     assert torch.equal(dominant_colour(decoded), dominant_colour(images * 0.5 + 0.5))
