@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -138,28 +139,35 @@ def editor(background, *layers):
     return {"background": handle_file(background), "layers": [handle_file(p) for p in layers], "composite": None}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(client, weights dir, files dir): the app around a saved tiny pipeline, with an example image."""
+@contextmanager
+def serve_app(weights, root):
+    """The app (app.build_demo, which queues as `make app` does) around the pipeline folder `weights`, served on
+    127.0.0.1 with its examples cache and downloads under root -> a gradio_client Client; closed after."""
     import app
     from gradio_client import Client
 
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app, "CACHE_ROOT", root / "cache")
+        demo = app.build_demo(weights)
+        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                    **app.LAUNCH_KWARGS)
+    try:
+        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads"))
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, weights dir, files dir): the app around a saved tiny pipeline, with an example image."""
     root = tmp_path_factory.mktemp("app")
     weights = root / "weights"
     tiny_pipeline().save_pretrained(weights)
     (weights / "examples").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(weights / "examples" / "a.png")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app, "CACHE_ROOT", root / "cache")
-        demo = app.build_demo(weights)
-        demo.queue(default_concurrency_limit=1, max_size=32)
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                    **app.LAUNCH_KWARGS)
-    try:
-        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), weights, root
-    finally:
-        demo.close()
+    with serve_app(weights, root) as client:
+        yield client, weights, root
 
 
 @pytest.fixture(scope="module")
@@ -214,20 +222,10 @@ def tiny_text_pipeline(seed=0, num_classes=3, max_text_len=6, caption_dropout=0.
 @pytest.fixture(scope="module")
 def served_text(tmp_path_factory):
     """(client, weights dir): the app around a saved tiny text pipeline (no classes), over HTTP."""
-    import app
-    from gradio_client import Client
-
     root = tmp_path_factory.mktemp("text_app")
     tiny_text_pipeline(num_classes=0).save_pretrained(root / "weights")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app, "CACHE_ROOT", root / "cache")
-        demo = app.build_demo(root / "weights")
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                    **app.LAUNCH_KWARGS)
-    try:
-        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads")), root / "weights"
-    finally:
-        demo.close()
+    with serve_app(root / "weights", root) as client:
+        yield client, root / "weights"
 
 
 @pytest.fixture(scope="module")

@@ -253,21 +253,14 @@ def test_a_text_model_needs_its_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["class", "text"])
-def test_the_app_serves_a_converted_folder(converted, tmp_path, monkeypatch, kind):
+def test_the_app_serves_a_converted_folder(converted, tmp_path, kind):
     """Over HTTP: the class model by class, the text model (no start token, the official tokenizer) by prompt;
     the text model never saw an empty prompt, so none is a clear error, not a sample."""
-    import app
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from conftest import free_port
+    from conftest import serve_app
 
-    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
-    demo = app.build_demo(converted[kind].folder)
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **app.LAUNCH_KWARGS)
-    try:
-        client = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
+    with serve_app(converted[kind].folder, tmp_path) as client:
         if kind == "class":
             result = client.predict(class_name="3", num_images=2, seed=0, api_name="/generate")
         else:
@@ -276,5 +269,3 @@ def test_the_app_serves_a_converted_folder(converted, tmp_path, monkeypatch, kin
             with pytest.raises(AppError, match="give a prompt"):
                 client.predict(num_images=1, seed=0, prompt="", api_name="/generate")
         assert len(result) == 2
-    finally:
-        demo.close()
