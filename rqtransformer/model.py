@@ -380,6 +380,8 @@ PRESETS = {
     "tiny": dict(dim=32, heads=2, spatial_layers=2, depth_layers=1, dropout=0.0),
     # the bundled default: sized to train in about an hour on 2 CPU cores (~3 M parameters)
     "emoji-64": dict(dim=192, heads=3, spatial_layers=4, depth_layers=2, dropout=0.1),
+    # v7's size (~13 M parameters, weights/emoji-64-v7): within the app's budget of 1 s for 4 images on 2 cores
+    "emoji-64-v7": dict(dim=320, heads=5, spatial_layers=8, depth_layers=2, dropout=0.1),
     # the reference configuration of the design notes (~6.6 M parameters with a 512 codebook)
     "reference": dict(dim=256, heads=4, spatial_layers=6, depth_layers=2, dropout=0.0),
     # the paper's models for 8x8x4 codes at 256 px, as its official configs (FFHQ 350M; ImageNet 480M, 821M,

@@ -418,6 +418,15 @@ def test_keyword_captions_share_words_in_training_only(v6_packages, tmp_path):
     assert {r["text"] for r in rows_of(tmp_path / "capped", "train") if r.get("keyword")} == {"face"}  # the shared one
     assert capped["keyword_captions"] == len(trained_files)
     assert emoji.main(["--out", str(tmp_path / "x"), "--max_keywords", "2"]) == 2  # needs --keywords
+    weighted = emoji.build_styles_from_packages(v6_packages, tmp_path / "weighted", keywords=True, max_keywords=1,
+                                                name_repeats=3)
+    rows = rows_of(tmp_path / "weighted", "train")
+    names = [r for r in rows if not r.get("keyword")]
+    assert len(names) == 3 * len({r["file_name"] for r in names})  # each image's name row three times
+    assert weighted["keyword_captions"] == len(trained_files) and weighted["images"] == capped["images"]
+    assert len(rows_of(tmp_path / "weighted", "test")) == len(test)  # the test split is unchanged
+    for bad in (["--name_repeats", "2"], ["--keywords", "--name_repeats", "0"]):
+        assert emoji.main(["--out", str(tmp_path / "x"), *bad]) == 2
     (v6_packages.pop("openmoji"), v6_packages.pop("fluentui-emoji"))
     with pytest.raises(emoji.EmojiError, match="need the openmoji package"):
         emoji.build_styles_from_packages(v6_packages, tmp_path / "none", styles=("noto",), keywords=True)

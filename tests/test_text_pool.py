@@ -54,3 +54,19 @@ def test_saved_and_loaded_with_the_option(tmp_path):
     codes = random_codes(1)
     with torch.inference_mode():
         assert torch.equal(model.eval()(codes, None, ids), loaded(codes, None, ids))
+
+
+def test_the_v7_weights_in_training_are_the_preset_with_a_pooled_prompt_on_v6cs_codes():
+    """weights/emoji-64-v7 (v7's legs): the emoji-64-v7 sizes, text_pool on, v6c's RQ-VAE byte for byte
+    (so the codes, and the decoder any leg may swap in, are shared), and it draws from a name and a style."""
+    from conftest import BUNDLED
+    from pipelines import RQPipeline
+    from rqtransformer.model import PRESETS
+
+    v7 = BUNDLED.parent / "emoji-64-v7"
+    pipe = RQPipeline.from_pretrained(v7, device="cpu")
+    config = pipe.transformer.config
+    assert {k: getattr(config, k) for k in PRESETS["emoji-64-v7"]} == PRESETS["emoji-64-v7"] and config.text_pool
+    assert (v7 / "rqvae" / "model.safetensors").read_bytes() == (BUNDLED / "rqvae" / "model.safetensors").read_bytes()
+    out = pipe("noto", prompt="red heart", num_images=2, generator=gen(0))
+    assert [im.size for im in out.images] == [(64, 64)] * 2

@@ -4,7 +4,7 @@ tree by category.
     python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
-        [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K]] [--cache_dir DIR] [--overwrite]
+        [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]] [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
@@ -222,13 +222,15 @@ def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, 
 def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tuple(SOURCES),
                                skin_tones: bool = False, *, overwrite: bool = False,
                                versions: dict | None = None, keywords: bool = False,
-                               max_keywords: int | None = None) -> dict:
+                               max_keywords: int | None = None, name_repeats: int = 1) -> dict:
     """Styles layout from unpacked packages ({npm name: dir}): emoji.json from emoji-datasource-google
     (or -twitter), OpenMoji's CLDR names (when given) for matching Fluent files. Writes the captioned
     folders at `out` atomically and returns the manifest (with per-style match counts).
     keywords (needs openmoji): each training image also gets one caption row per CLDR keyword of its emoji
     ("cat", "face", "pet" for cat face; marked "keyword": true), so that words recur across emoji.
-    max_keywords: at most this many per image, those most emoji share first (names stay a larger share)."""
+    max_keywords: at most this many per image, those most emoji share first (names stay a larger share).
+    name_repeats: write each training image's name row this many times, so that names keep their weight
+    beside the keyword rows (each row is one draw of an epoch)."""
     out = Path(out)
     _check_out(out, overwrite)
     ds = next((packages[n] for n in ("emoji-datasource-google", "emoji-datasource-twitter") if n in packages), None)
@@ -279,6 +281,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
             (render_svg(src) if src.suffix == ".svg" else load_png(src)).save(dst)
             rows[split].append(row)
             if split == "train":  # extra captions of the same file: training only, so the test pairs stay one each
+                rows[split] += [row] * (name_repeats - 1)
                 rows[split] += [{"file_name": row["file_name"], "text": w, "unified": row["unified"],
                                  "category": row["category"], "keyword": True}
                                 for w in row.get("keywords", []) if w != row["text"]]
@@ -313,7 +316,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
 
 def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = False, cache_dir: Path | None = None,
           overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None,
-          keywords: bool = False, max_keywords: int | None = None) -> dict:
+          keywords: bool = False, max_keywords: int | None = None, name_repeats: int = 1) -> dict:
     """Fetch the packages (into cache_dir, or a temporary dir) and build `layout` at `out`."""
     _check_out(Path(out), overwrite)  # fail before downloading ~160 MB
     versions = {"emoji-datasource": version, **VERSIONS, **(versions or {})}
@@ -340,7 +343,7 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
         return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
                                           versions={n: versions["emoji-datasource"] if n.startswith("emoji-")
                                                     else versions[n] for n in pkgs}, keywords=keywords,
-                                          max_keywords=max_keywords)
+                                          max_keywords=max_keywords, name_repeats=name_repeats)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -369,6 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_keywords", type=int, default=None,
                    help="with --keywords: at most this many keyword rows per image, the words most emoji share "
                         "first (default: all, 5.5 per image on average)")
+    p.add_argument("--name_repeats", type=int, default=1,
+                   help="with --keywords: write each training image's name row this many times, so that names "
+                        "keep their share of the draws beside the keyword rows (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     known = STYLES if args.layout == "categories" else tuple(SOURCES)
@@ -386,9 +392,11 @@ def main(argv=None) -> int:
             raise EmojiError("--keywords needs the styles layout (captioned folders)")
         if args.max_keywords is not None and (not args.keywords or args.max_keywords < 1):
             raise EmojiError("--max_keywords needs --keywords and a whole number >= 1")
+        if args.name_repeats != 1 and (not args.keywords or args.name_repeats < 1):
+            raise EmojiError("--name_repeats needs --keywords and a whole number >= 1")
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
                   {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords,
-                  args.max_keywords)
+                  args.max_keywords, args.name_repeats)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)
         return 2
