@@ -427,6 +427,10 @@ def test_keyword_captions_share_words_in_training_only(v6_packages, tmp_path):
     assert len(rows_of(tmp_path / "weighted", "test")) == len(test)  # the test split is unchanged
     for bad in (["--name_repeats", "2"], ["--keywords", "--name_repeats", "0"]):
         assert emoji.main(["--out", str(tmp_path / "x"), *bad]) == 2
+    for bad in ({"name_repeats": 0}, {"max_keywords": 0}, {"keywords": False, "name_repeats": 2}):  # the library too
+        with pytest.raises(emoji.EmojiError, match="whole number >= 1"):
+            emoji.build_styles_from_packages(v6_packages, tmp_path / "y", **{"keywords": True, **bad})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before writing anything
     (v6_packages.pop("openmoji"), v6_packages.pop("fluentui-emoji"))
     with pytest.raises(emoji.EmojiError, match="need the openmoji package"):
         emoji.build_styles_from_packages(v6_packages, tmp_path / "none", styles=("noto",), keywords=True)

@@ -219,6 +219,16 @@ def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, 
     return found, unmatched, unused
 
 
+def check_caption_options(keywords: bool, max_keywords: int | None, name_repeats: int, layout: str = "styles"):
+    """Refuse keyword options that would silently change nothing or drop rows (CLI and library alike)."""
+    if keywords and layout != "styles":
+        raise EmojiError("--keywords needs the styles layout (captioned folders)")
+    if max_keywords is not None and (not keywords or not isinstance(max_keywords, int) or max_keywords < 1):
+        raise EmojiError("--max_keywords needs --keywords and a whole number >= 1")
+    if name_repeats != 1 and (not keywords or not isinstance(name_repeats, int) or name_repeats < 1):
+        raise EmojiError("--name_repeats needs --keywords and a whole number >= 1")
+
+
 def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tuple(SOURCES),
                                skin_tones: bool = False, *, overwrite: bool = False,
                                versions: dict | None = None, keywords: bool = False,
@@ -231,6 +241,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
     max_keywords: at most this many per image, those most emoji share first (names stay a larger share).
     name_repeats: write each training image's name row this many times, so that names keep their weight
     beside the keyword rows (each row is one draw of an epoch)."""
+    check_caption_options(keywords, max_keywords, name_repeats)
     out = Path(out)
     _check_out(out, overwrite)
     ds = next((packages[n] for n in ("emoji-datasource-google", "emoji-datasource-twitter") if n in packages), None)
@@ -318,7 +329,8 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
           overwrite: bool = False, version: str = DEFAULT_VERSION, versions: dict | None = None,
           keywords: bool = False, max_keywords: int | None = None, name_repeats: int = 1) -> dict:
     """Fetch the packages (into cache_dir, or a temporary dir) and build `layout` at `out`."""
-    _check_out(Path(out), overwrite)  # fail before downloading ~160 MB
+    check_caption_options(keywords, max_keywords, name_repeats, layout)  # fail before downloading ~160 MB
+    _check_out(Path(out), overwrite)
     versions = {"emoji-datasource": version, **VERSIONS, **(versions or {})}
     styles = list(styles or (STYLES if layout == "categories" else SOURCES))
     if layout == "styles" and set(styles) & SVG_STYLES:
@@ -388,12 +400,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.keywords and args.layout != "styles":
-            raise EmojiError("--keywords needs the styles layout (captioned folders)")
-        if args.max_keywords is not None and (not args.keywords or args.max_keywords < 1):
-            raise EmojiError("--max_keywords needs --keywords and a whole number >= 1")
-        if args.name_repeats != 1 and (not args.keywords or args.name_repeats < 1):
-            raise EmojiError("--name_repeats needs --keywords and a whole number >= 1")
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
                   {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords,
                   args.max_keywords, args.name_repeats)
