@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -131,6 +132,7 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
         assert row["pair_retrieval_top10"] == 1.0
     assert {"nll_depth1", "nll_depth2", "perplexity_depth2", "nll_mean_heldout_pair",
             "nll_mean_heldout_emoji"} <= set(report)
+    assert all(math.isfinite(report[f"prompt_information_heldout_{k}"]) for k in ("pair", "emoji"))
     # the test NLL is that of each image's own prompt and style (not the empty prompt's)
     pipe = RQPipeline.from_pretrained(text_weights, device="cpu")
     test = captioned_image_folder(styles / "test", 32).images()[0]

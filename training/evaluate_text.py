@@ -6,7 +6,8 @@ a metadata.jsonl:
     "pair" (this (emoji, style) pair is held out; the emoji is trained in its other styles).
 
 The styles are the model's classes. Reported: reconstruction PSNR per depth (overall and per style) and
-codebook usage; test NLL per depth given each image's prompt and style; a judge CNN trained on the train
+codebook usage; test NLL per depth given each image's prompt and style, and per held-out kind the prompt's
+information (NLL with the empty prompt minus NLL with the name, nats per code); a judge CNN trained on the train
 split to tell the category (its accuracy on the real test images); held-out pairs: SAMPLES samples of
 (name, style) each, retrieved when the real image is among the TOP_K nearest of all real images of that
 style (train + test) to the samples' mean feature (cosine, the judge's penultimate features; goal >= 50 %),
@@ -198,6 +199,9 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
         if m := test.held_out(kind):
             nll = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=text[m])
             report[f"nll_mean_heldout_{kind}"] = float(nll.mean())
+            # nats per code the prompt is worth: the same codes and styles with the empty prompt
+            empty = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=None)
+            report[f"prompt_information_heldout_{kind}"] = float(empty.mean() - nll.mean())
 
     if train is not None:
         report.update(judge_samples(args, pipe, test, train, images, codes, per_style))
