@@ -4,7 +4,8 @@ tree by category.
     python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
-        [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]] [--cache_dir DIR] [--overwrite]
+        [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]]
+        [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
