@@ -23,16 +23,23 @@ def code_loss(logits: torch.Tensor, codes: torch.Tensor, soft_targets: torch.Ten
 
 
 @torch.no_grad()
-def per_depth_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
+def per_image_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
                   text_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean negative log-likelihood (nats) of each depth [D] over codes [N,h,w,D] given labels [N]
-    (and, for a text model, text_tokens [N, max_text_len]; None = the empty prompt)."""
+    """Negative log-likelihood (nats) of each image at each depth [N, D], the mean over its h*w positions,
+    of codes [N,h,w,D] given labels [N] (and, for a text model, text_tokens [N, max_text_len]; None = the
+    empty prompt). Per image, so one pass gives the means of any subsets."""
     device = model.head.weight.device
-    total = torch.zeros(codes.shape[-1])
+    out = []
     for i in range(0, len(codes), batch_size):
         c = codes[i:i + batch_size].to(device).long()
         text = None if text_tokens is None else text_tokens[i:i + batch_size].to(device)
         logits = model(c, labels[i:i + batch_size].to(device), text)  # [B, h, w, D, K]
-        ce = F.cross_entropy(rearrange(logits, "b h w d k -> (b h w d) k"), c.reshape(-1), reduction="none")
-        total += rearrange(ce, "(n d) -> n d", d=c.shape[-1]).sum(0).float().cpu()
-    return total / (codes.shape[0] * codes.shape[1] * codes.shape[2])
+        ce = F.cross_entropy(rearrange(logits, "b h w d k -> b k h w d"), c, reduction="none")  # [B, h, w, D]
+        out.append(ce.float().mean((1, 2)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, codes.shape[-1])
+
+
+def per_depth_nll(model, codes: torch.Tensor, labels: torch.Tensor, batch_size: int = 64,
+                  text_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood (nats) of each depth [D] over codes [N,h,w,D] (see per_image_nll)."""
+    return per_image_nll(model, codes, labels, batch_size, text_tokens).mean(0)

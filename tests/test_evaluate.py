@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer.losses import per_depth_nll
 from training.cli import run_cli
 from training.data import captioned_image_folder
-from training.evaluate import main
+from training.evaluate import evaluate_depths, main
 
 
 @pytest.fixture
@@ -143,6 +144,21 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
     assert report["nll_depth1"] == pytest.approx(float(nll[0]), rel=1e-3)
     assert report["nll_mean"] == pytest.approx(float(nll.mean()), rel=1e-3)
     assert float(per_depth_nll(pipe.transformer, codes, labels).mean()) != pytest.approx(report["nll_mean"], rel=1e-3)
+    # per held-out kind (one pass per image in the report): the NLL and the prompt's information, by subset
+    kinds = {json.loads(line)["file_name"]: json.loads(line).get("heldout")
+             for line in (styles / "test" / "metadata.jsonl").read_text().splitlines()}
+    kind_of = [kinds[os.path.relpath(path, test.root)] for path, _ in test.samples]
+    for kind in ("pair", "emoji"):
+        m = [i for i, k in enumerate(kind_of) if k == kind]
+        named = per_depth_nll(pipe.transformer, codes[m], labels[m], text_tokens=text[m]).mean()
+        empty = per_depth_nll(pipe.transformer, codes[m], labels[m]).mean()
+        assert report[f"nll_mean_heldout_{kind}"] == pytest.approx(float(named), rel=1e-3)
+        assert report[f"prompt_information_heldout_{kind}"] == pytest.approx(float(empty - named), abs=1e-3)
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    for s, style in enumerate(test.classes):  # per style: the same figures as measured on its images alone
+        alone = evaluate_depths(pipe.rqvae, images[torch.tensor(test.targets) == s])
+        assert report["per_style"][style]["psnr_depth2"] == pytest.approx(alone["psnr_depth2"], abs=1e-3)
+        assert report["per_style"][style]["codebook_usage"] == pytest.approx(alone["codebook_usage"], abs=1e-4)
     assert report["pairs"] == 2 and report["heldout_emoji"] == 2 and report["pair_retrieval_top10"] == 1.0
     # the reference queries (reconstructions; the emoji in its other style): fewer than 10 per style, all found
     assert report["pair_retrieval_top10_reconstruction"] == 1.0 and report["pair_retrieval_top10_other_styles"] == 1.0

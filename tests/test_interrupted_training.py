@@ -209,3 +209,43 @@ def test_stale_temp_folders_are_removed_on_resume(image_dir, tmp_path, capsys):
     main([*argv[:-1], "3", "--resume_from_checkpoint", "latest"])
     assert resumed_at(capsys.readouterr().out) == 2
     assert temp_dirs(out) == [] and assert_complete(out) == [2, 3]
+
+
+# ---- the rotation keeps the best validated checkpoint ---------------------------------------------------
+
+def test_rotation_keeps_the_checkpoint_with_the_best_validation(tmp_path):
+    """--checkpoints_total_limit keeps the newest N and, besides them, the one with the best figure."""
+    from accelerate import Accelerator
+
+    from training.trainer import best_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))  # a model only, no optimizer: the rotation is what is tested
+    out = tmp_path / "run"
+    for step, loss in enumerate([3.0, 2.0, 2.5, None, 2.7], 1):  # step 4 was not validated
+        save_checkpoint(accelerator, out, step, 1, validation=None if loss is None else {"val/loss": loss},
+                        best=("val/loss", "min"))
+    assert steps(list_checkpoints(out)) == [2, 5]
+    assert json.loads((out / "checkpoint-2" / STATE_FILE).read_text())["validation"] == {"val/loss": 2.0}
+    save_checkpoint(accelerator, out, 6, 1, validation={"val/loss": 1.5}, best=("val/loss", "min"))
+    assert steps(list_checkpoints(out)) == [6]  # a better one replaces it
+    assert best_checkpoint(out, ("val/loss", "max")) == (out / "checkpoint-6", 1.5)  # the only one left
+    save_checkpoint(accelerator, out, 7, 1, validation={"val/loss": 1.0})  # no `best`: plain rotation
+    assert steps(list_checkpoints(out)) == [7] and best_checkpoint(out, None) is None
+
+
+def test_stage1_keeps_its_best_psnr_checkpoint_and_names_it(image_dir, tmp_path, capsys):
+    from training.train_rqvae import main
+
+    out = tmp_path / "run"
+    main(["--data_dir", str(image_dir), "--output_dir", str(out), *FAST1, "--checkpointing_steps", "1",
+          "--validation_steps", "1", "--checkpoints_total_limit", "1", "--max_train_steps", "4"])
+    printed = capsys.readouterr().out  # "step N: psnr_depth1 .., psnr_depth2 X, ..." at each validated step
+    psnr = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): .*psnr_depth2 ([\d.]+)", printed)}
+    validated = {step: value for step, value in psnr.items() if step < 4}  # the last step is saved, then measured
+    assert sorted(validated) == [1, 2, 3]
+    best = max(validated, key=validated.get)
+    assert assert_complete(out) == sorted({best, 4})
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["best_checkpoint"]["path"] == f"checkpoint-{best}"
+    assert summary["best_checkpoint"]["psnr_depth2"] == pytest.approx(validated[best], abs=1e-3)

@@ -65,7 +65,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, steps
                         "CPUs with AVX512-BF16 or AMX), else fp32; the choice is printed at start")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA of weights; 0 disables")
     g.add_argument("--checkpointing_steps", type=positive_int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3,
+                   help="keep the N newest checkpoints, and besides them the one saved at the best validation "
+                        "(held-out loss or PSNR; checkpoints at validated steps only)")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     g.add_argument("--init_from", default=None,
                    help=f"start from the weights of a model folder, or of a pipeline folder's {sub}/ (fine-tuning); "

@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 from pipelines import RQPipeline
 from rqcore.images import image_transform
 from rqcore.machine import cpu_model
-from rqtransformer.losses import per_depth_nll
+from rqtransformer.losses import per_image_nll
 
 from .captions import spread
 from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
-from .eval_common import accuracy, evaluate_depths, fit_classifier, judge, nll_report
+from .eval_common import accuracy, depth_report, fit_classifier, judge, nll_report, psnr_per_image
 
 SAMPLES = 4  # samples per held-out pair / held-out emoji image
 TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style
@@ -185,23 +185,27 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
                              f"split there and the test split as --data_dir")
     images = torch.stack([test.ds[i][0] for i in range(len(test.ds))])  # [N,3,R,R]
     report: dict = {"weights": str(args.weights), "test_images": len(images)}
-    report.update(evaluate_depths(vae, images))  # psnr_depth1..D, codebook_usage
+    psnrs, codes = psnr_per_image(vae, images)  # [N,D], [N,h,w,D]: each image encoded and decoded once
+    K = vae.config.codebook_size
+    report.update(depth_report(psnrs, codes, K))  # psnr_depth1..D, codebook_usage
     per_style = {}
     for s in test.styles.unique().tolist():
         m = test.styles == s
-        per_style[names[s]] = {"test_images": int(m.sum()), **evaluate_depths(vae, images[m])}
+        per_style[names[s]] = {"test_images": int(m.sum()), **depth_report(psnrs[m], codes[m], K)}
 
-    # NLL given each test image's prompt and style (as training's validation loss on captioned data)
-    codes = torch.cat([vae.encode(x) for x in images.split(64)])  # [N,h,w,D]
+    # NLL given each test image's prompt and style (as training's validation loss on captioned data), per
+    # image: the means by held-out kind come from the same pass
     text = tf.tokenizer.encode(test.names, tf.config.max_text_len)[0]  # [N,L]
-    report.update(nll_report(per_depth_nll(tf, codes, test.styles, text_tokens=text)))
-    for kind in HELDOUT:
-        if m := test.held_out(kind):
-            nll = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=text[m])
-            report[f"nll_mean_heldout_{kind}"] = float(nll.mean())
-            # nats per code the prompt is worth: the same codes and styles with the empty prompt
-            empty = per_depth_nll(tf, codes[m], test.styles[m], text_tokens=None)
-            report[f"prompt_information_heldout_{kind}"] = float(empty.mean() - nll.mean())
+    nll = per_image_nll(tf, codes, test.styles, text_tokens=text)  # [N,D]
+    report.update(nll_report(nll.mean(0)))
+    kinds = {kind: m for kind in HELDOUT if (m := test.held_out(kind))}
+    if kinds:  # nats per code the prompt is worth: the same codes and styles with the empty prompt
+        rows = sorted(i for m in kinds.values() for i in m)
+        empty = torch.zeros_like(nll)
+        empty[rows] = per_image_nll(tf, codes[rows], test.styles[rows], text_tokens=None)
+        for kind, m in kinds.items():
+            report[f"nll_mean_heldout_{kind}"] = float(nll[m].mean())
+            report[f"prompt_information_heldout_{kind}"] = float(empty[m].mean() - nll[m].mean())
 
     if train is not None:
         report.update(judge_samples(args, pipe, test, train, images, codes, per_style))

@@ -368,8 +368,9 @@ def main(argv=None):
         return metrics
 
     started = time.perf_counter()
+    best = ("val/loss", "min")  # the checkpoint the rotation keeps besides the newest (with --validation_dir)
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
-                               ema=ema, ema_model=model, evaluate=evaluate)
+                               ema=ema, ema_model=model, evaluate=evaluate, best=best)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):  # the EMA weights (the tokenizer is not a weight: it stays)
@@ -383,7 +384,7 @@ def main(argv=None):
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),
-                   **evaluate(step, grid=step > start)}
+                   **evaluate(step, grid=step > start), **trainer.best_summary(out, best)}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(json.dumps(summary))
     accelerator.end_training()

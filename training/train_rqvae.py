@@ -175,15 +175,16 @@ def main(argv=None):
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         return metrics
 
+    best = (f"psnr_depth{config.code_depth}", "max")  # the checkpoint the rotation keeps besides the newest
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
-                               ema=ema, ema_model=model, evaluate=evaluate)
+                               ema=ema, ema_model=model, evaluate=evaluate, best=best)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):
             raw.save_pretrained(args.output_dir)
         # saved first; the grid of the last step, unless a run that already finished drew it
         metrics = evaluate(step, grid=step > start)
-        summary = {"step": step, **metrics}
+        summary = {"step": step, **metrics, **trainer.best_summary(args.output_dir, best)}
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(json.dumps(summary))
     accelerator.end_training()

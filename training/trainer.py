@@ -203,11 +203,34 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def best_checkpoint(output_dir, best: tuple[str, str] | None) -> tuple[Path, float] | None:
+    """The complete checkpoint whose validation figure `best` = (metric, "min" | "max") is best, with the
+    figure; None when no checkpoint was saved at a validated step."""
+    if best is None:
+        return None
+    metric, mode = best
+    scored = []
+    for path in list_checkpoints(output_dir):
+        value = json.loads((path / STATE_FILE).read_text()).get("validation", {}).get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            scored.append((value if mode == "min" else -value, int(path.name.split("-")[-1]), path, value))
+    return min(scored)[2:] if scored else None  # ties: the earliest step
+
+
+def best_summary(output_dir, best: tuple[str, str] | None) -> dict:
+    """For training_summary.json: which checkpoint had the best validation figure, e.g. to continue from it."""
+    found = best_checkpoint(output_dir, best)
+    return {"best_checkpoint": {"path": found[0].name, best[0]: found[1]}} if found else {}
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None,
-                    ema: EMA | None = None) -> Path:
+                    ema: EMA | None = None, validation: dict | None = None,
+                    best: tuple[str, str] | None = None) -> Path:
     """Write checkpoint-<step>/ atomically: save into a temp folder, then rename.
 
-    The EMA goes into ema.safetensors ourselves (accelerate would pickle it)."""
+    The EMA goes into ema.safetensors ourselves (accelerate would pickle it). `validation` (the figures
+    measured at this step) goes into its state file; the rotation never removes the checkpoint with the
+    best `best` figure, so a run watched for overfitting keeps its best weights."""
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -217,6 +240,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     accelerator.wait_for_everyone()  # every process has written its RNG state before the folder is renamed
     if accelerator.is_main_process:
         state = {"step": step}
+        if validation:
+            state["validation"] = {k: float(v) for k, v in validation.items()}
         if ema is not None:
             write_safetensors(ema.shadow, tmp / EMA_FILE)  # shadow tensors are contiguous clones
             state.update(ema_decay=ema.decay, ema_updates=ema.updates)
@@ -225,8 +250,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
             remove_checkpoint(final)
         os.replace(tmp, final)
         if total_limit:
+            kept = best_checkpoint(root, best)
             for old in list_checkpoints(root)[:-total_limit]:
-                remove_checkpoint(old)
+                if kept is None or old != kept[0]:
+                    remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -324,10 +351,12 @@ def optimizer_step(accelerator, loss, params, optimizer, scheduler, max_grad_nor
 
 
 def train_loop(accelerator, args, loader, train_step, *, start_step: int, models, ema=None,
-               ema_model=None, evaluate=None) -> int:
+               ema_model=None, evaluate=None, best: tuple[str, str] | None = None) -> int:
     """Run `train_step(batch, step) -> dict of floats` until args.max_train_steps.
 
-    Handles accumulation, EMA, logging, periodic `evaluate(step)` and checkpoints. The last step is not
+    Handles accumulation, EMA, logging, periodic `evaluate(step) -> dict of figures` and checkpoints; a
+    checkpoint at a validated step keeps its figures, and the one best by `best` (metric, "min" | "max")
+    survives the rotation. The last step is not
     evaluated here: the caller saves the model first, then evaluates it (a slow validation must never
     stand between a finished run and its saved model).
     """
@@ -359,13 +388,15 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
                                              f"an earlier checkpoint")
                 accelerator.log(logs, step=step)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in list(logs.items())[:4]})
+            measured = None
             if evaluate is not None and step % args.validation_steps == 0 and step < args.max_train_steps:
                 with tqdm.external_write_mode():  # its printed line goes above the bar, not into it
-                    evaluate(step)
+                    measured = evaluate(step)
             if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
                 with tqdm.external_write_mode():
                     check_replicas(accelerator, models, ema, step)
-                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema)
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, ema,
+                                validation=measured, best=best)
             if step >= args.max_train_steps:
                 break
         return step
