@@ -356,9 +356,8 @@ def train_loop(accelerator, args, loader, train_step, *, start_step: int, models
 
     Handles accumulation, EMA, logging, periodic `evaluate(step) -> dict of figures` and checkpoints; a
     checkpoint at a validated step keeps its figures, and the one best by `best` (metric, "min" | "max")
-    survives the rotation. The last step is not
-    evaluated here: the caller saves the model first, then evaluates it (a slow validation must never
-    stand between a finished run and its saved model).
+    survives the rotation. The last step is not evaluated here: the caller saves the model first, then
+    evaluates it (a slow validation must never stand between a finished run and its saved model).
     """
     step = start_step
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", dynamic_ncols=True,
