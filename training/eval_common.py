@@ -19,11 +19,13 @@ from rqcore.pretrained import load_weights, write_safetensors
 from rqvae import RQVAE
 
 @torch.no_grad()
-def psnr_per_image(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [N,3,R,R] -> (PSNR of each image's reconstruction at every depth 1..D [N,D], codes [N,h,w,D])."""
+def psnr_per_image(model: RQVAE, images: torch.Tensor, batch_size: int = 64,
+                   desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [N,3,R,R] -> (PSNR of each image's reconstruction at every depth 1..D [N,D], codes [N,h,w,D]);
+    a progress bar titled `desc` if given."""
     D = model.config.code_depth
     psnrs, codes = [], []
-    for chunk in images.split(batch_size):
+    for chunk in tqdm(images.split(batch_size), desc=desc, disable=desc is None):
         c = model.encode(chunk)
         codes.append(c)
         psnrs.append(torch.stack([psnr(model.decode(c, depth=k), chunk) for k in range(1, D + 1)], 1).float().cpu())

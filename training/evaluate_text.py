@@ -185,7 +185,7 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
                              f"split there and the test split as --data_dir")
     images = torch.stack([test.ds[i][0] for i in range(len(test.ds))])  # [N,3,R,R]
     report: dict = {"weights": str(args.weights), "test_images": len(images)}
-    psnrs, codes = psnr_per_image(vae, images)  # [N,D], [N,h,w,D]: each image encoded and decoded once
+    psnrs, codes = psnr_per_image(vae, images, desc="reconstruction")  # [N,D], [N,h,w,D]: each image once
     K = vae.config.codebook_size
     report.update(depth_report(psnrs, codes, K))  # psnr_depth1..D, codebook_usage
     per_style = {}
