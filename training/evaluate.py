@@ -31,7 +31,8 @@ from .cli import positive_int, run_cli
 from .data import has_captions, image_folder
 # the measures evaluate_text shares live in eval_common (so imports run one way); SmallClassifier stays
 # importable from here, where it was defined before
-from .eval_common import SmallClassifier, accuracy, evaluate_depths, fit_classifier, judge, nll_report  # noqa: F401
+from .eval_common import (SmallClassifier, accuracy, depth_report, evaluate_depths, fit_classifier,  # noqa: F401
+                          judge, nll_report, psnr_per_image)
 from .evaluate_text import evaluate_captioned
 
 
@@ -77,9 +78,9 @@ def evaluate_classes(args, pipe: RQPipeline) -> dict:
     images = torch.stack([test[i][0] for i in range(len(test))])  # [N,3,R,R]
     labels = torch.tensor(test.targets)
     report: dict = {"weights": str(args.weights), "test_images": len(test)}
-    report.update(evaluate_depths(vae, images))  # psnr_depth1..D, codebook_usage
+    psnrs, codes = psnr_per_image(vae, images, desc="reconstruction")  # [N,D], [N,h,w,D]: each image once
+    report.update(depth_report(psnrs, codes, vae.config.codebook_size))  # psnr_depth1..D, codebook_usage
 
-    codes = torch.cat([vae.encode(x) for x in images.split(64)])
     conditional = tf.config.num_classes > 0
     if conditional and test.classes != pipe.class_names:
         raise ValueError(f"{args.data_dir} has classes {test.classes}, the model knows {pipe.class_names}")

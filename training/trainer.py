@@ -210,10 +210,10 @@ def best_checkpoint(output_dir, best: tuple[str, str] | None) -> tuple[Path, flo
         return None
     metric, mode = best
     scored = []
-    for path in list_checkpoints(output_dir):
+    for order, path in enumerate(list_checkpoints(output_dir)):  # oldest first
         value = json.loads((path / STATE_FILE).read_text()).get("validation", {}).get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            scored.append((value if mode == "min" else -value, int(path.name.split("-")[-1]), path, value))
+            scored.append((value if mode == "min" else -value, order, path, value))
     return min(scored)[2:] if scored else None  # ties: the earliest step
 
 
