@@ -245,9 +245,10 @@ def _kind(dtype: torch.dtype) -> str:
     return "floating-point" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
 
 
-def load_weights(model: torch.nn.Module, file: str | os.PathLike, assign: bool = False) -> None:
+def load_weights(model: torch.nn.Module, file: str | os.PathLike, assign: bool = False, edit=None) -> None:
     """Strictly load a safetensors file into `model`, with errors that name the offending keys. assign: the
-    file's tensors become the model's (for a model built on the meta device), not copies into its own."""
+    file's tensors become the model's (for a model built on the meta device), not copies into its own.
+    edit: a function that changes the file's {name: tensor} in place before it is checked (a new class row)."""
     file = Path(file)
     if not file.is_file():
         raise ValueError(f"no {file.name} found in {file.parent}")
@@ -255,6 +256,8 @@ def load_weights(model: torch.nn.Module, file: str | os.PathLike, assign: bool =
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
+    if edit is not None:
+        edit(tensors)
     expected = model.state_dict()
     alias = _aliases(expected) if not assign else _shared_names(model)
     wanted = [k for k in expected if k not in alias]

@@ -1,6 +1,6 @@
 """training.emoji on tiny fake npm packages (no network; a fake `npm` where one is needed): the categories
-layout (v5) on emoji-datasource alone, then the five-style captioned layout with real tiny SVGs rendered
-by the real renderer."""
+layout (v5) on emoji-datasource alone, then the seven-style captioned layout with real tiny SVGs (files, and
+an Iconify icon set's markup) rendered by the real renderer."""
 from __future__ import annotations
 
 import io
@@ -189,9 +189,9 @@ def test_bad_tarball(tmp_path, capsys, members, message):
     assert not list(tmp_path.rglob("evil.png")) and not (tmp_path / "out").exists()
 
 
-# ---- styles layout (default): five styles, captioned, emoji- and pair-level held-out split ----------
+# ---- styles layout (default): seven styles, captioned, emoji- and pair-level held-out split ----------
 
-STYLES5 = ("noto", "twemoji", "openmoji", "fluent_flat", "fluent_modern")
+STYLES5 = ("noto", "twemoji", "openmoji", "fluent_flat", "fluent_modern", "emojione", "fxemoji")
 
 
 def expected_heldout(base: str, style: str):
@@ -222,6 +222,21 @@ FLUENT = {  # expected match per Fluent style; files not listed here: cat-face-l
                     BUNNY: "person-with-bunny-ears", BUNNY_W: "woman-with-bunny-ears",
                     "263A-FE0F": "smiling-face", "1F6A5": "horizontal-traffic-light"}}
 FLUENT["fluent_modern"] = {k: v for k, v in FLUENT["fluent_flat"].items() if k != PAIRED}
+# EmojiOne, an Iconify set: matched by CLDR slug; "flag-for-" names answer CLDR's "flag-"; the alias
+# "smiling-face" draws grinning-face, already taken (two emoji never share a picture); a flipped alias is
+# another picture, so horizontal traffic light stays unmatched; "mystery-icon" matches nothing
+EMOJIONE = {TRAINED: "grinning-face", HELD: "cat-face", FLAG: "flag-for-united-states"}
+GREEN = '<rect x="1" width="4" height="4" fill="#0f0"/>'
+ICONIFY = {"prefix": "emojione", "width": 4, "height": 4,
+           "icons": {"grinning-face": {"body": GREEN}, "cat-face": {"body": GREEN},
+                     "cat-face-light-skin-tone": {"body": GREEN}, "flag-for-united-states": {"body": GREEN},
+                     "traffic-light": {"body": GREEN}, "mystery-icon": {"body": GREEN}},
+           "aliases": {"smiling-face": {"parent": "grinning-face"},
+                       "horizontal-traffic-light": {"parent": "traffic-light", "rotate": 1}}}
+# Firefox OS runs names together, and draws no skin tones
+FXEMOJI = {TRAINED: "grinningface", HELD: "catface", "1F6A5": "horizontaltrafficlight"}
+FX_ICONS = {"prefix": "fxemoji", "width": 4, "height": 4,
+            "icons": {**{n: {"body": GREEN} for n in FXEMOJI.values()}, "mysteryicon": {"body": GREEN}}}
 # 4x4 red on the right 3/4 (transparent left quarter); and a 2:1 one, to be centred in the square
 SVG = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {}"><rect x="{}" width="4" height="4" fill="{}"/></svg>'
 SQUARE, WIDE = SVG.format("4 4", 1, "#f00"), SVG.format("4 2", 0, "#00f")
@@ -243,7 +258,15 @@ def make_v6_packages(root: Path) -> dict[str, Path]:
         d.mkdir(parents=True)
         for n in [*names.values(), "mystery-object"] + (["cat-face-light"] if style == "fluent_flat" else []):
             (d / f"{n}.svg").write_text(WIDE if n == "smiling-face" else SQUARE)
-    return {**pkgs, "openmoji": root / "openmoji", "fluentui-emoji": root / "fluentui-emoji"}
+    eo = root / "emojione" / "package"
+    eo.mkdir(parents=True)
+    (eo / "icons.json").write_text(json.dumps(ICONIFY))
+    (eo / "info.json").write_text(json.dumps({"license": {"spdx": "CC-BY-4.0"}}))
+    fx = root / "fxemoji" / "package"
+    fx.mkdir(parents=True)
+    (fx / "icons.json").write_text(json.dumps(FX_ICONS))
+    return {**pkgs, "openmoji": root / "openmoji", "fluentui-emoji": root / "fluentui-emoji",
+            "@iconify-json/emojione": root / "emojione", "@iconify-json/fxemoji": root / "fxemoji"}
 
 
 @pytest.fixture
@@ -256,6 +279,8 @@ def rows_of(out: Path, split: str) -> list[dict]:
 
 
 def has_style(e: dict, style: str) -> bool:
+    if style in ("emojione", "fxemoji"):
+        return e["unified"] in (EMOJIONE if style == "emojione" else FXEMOJI)
     if style in FLUENT:
         return e["unified"] in FLUENT[style]
     return style == "openmoji" or e[f"has_img_{'google' if style == 'noto' else 'twitter'}"]
@@ -294,6 +319,14 @@ def test_styles_layout_metadata_and_split(v6_packages, tmp_path):
     assert unmatched["fluent_flat"]["unused_files"] == ["mystery-object.svg"]  # cat-face-light: a skin tone
     assert unmatched["twemoji"] == {"emoji": [{"unified": FLAG, "text": "united states flag", "category": "Flags"}],
                                     "unused_files": []}
+    assert (m["match"]["emojione"]["matched"], m["match"]["emojione"]["unmatched"]) == (3, 5)
+    assert unmatched["emojione"]["unused_files"] == ["mystery-icon", "traffic-light"]  # the tone: a variation
+    assert {e["unified"] for e in unmatched["emojione"]["emoji"]} == {PAIRED, BUNNY, BUNNY_W, "263A-FE0F", "1F6A5"}
+    assert "CC BY 4.0" in m["licences"]["emojione"] and "CC BY 4.0" in m["licences"]["fxemoji"]
+    assert (m["match"]["fxemoji"]["matched"], unmatched["fxemoji"]["unused_files"]) == (3, ["mysteryicon"])
+    with Image.open(out / "test" / "emojione" / f"{HELD.lower()}.png") as im:  # the icon set's own 4x4 box
+        assert im.mode == "RGB" and im.size == (64, 64)
+        assert im.getpixel((8, 32)) == (255, 255, 255) and im.getpixel((40, 32)) == (0, 255, 0)
     assert json.loads((out / "manifest.json").read_text()) == m and not list(tmp_path.glob("emoji-v6.tmp-*"))
     split = "test" if expected_heldout("263A-FE0F", "fluent_flat") else "train"
     with Image.open(out / split / "fluent_flat" / "263a-fe0f.png") as im:  # 2:1 SVG, centred
@@ -309,8 +342,8 @@ def test_styles_skin_tones_follow_base(v6_packages, tmp_path):
     out = tmp_path / "emoji-v6"
     emoji.build_styles_from_packages(v6_packages, out, skin_tones=True)
     toned = [r for r in rows_of(out, "test") if r.get("base_unified") == HELD]
-    assert sorted(r["file_name"] for r in toned) == sorted(  # no light file in fluent_modern
-        f"{s}/{HELD.lower()}-1f3fb.png" for s in STYLES5 if s != "fluent_modern")
+    assert sorted(r["file_name"] for r in toned) == sorted(  # no light file in fluent_modern, fxemoji
+        f"{s}/{HELD.lower()}-1f3fb.png" for s in STYLES5 if s not in ("fluent_modern", "fxemoji"))
     assert {(r["unicode_name"], r["text"], r["unified"], r["heldout"]) for r in toned} == {
         ("cat face: light skin tone", "cat face: light skin tone", f"{HELD}-1F3FB", "emoji")}
 
@@ -323,7 +356,7 @@ def test_fluent_matching_order_and_tones():
     files = {"woman-with-bunny-ears", "person-with-bunny-ears", "police-car-light", "waving-hand-default",
              "waving-hand-light", "waving-hand-medium-light", "grinning-face", "grinning-face-2"}
     cldr = {"1F6A8": "police car light", "1F44B": "waving hand", "1F600": "woman with bunny ears"}  # last: a clash
-    matched, unused = emoji_sources.match_fluent(emojis, files, cldr)
+    matched, unused = emoji_sources.match_files(emojis, files, cldr, emoji_sources.FLUENT_ALIASES)
     assert matched == {BUNNY: "person-with-bunny-ears", BUNNY_W: "woman-with-bunny-ears",
                        "1F6A8": "police-car-light", "1F44B": "waving-hand-default", "1F600": "grinning-face"}
     assert unused == ["grinning-face-2"]  # tone files are not "unused"; each file goes to one emoji
@@ -336,10 +369,10 @@ def serve_tarballs(tmp_path, monkeypatch, packages: dict[str, Path]):
     """A fake `npm pack NAME@VER` that copies NAME.tgz (made from `packages`) to NAME-VER.tgz."""
     tarballs = tmp_path / "tarballs"
     tarballs.mkdir()
-    for name, d in packages.items():
-        with tarfile.open(tarballs / f"{name}.tgz", "w:gz") as tar:
+    for name, d in packages.items():  # npm names a scoped package's tarball "scope-name-VER.tgz"
+        with tarfile.open(tarballs / f"{name.removeprefix('@').replace('/', '-')}.tgz", "w:gz") as tar:
             tar.add(d / "package", arcname="package")
-    fake_npm(tmp_path, monkeypatch, f"""name="${{2%@*}}"; ver="${{2##*@}}"
+    fake_npm(tmp_path, monkeypatch, f"""name=$(echo "${{2%@*}}" | sed 's|^@||; s|/|-|'); ver="${{2##*@}}"
 cp "{tarballs}/$name.tgz" "./$name-$ver.tgz" && echo "$name-$ver.tgz"
 """)
 
@@ -349,11 +382,13 @@ def test_styles_end_to_end_with_fake_npm(v6_packages, tmp_path, monkeypatch, cap
     cache = tmp_path / "cache"
     assert emoji.main(["--out", str(tmp_path / "out"), "--cache_dir", str(cache)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines[:5]] == list(STYLES5) and lines[5].startswith("wrote")
+    assert [line.split(":")[0] for line in lines[:7]] == list(STYLES5) and lines[7].startswith("wrote")
     assert lines[4].startswith("fluent_modern: 6 of 8 emoji matched, 2 not (1 Smileys & Emotion, 1 Flags)")
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["versions"] == {"emoji-datasource-google": "16.0.0", "emoji-datasource-twitter": "16.0.0",
-                             "openmoji": "17.0.0", "fluentui-emoji": "1.3.0"}
+                             "openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
+                             "@iconify-json/fxemoji": "1.2.2"}
+    assert (cache / "iconify-json-emojione-1.2.3.tgz").is_file()
     # a Fluent style alone still needs emoji.json and OpenMoji's CLDR names (fetched from the cache now)
     assert emoji.main(["--out", str(tmp_path / "flat"), "--cache_dir", str(cache), "--styles", "fluent_flat"]) == 0
     assert json.loads((tmp_path / "flat" / "manifest.json").read_text())["match"]["fluent_flat"]["matched"] == 7
@@ -386,6 +421,13 @@ def test_bad_styles_arguments(tmp_path, capsys, argv):
      "has no icons/modern/: not a fluentui-emoji package"),
     (lambda p: (p["fluentui-emoji"] / "package" / "icons" / "flat" / "enraged-face.svg").write_text("<svg"),
      ["noto", "fluent_flat"], "cannot render"),
+    (lambda p: p.pop("@iconify-json/emojione"), ["emojione"], "style emojione needs the @iconify-json/emojione"),
+    (lambda p: (p["@iconify-json/emojione"] / "package" / "icons.json").write_text("[1]"), ["emojione"],
+     "expected an Iconify icon set"),
+    (lambda p: (p["@iconify-json/emojione"] / "package" / "icons.json").unlink(), ["emojione"],
+     "has no icons.json: not a @iconify-json/emojione package"),
+    (lambda p: (p["@iconify-json/emojione"] / "package" / "icons.json").write_text(
+        json.dumps({**ICONIFY, "icons": {"grinning-face": {"body": "<rect"}}})), ["emojione"], "cannot render an icon"),
 ])
 def test_bad_packages(v6_packages, tmp_path, break_it, styles, message):
     break_it(v6_packages)

@@ -205,6 +205,26 @@ def test_init_from_with_other_classes_names_the_tensor(vae_dir, image_dir, tmp_p
     assert e.value.code == 2 and "has 2 classes ['circles', 'squares'], the data has 3 ['a', 'b', 'c']" in err
 
 
+def test_init_from_adds_new_classes_by_name(vae_dir, image_dir, tmp_path, capsys):
+    """Data with all of the model's classes plus new ones: the saved rows move to their new indices by name
+    ("blobs" sorts first), the new class starts at the mean of the saved ones, the null class stays last."""
+    base = ["--rqvae", str(vae_dir), *FAST2[2:], "--ema_decay", "0"]
+    main([*base, "--data_dir", str(image_dir), "--config", "tiny", "--output_dir", str(tmp_path / "a"),
+          "--max_train_steps", "2"])
+    more = make_image_folder(tmp_path / "more", classes=("blobs", "circles", "squares"), per_class=2)
+    main([*base, "--data_dir", str(more), "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"),
+          "--max_train_steps", "1", "--learning_rate", "1e-12"])
+    assert "new classes ['blobs'] start from the mean of --init_from's class embeddings" in capsys.readouterr().out
+    a, b = (RQTransformer.from_pretrained(tmp_path / n / "rqtransformer") for n in "ab")
+    assert b.config.class_names == ["blobs", "circles", "squares"] and a.config.class_names == ["circles", "squares"]
+    old, new = a.class_emb.weight, b.class_emb.weight  # [classes + 1, dim], the null class last
+    torch.testing.assert_close(new[1:], old)  # circles, squares, null: the saved rows, one index later
+    torch.testing.assert_close(new[0], old[:2].mean(0))
+    for key, value in a.state_dict().items():
+        if key != "class_emb.weight":
+            torch.testing.assert_close(b.state_dict()[key], value, msg=key)
+
+
 def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, capsys):
     """A test folder with only some of the classes: its labels are the model's, by folder name."""
     from training.data import image_folder

@@ -133,12 +133,21 @@ def config_source(args) -> tuple[str, str]:
     return (args.init_from, "--init_from") if args.init_from else ("emoji-64", "--config")
 
 
-def load_init_from(model: torch.nn.Module, init_from: str | None) -> None:
-    """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor)."""
+def load_init_from(model: torch.nn.Module, init_from: str | None, class_rows: list | None = None) -> None:
+    """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor).
+    class_rows: the data adds classes to the saved model's; the new model's class i takes the saved class
+    embedding row class_rows[i], a new class (None) the mean of the saved classes' rows, so that it starts
+    as an average of them; the null class stays the last row."""
     if init_from:
         if not Path(init_from).is_dir():
             raise ValueError(f"--init_from {init_from} is not a model folder")
-        load_weights(model, Path(init_from) / WEIGHTS_NAME)
+
+        def add_classes(tensors: dict) -> None:
+            old = tensors["class_emb.weight"]  # [saved classes + 1, dim]
+            mean = old[:-1].float().mean(0).to(old.dtype)
+            tensors["class_emb.weight"] = torch.stack([mean if i is None else old[i] for i in class_rows] + [old[-1]])
+
+        load_weights(model, Path(init_from) / WEIGHTS_NAME, edit=add_classes if class_rows else None)
 
 
 def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):

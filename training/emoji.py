@@ -1,16 +1,19 @@
-"""Build the emoji data: 64 px emoji in five styles, captioned with their names (default), or the older
+"""Build the emoji data: 64 px emoji in seven styles, captioned with their names (default), or the older
 tree by category.
 
-    python -m training.emoji --out data/emoji-v6 [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern]
+    python -m training.emoji --out data/emoji [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
-        [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0]
+        [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0] [--emojione_version 1.2.3]
+        [--fxemoji_version 1.2.2]
         [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]]
         [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
-emoji.json, the list of emoji with names and categories), openmoji (colour SVGs) and fluentui-emoji
-(icons/flat and icons/modern SVGs). SVGs are rendered antialiased at 64 px; everything is composited on
-white and written as RGB PNG. The "Component" category (bare skin-tone swatches) is dropped.
+emoji.json, the list of emoji with names and categories), openmoji (colour SVGs), fluentui-emoji
+(icons/flat and icons/modern SVGs), @iconify-json/emojione and @iconify-json/fxemoji (EmojiOne's and Firefox
+OS's SVGs, each in one icons.json). SVGs are rendered antialiased at 64 px; everything is composited on white
+and written as RGB PNG. The v6 data (the bundled default's) is the first five styles; EmojiOne and Firefox OS
+draw about 1,300 and 650 of the same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
 
 Styles layout (default), a captioned folder per split whose class sub-folders are the styles:
 
@@ -35,7 +38,8 @@ Skin-tone variations are OFF by default: they differ from the base emoji only in
 make people ~8x more frequent than anything else; --skin_tones includes them (same split as the base).
 
 Licences: emoji-datasource MIT; Noto Emoji Apache-2.0 (Google); Twemoji CC-BY 4.0 (Twitter, Inc and
-other contributors); OpenMoji CC BY-SA 4.0; Fluent Emoji MIT (Microsoft). Credit them with the data.
+other contributors); OpenMoji CC BY-SA 4.0; Fluent Emoji MIT (Microsoft); EmojiOne 2 (Ranks.com, kept by
+EmojiTwo) CC BY 4.0; Firefox OS Emoji (Mozilla) CC BY 4.0. Credit them with the data.
 """
 from __future__ import annotations
 
@@ -52,29 +56,36 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.emoji_sources import (DROPPED_CATEGORY, EmojiError, check_renderer, fetch_package, fluent_variant,
-                                    load_png, match_fluent, no_fe0f, openmoji_index, openmoji_keywords, package_root,
-                                    read_emoji_json, render_svg, variant_text, variants)
+from training.emoji_sources import (DROPPED_CATEGORY, FLUENT_ALIASES, EmojiError, check_renderer, fetch_package,
+                                    fluent_variant, iconify_icons, iconify_variant, load_png, match_files, no_fe0f,
+                                    fluent_slug, openmoji_index, openmoji_keywords, package_root, read_emoji_json,
+                                    render_svg, squashed_slug, variant_text, variants)
 
 __all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "main"]
 
 DEFAULT_VERSION = "16.0.0"  # emoji-datasource-*
-VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0"}
+VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
+            "@iconify-json/fxemoji": "1.2.2"}
 STYLES = ("google", "twitter")  # categories layout; apple/facebook images are not openly licensed
-# styles layout: style -> (npm package, image dir inside it)
+# styles layout: style -> (npm package, image dir or icon set inside it)
 SOURCES = {
     "noto": ("emoji-datasource-google", "img/google/64"),
     "twemoji": ("emoji-datasource-twitter", "img/twitter/64"),
     "openmoji": ("openmoji", "color/svg"),
     "fluent_flat": ("fluentui-emoji", "icons/flat"),
     "fluent_modern": ("fluentui-emoji", "icons/modern"),
+    "emojione": ("@iconify-json/emojione", "icons.json"),
+    "fxemoji": ("@iconify-json/fxemoji", "icons.json"),
 }
-SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern"}
+SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern", "emojione", "fxemoji"}
+ICONIFY_SLUGS = {"emojione": fluent_slug, "fxemoji": squashed_slug}  # Iconify sets: how each names its icons
 WANTED = {  # what to unpack from each tarball
     "emoji-datasource-google": ("package/emoji.json", "package/img/google/64/"),
     "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
     "openmoji": ("package/data/openmoji.json", "package/color/svg/"),
     "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
+    "@iconify-json/emojione": ("package/icons.json", "package/info.json"),
+    "@iconify-json/fxemoji": ("package/icons.json", "package/info.json"),
 }
 LICENCES = {
     "emoji-datasource": "MIT (c) Cal Henderson and contributors",
@@ -82,9 +93,14 @@ LICENCES = {
     "twitter": "Twemoji images (c) Twitter, Inc and other contributors, CC-BY 4.0",
     "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0",
     "fluent": "Fluent Emoji (c) Microsoft Corporation, MIT (npm fluentui-emoji repackaging, MIT)",
+    "emojione": "EmojiOne 2 artwork (c) Ranks.com, as kept by the EmojiTwo project, CC BY 4.0 "
+                "(npm @iconify-json/emojione, Iconify's repackaging)",
+    "fxemoji": "Firefox OS Emoji (c) Mozilla Foundation, visual design CC BY 4.0, code Apache-2.0 "
+               "(npm @iconify-json/fxemoji, Iconify's repackaging)",
 }
 STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
-                 "fluent_flat": "fluent", "fluent_modern": "fluent"}
+                 "fluent_flat": "fluent", "fluent_modern": "fluent", "emojione": "emojione",
+                 "fxemoji": "fxemoji"}
 
 
 def slug(category: str) -> str:
@@ -189,8 +205,9 @@ def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bo
 def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, cldr: dict[str, str]):
     """([(base entry, variant entry, tone key, source file)], [unmatched base entries], [unused files])."""
     img_dir = root / SOURCES[style][1]
-    if not img_dir.is_dir():
-        raise EmojiError(f"{root} has no {SOURCES[style][1]}/: not a {SOURCES[style][0]} package")
+    if not img_dir.exists():
+        where = SOURCES[style][1] + ("" if style in ICONIFY_SLUGS else "/")
+        raise EmojiError(f"{root} has no {where}: not a {SOURCES[style][0]} package")
     found, unmatched, unused = [], [], []
     if style in ("noto", "twemoji"):
         flag = f"has_img_{STYLE_LICENCE[style]}"  # has_img_google / has_img_twitter
@@ -207,9 +224,20 @@ def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, 
             found += [(e, v, t, svgs[no_fe0f(v["unified"])]) for v, t in variants(e, skin_tones)
                       if no_fe0f(v["unified"]) in svgs]
             unmatched += [] if no_fe0f(e["unified"]) in svgs else [e]
+    elif style in ICONIFY_SLUGS:  # an Iconify set: the images are SVG markup, not files
+        icons, names = iconify_icons(root)
+        matched, unused = match_files(emojis, set(names), cldr, canonical=names, slug=ICONIFY_SLUGS[style])
+        unused = [u for u in unused if not u.endswith("-skin-tone")]  # variations, not pictures left over
+        for e in emojis:
+            if e["unified"] not in matched:
+                unmatched.append(e)
+                continue
+            found += [(e, v, t, icons[icon]) for v, t in variants(e, skin_tones)
+                      if (icon := iconify_variant(matched[e["unified"]], t, names))]
     else:
         files = {p.stem for p in img_dir.glob("*.svg")}
-        matched, unused = match_fluent(emojis, files, cldr)
+        matched, unused = match_files(emojis, files, cldr, FLUENT_ALIASES)
+        unused = [f"{f}.svg" for f in unused]
         for e in emojis:
             if e["unified"] not in matched:
                 unmatched.append(e)
@@ -267,7 +295,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
                         "unused_files": len(unused)}
         unmatched_out[style] = {"emoji": [{"unified": e["unified"], "text": e["name"].lower(),
                                            "category": e["category"]} for e in unmatched],
-                                "unused_files": [f"{f}.svg" for f in unused]}
+                                "unused_files": unused}
         for e, v, tone, src in found:
             row = {"file_name": f"{style}/{v['image']}",
                    "text": variant_text(cldr.get(no_fe0f(e["unified"]), e["name"]), tone),
@@ -290,7 +318,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
         for src, split, row in tqdm(jobs, desc="emoji", unit="img", mininterval=2):
             dst = tmp / split / row["file_name"]
             dst.parent.mkdir(parents=True, exist_ok=True)
-            (render_svg(src) if src.suffix == ".svg" else load_png(src)).save(dst)
+            (render_svg(src) if isinstance(src, str) or src.suffix == ".svg" else load_png(src)).save(dst)
             rows[split].append(row)
             if split == "train":  # extra captions of the same file: training only, so the test pairs stay one each
                 rows[split] += [row] * (name_repeats - 1)
@@ -350,8 +378,8 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
         names = [SOURCES[s][0] for s in styles]
         if "emoji-datasource-google" not in names and "emoji-datasource-twitter" not in names:
             names.insert(0, "emoji-datasource-google")  # for emoji.json alone
-        if "fluentui-emoji" in names or keywords:
-            names.append("openmoji")  # its CLDR names match Fluent's file names; it lists the keywords
+        if {"fluentui-emoji", "@iconify-json/emojione", "@iconify-json/fxemoji"} & set(names) or keywords:
+            names.append("openmoji")  # its CLDR names match Fluent's and EmojiOne's names; it lists the keywords
         pkgs = {n: get(n) for n in dict.fromkeys(names)}
         return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
                                           versions={n: versions["emoji-datasource"] if n.startswith("emoji-")
@@ -363,7 +391,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.emoji", description=__doc__.split("\n")[0],
                                 epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc and "
                                        "other contributors), OpenMoji (CC BY-SA 4.0), Fluent Emoji (MIT, "
-                                       "Microsoft); emoji-datasource (MIT).")
+                                       "Microsoft), EmojiOne 2 (CC BY 4.0, Ranks.com / EmojiTwo), Firefox OS "
+                                       "Emoji (CC BY 4.0, Mozilla); "
+                                       "emoji-datasource (MIT).")
     p.add_argument("--out", required=True, type=Path, help="output root (gets train/ and test/)")
     p.add_argument("--layout", choices=("styles", "categories"), default="styles",
                    help="styles: captioned, one class per style (default); categories: the v5 tree")
@@ -374,6 +404,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="openmoji npm version (default %(default)s)")
     p.add_argument("--fluent_version", default=VERSIONS["fluentui-emoji"],
                    help="fluentui-emoji npm version (default %(default)s)")
+    p.add_argument("--emojione_version", default=VERSIONS["@iconify-json/emojione"],
+                   help="@iconify-json/emojione npm version (default %(default)s)")
+    p.add_argument("--fxemoji_version", default=VERSIONS["@iconify-json/fxemoji"],
+                   help="@iconify-json/fxemoji npm version (default %(default)s)")
     p.add_argument("--skin_tones", action=argparse.BooleanOptionalAction, default=False,
                    help="include skin-tone variations (default off: colour-only near-duplicates that "
                         "would make people ~8x more frequent than anything else)")
@@ -402,7 +436,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
-                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version}, args.keywords,
+                  {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version,
+                   "@iconify-json/emojione": args.emojione_version,
+                   "@iconify-json/fxemoji": args.fxemoji_version}, args.keywords,
                   args.max_keywords, args.name_repeats)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)

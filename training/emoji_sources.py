@@ -1,10 +1,13 @@
 """Where the emoji images come from: npm packages fetched with `npm pack`, emoji-datasource's emoji.json
-(the master list: code, name, category), SVG rendering, and matching OpenMoji / Fluent files to emoji.
+(the master list: code, name, category), SVG rendering, and matching OpenMoji / Fluent / EmojiOne
+pictures to emoji.
 
 OpenMoji files are named by code (color/svg/1F600.svg). Fluent files are named by a slug of the emoji's
 CLDR name (icons/flat/grinning-face.svg, skin-toned ones as <name>-default.svg / -light.svg / ...), so
 they are matched by name: first a few known renames (FLUENT_ALIASES), then the CLDR name that OpenMoji's
 data/openmoji.json gives for the code, then emoji-datasource's own names; each file goes to one emoji.
+EmojiOne comes as an Iconify JSON icon set (one icons.json of SVG bodies) whose icons are named the same
+way ("grinning-face", "flag-for-cuba"), so it is matched by the same passes, without Fluent's renames.
 """
 from __future__ import annotations
 
@@ -62,10 +65,11 @@ def fetch_package(name: str, version: str, cache_dir: Path, wanted: tuple[str, .
     """npm pack <name>@<version> into cache_dir (tarball and unpacked dir reused if present) and unpack
     only the members under `wanted` (paths inside the tarball, e.g. "package/emoji.json"), not the
     large sprite sheets or fonts. Returns the unpacked package/ dir."""
-    dest = cache_dir / f"{name}-{version}"
+    stem = f"{name.removeprefix('@').replace('/', '-')}-{version}"  # "@iconify-json/x" is a scoped package
+    dest = cache_dir / stem
     if all((dest / w).exists() for w in wanted):  # renamed into place only once complete
         return dest / "package"
-    tgz = cache_dir / f"{name}-{version}.tgz"
+    tgz = cache_dir / f"{stem}.tgz"
     if not tgz.is_file():
         if shutil.which("npm") is None:
             raise EmojiError("npm not found on PATH: install Node.js/npm (https://nodejs.org) "
@@ -81,7 +85,7 @@ def fetch_package(name: str, version: str, cache_dir: Path, wanted: tuple[str, .
         if not packed.is_file():
             raise EmojiError(f"npm pack {name}@{version} did not produce a tarball (stdout: {r.stdout.strip()!r})")
         packed.replace(tgz)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=cache_dir))
     try:
         with tarfile.open(tgz) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(wanted)]
@@ -165,16 +169,26 @@ def openmoji_keywords(package_dir: Path) -> dict[str, list[str]]:
     return out
 
 
+def squashed_slug(name: str) -> str:
+    """A name as Firefox OS emoji name their icons, run together: "Alarm clock" -> "alarmclock"."""
+    return fluent_slug(name).replace("-", "")
+
+
 def fluent_slug(name: str) -> str:
     """A CLDR name as Fluent names its files: "A button (blood type)" -> "a-button-blood-type"."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # piñata -> pinata
     return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
 
 
-def match_fluent(emojis: list[dict], files: set[str], cldr: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Match Fluent file names (no .svg) to emoji-datasource entries. Returns ({unified: base file name,
-    e.g. "waving-hand-default" when the file has skin tones}, unused base file names). Passes in order
-    of trust (aliases, CLDR name, emoji-datasource names), each file taken at most once."""
+def match_files(emojis: list[dict], files: set[str], cldr: dict[str, str], aliases: dict | None = None,
+                canonical: dict[str, str] | None = None, slug=None) -> tuple[dict[str, str], list[str]]:
+    """Match image names (Fluent's files without .svg, an Iconify set's icons) to emoji-datasource entries by
+    slug. Returns ({unified: base name, e.g. "waving-hand-default" when the file has skin tones}, unused
+    pictures). Passes in order of trust (`aliases` {unified: name(s)}, CLDR name, emoji-datasource names).
+    `canonical` maps a name to the picture it draws (an Iconify alias to its icon): each picture is taken
+    at most once, so two emoji never share one. `slug`: how a name becomes a file name (fluent_slug)."""
+    slug = slug or fluent_slug
+    canon = (canonical or {}).get
     # "<name>-light" is a skin tone only beside "<name>-default": "police-car-light" is an emoji
     toned = {f for f in files for t in TONES.values() if f.endswith(f"-{t}") and f"{f[:-len(t)]}default" in files}
     base_files = files - toned
@@ -184,18 +198,52 @@ def match_fluent(emojis: list[dict], files: set[str], cldr: dict[str, str]) -> t
     def take(unified: str, names) -> None:
         for n in names:
             for f in (n, f"{n}-default"):
-                if unified not in matched and f in base_files and f not in taken:
+                if unified not in matched and f in base_files and canon(f, f) not in taken:
                     matched[unified] = f
-                    taken.add(f)
+                    taken.add(canon(f, f))
 
     for e in emojis:
-        alias = FLUENT_ALIASES.get(e["unified"], ())
+        alias = (aliases or {}).get(e["unified"], ())
         take(e["unified"], (alias,) if isinstance(alias, str) else alias)
     for e in emojis:
-        take(e["unified"], [fluent_slug(cldr.get(no_fe0f(e["unified"]), ""))])
+        take(e["unified"], [slug(cldr.get(no_fe0f(e["unified"]), ""))])
     for e in emojis:
-        take(e["unified"], [fluent_slug(n) for n in [e["name"], *(e.get("short_names") or [])]])
-    return matched, sorted(base_files - taken)
+        take(e["unified"], [slug(n) for n in [e["name"] or "", *(e.get("short_names") or [])]])
+    return matched, sorted({canon(f, f) for f in base_files} - taken)
+
+
+def iconify_icons(package_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """An Iconify JSON icon set (icons.json: SVG bodies without their <svg> element, plus aliases) as
+    ({icon: standalone SVG markup}, {name: icon it draws}). The names are the icons, their plain aliases
+    ("bear" -> "bear-face") and, for flags, CLDR's "flag-cuba" beside the set's "flag-for-cuba"."""
+    root = package_root(package_dir)
+    data = _read_json(root / "icons.json", "an Iconify JSON package")
+    if not isinstance(data, dict) or not isinstance(data.get("icons"), dict):
+        raise EmojiError(f"{root / 'icons.json'}: expected an Iconify icon set (an object with \"icons\")")
+
+    def svg(icon: dict) -> str:  # the icon's box, else the set's (Iconify's defaults: 0 0 16 16)
+        box = [icon.get(k, data.get(k, d)) for k, d in (("left", 0), ("top", 0), ("width", 16), ("height", 16))]
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="{" ".join(map(str, box))}">'
+                f'{icon["body"]}</svg>')
+
+    icons = {n: svg(i) for n, i in data["icons"].items() if isinstance(i, dict) and isinstance(i.get("body"), str)}
+    names = {n: n for n in icons}
+    for name, a in (data.get("aliases") or {}).items():
+        # plain renames only: an alias that flips or rotates its parent draws another picture
+        if isinstance(a, dict) and set(a) == {"parent"} and a["parent"] in icons:
+            names.setdefault(name, a["parent"])
+    for n in list(names):  # CLDR drops "for" and the "&" of "flag: Antigua & Barbuda"
+        if n.startswith("flag-for-"):
+            for short in ("flag-" + n[len("flag-for-"):], "flag-" + n[len("flag-for-"):].replace("-and-", "-")):
+                names.setdefault(short, names[n])
+    return icons, names
+
+
+def iconify_variant(base: str, tone_key: str, names: dict[str, str]) -> str | None:
+    """The icon of a skin variation in an Iconify emoji set: "<name>-<tone>-skin-tone" (single tones only)."""
+    if not tone_key:
+        return names[base]
+    return names.get(f"{base}-{TONES[tone_key]}-skin-tone") if tone_key in TONES else None
 
 
 def fluent_variant(base_file: str, tone_key: str, files: set[str]) -> str | None:
@@ -227,15 +275,17 @@ def check_renderer() -> None:
         raise EmojiError("SVG renderer missing: pip install resvg-py (listed in requirements.txt)") from None
 
 
-def render_svg(path: Path, size: int = 64) -> Image.Image:
-    """Render an SVG antialiased into a size x size box (aspect kept, centred), composited on white."""
+def render_svg(source: Path | str, size: int = 64) -> Image.Image:
+    """Render an SVG file (a Path) or SVG markup (a str) antialiased into a size x size box (aspect kept,
+    centred), composited on white."""
     import resvg_py
+    where = {"svg_path": str(source)} if isinstance(source, Path) else {"svg_string": source}
     try:
         # no system fonts: the emoji SVGs draw no text, and the output must not depend on the machine
-        data = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size, skip_system_fonts=True,
+        data = resvg_py.svg_to_bytes(**where, width=size, height=size, skip_system_fonts=True,
                                      shape_rendering="geometric_precision")
     except ValueError as e:
-        raise EmojiError(f"cannot render {path}: {e}") from None
+        raise EmojiError(f"cannot render {source if isinstance(source, Path) else 'an icon'}: {e}") from None
     with Image.open(io.BytesIO(data)) as im:
         rgba = im.convert("RGBA")
     canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))  # a few Fluent viewBoxes are 32x33

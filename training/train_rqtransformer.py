@@ -182,7 +182,7 @@ def main(argv=None):
     unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
     if unknown:
         raise ValueError(f"{val_flag} has classes that {data_flag} lacks: {unknown}")
-    saved, data_classes, options = None, None, {}
+    saved, data_classes, class_rows, options = None, None, None, {}
     if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
         saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
         # a pipeline's sampling defaults and whether its null class was ever trained (not for converted models)
@@ -190,11 +190,13 @@ def main(argv=None):
         names = saved.class_names or [str(i) for i in range(saved.num_classes)]  # as the pipeline shows them
         if classes and set(classes) <= set(names) and classes != names:
             data_classes, classes = classes, names  # folders named after some of the model's classes
-        if saved.num_classes != len(classes):
+        elif saved.class_names and set(classes) > set(names):  # new classes beside all of the model's
+            class_rows = [names.index(c) if c in names else None for c in classes]
+        if saved.num_classes != len(classes) and not class_rows:
             data = "--unconditional" if args.unconditional else f"the data has {len(classes)} {classes}"
             raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes "
                              f"{names[:8]}{' ...' if saved.num_classes > 8 else ''}, {data}: "
-                             "fine-tuning needs as many classes, or class folders named after some of them"
+                             "fine-tuning needs its classes (folders named after some or all of them, plus new ones)"
                              + ("; add --unconditional" if not saved.num_classes else ""))
         if captioned and not saved.max_text_len:
             raise ValueError(f"--init_from {args.init_from} has no text conditioning but {data_flag} is captioned: "
@@ -230,7 +232,10 @@ def main(argv=None):
     model = RQTransformer(config)
     model.tokenizer = tokenizer  # saved with the model (tokenizer.json)
     accelerator.print(f"RQ-Transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    cli.load_init_from(model, args.init_from)
+    cli.load_init_from(model, args.init_from, class_rows)
+    if class_rows:
+        accelerator.print(f"new classes {[c for c, i in zip(classes, class_rows) if i is None]} start from the mean "
+                          f"of --init_from's class embeddings")
     vae.to(accelerator.device)
     drawn = args.stochastic_codes or args.soft_labels  # codes / targets drawn from cached latents every step
     truncated = [0]
