@@ -1,5 +1,5 @@
 """training.emoji on tiny fake npm packages (no network; a fake `npm` where one is needed): the categories
-layout (v5) on emoji-datasource alone, then the seven-style captioned layout with real tiny SVGs (files, and
+layout (v5) on emoji-datasource alone, then the nine-style captioned layout with real tiny SVGs (files, and
 an Iconify icon set's markup) rendered by the real renderer."""
 from __future__ import annotations
 
@@ -189,9 +189,11 @@ def test_bad_tarball(tmp_path, capsys, members, message):
     assert not list(tmp_path.rglob("evil.png")) and not (tmp_path / "out").exists()
 
 
-# ---- styles layout (default): seven styles, captioned, emoji- and pair-level held-out split ----------
+# ---- styles layout (default): nine styles, captioned, emoji- and pair-level held-out split ----------
 
-STYLES5 = ("noto", "twemoji", "openmoji", "fluent_flat", "fluent_modern", "emojione", "fxemoji")
+STYLES5 = ("noto", "twemoji", "openmoji", "fluent_flat", "fluent_modern", "emojione", "fxemoji", "noto_v1",
+           "emojione_v1")
+LIKE_EMOJIONE = ("emojione", "noto_v1", "emojione_v1")  # Iconify sets named by CLDR slug: the same fake
 
 
 def expected_heldout(base: str, style: str):
@@ -258,15 +260,15 @@ def make_v6_packages(root: Path) -> dict[str, Path]:
         d.mkdir(parents=True)
         for n in [*names.values(), "mystery-object"] + (["cat-face-light"] if style == "fluent_flat" else []):
             (d / f"{n}.svg").write_text(WIDE if n == "smiling-face" else SQUARE)
-    eo = root / "emojione" / "package"
-    eo.mkdir(parents=True)
-    (eo / "icons.json").write_text(json.dumps(ICONIFY))
-    (eo / "info.json").write_text(json.dumps({"license": {"spdx": "CC-BY-4.0"}}))
-    fx = root / "fxemoji" / "package"
-    fx.mkdir(parents=True)
-    (fx / "icons.json").write_text(json.dumps(FX_ICONS))
-    return {**pkgs, "openmoji": root / "openmoji", "fluentui-emoji": root / "fluentui-emoji",
-            "@iconify-json/emojione": root / "emojione", "@iconify-json/fxemoji": root / "fxemoji"}
+    iconify = {}
+    for style in (*LIKE_EMOJIONE, "fxemoji"):
+        name = emoji.SOURCES[style][0]  # "@iconify-json/emojione"
+        d = root / name.split("/")[1] / "package"
+        d.mkdir(parents=True)
+        (d / "icons.json").write_text(json.dumps(FX_ICONS if style == "fxemoji" else ICONIFY))
+        (d / "info.json").write_text(json.dumps({"license": {"spdx": "CC-BY-4.0"}}))
+        iconify[name] = d.parent
+    return {**pkgs, "openmoji": root / "openmoji", "fluentui-emoji": root / "fluentui-emoji", **iconify}
 
 
 @pytest.fixture
@@ -279,8 +281,8 @@ def rows_of(out: Path, split: str) -> list[dict]:
 
 
 def has_style(e: dict, style: str) -> bool:
-    if style in ("emojione", "fxemoji"):
-        return e["unified"] in (EMOJIONE if style == "emojione" else FXEMOJI)
+    if style in (*LIKE_EMOJIONE, "fxemoji"):
+        return e["unified"] in (FXEMOJI if style == "fxemoji" else EMOJIONE)
     if style in FLUENT:
         return e["unified"] in FLUENT[style]
     return style == "openmoji" or e[f"has_img_{'google' if style == 'noto' else 'twitter'}"]
@@ -323,6 +325,8 @@ def test_styles_layout_metadata_and_split(v6_packages, tmp_path):
     assert unmatched["emojione"]["unused_files"] == ["mystery-icon", "traffic-light"]  # the tone: a variation
     assert {e["unified"] for e in unmatched["emojione"]["emoji"]} == {PAIRED, BUNNY, BUNNY_W, "263A-FE0F", "1F6A5"}
     assert "CC BY 4.0" in m["licences"]["emojione"] and "CC BY 4.0" in m["licences"]["fxemoji"]
+    assert "Apache-2.0" in m["licences"]["noto_v1"] and "CC BY-SA 4.0" in m["licences"]["emojione_v1"]
+    assert m["match"]["noto_v1"] == m["match"]["emojione_v1"] == m["match"]["emojione"]
     assert (m["match"]["fxemoji"]["matched"], unmatched["fxemoji"]["unused_files"]) == (3, ["mysteryicon"])
     with Image.open(out / "test" / "emojione" / f"{HELD.lower()}.png") as im:  # the icon set's own 4x4 box
         assert im.mode == "RGB" and im.size == (64, 64)
@@ -382,12 +386,13 @@ def test_styles_end_to_end_with_fake_npm(v6_packages, tmp_path, monkeypatch, cap
     cache = tmp_path / "cache"
     assert emoji.main(["--out", str(tmp_path / "out"), "--cache_dir", str(cache)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines[:7]] == list(STYLES5) and lines[7].startswith("wrote")
+    assert [line.split(":")[0] for line in lines[:9]] == list(STYLES5) and lines[9].startswith("wrote")
     assert lines[4].startswith("fluent_modern: 6 of 8 emoji matched, 2 not (1 Smileys & Emotion, 1 Flags)")
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["versions"] == {"emoji-datasource-google": "16.0.0", "emoji-datasource-twitter": "16.0.0",
                              "openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
-                             "@iconify-json/fxemoji": "1.2.2"}
+                             "@iconify-json/fxemoji": "1.2.2", "@iconify-json/noto-v1": "1.2.5",
+                             "@iconify-json/emojione-v1": "1.2.3"}
     assert (cache / "iconify-json-emojione-1.2.3.tgz").is_file()
     # a Fluent style alone still needs emoji.json and OpenMoji's CLDR names (fetched from the cache now)
     assert emoji.main(["--out", str(tmp_path / "flat"), "--cache_dir", str(cache), "--styles", "fluent_flat"]) == 0

@@ -1,19 +1,21 @@
-"""Build the emoji data: 64 px emoji in seven styles, captioned with their names (default), or the older
+"""Build the emoji data: 64 px emoji in nine styles, captioned with their names (default), or the older
 tree by category.
 
-    python -m training.emoji --out data/emoji [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji]
+    python -m training.emoji --out data/emoji [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji,
+        noto_v1,emojione_v1]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0] [--emojione_version 1.2.3]
-        [--fxemoji_version 1.2.2]
+        [--fxemoji_version 1.2.2] [--noto_v1_version 1.2.5] [--emojione_v1_version 1.2.3]
         [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]]
         [--cache_dir DIR] [--overwrite]
 
 Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-google / -twitter (64 px PNGs and
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs), fluentui-emoji
-(icons/flat and icons/modern SVGs), @iconify-json/emojione and @iconify-json/fxemoji (EmojiOne's and Firefox
-OS's SVGs, each in one icons.json). SVGs are rendered antialiased at 64 px; everything is composited on white
-and written as RGB PNG. The v6 data (the bundled default's) is the first five styles; EmojiOne and Firefox OS
-draw about 1,300 and 650 of the same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
+(icons/flat and icons/modern SVGs) and four Iconify icon sets, each one icons.json of SVGs: @iconify-json/emojione,
+-fxemoji, -noto-v1 and -emojione-v1 (EmojiOne 2, Firefox OS, Noto's first blob design, EmojiOne 1). SVGs are
+rendered antialiased at 64 px; everything is composited on white and written as RGB PNG. The v6 data is the
+first five styles, v6e's the first seven; the four Iconify sets draw about 1,300, 650, 1,500 and 1,100 of the
+same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
 
 Styles layout (default), a captioned folder per split whose class sub-folders are the styles:
 
@@ -39,7 +41,8 @@ make people ~8x more frequent than anything else; --skin_tones includes them (sa
 
 Licences: emoji-datasource MIT; Noto Emoji Apache-2.0 (Google); Twemoji CC-BY 4.0 (Twitter, Inc and
 other contributors); OpenMoji CC BY-SA 4.0; Fluent Emoji MIT (Microsoft); EmojiOne 2 (Ranks.com, kept by
-EmojiTwo) CC BY 4.0; Firefox OS Emoji (Mozilla) CC BY 4.0. Credit them with the data.
+EmojiTwo) CC BY 4.0; Firefox OS Emoji (Mozilla) CC BY 4.0; Noto Emoji v1 (Google) Apache-2.0; EmojiOne 1
+CC BY-SA 4.0. Credit them with the data.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ __all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "m
 
 DEFAULT_VERSION = "16.0.0"  # emoji-datasource-*
 VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
-            "@iconify-json/fxemoji": "1.2.2"}
+            "@iconify-json/fxemoji": "1.2.2", "@iconify-json/noto-v1": "1.2.5", "@iconify-json/emojione-v1": "1.2.3"}
 STYLES = ("google", "twitter")  # categories layout; apple/facebook images are not openly licensed
 # styles layout: style -> (npm package, image dir or icon set inside it)
 SOURCES = {
@@ -76,9 +79,12 @@ SOURCES = {
     "fluent_modern": ("fluentui-emoji", "icons/modern"),
     "emojione": ("@iconify-json/emojione", "icons.json"),
     "fxemoji": ("@iconify-json/fxemoji", "icons.json"),
+    "noto_v1": ("@iconify-json/noto-v1", "icons.json"),
+    "emojione_v1": ("@iconify-json/emojione-v1", "icons.json"),
 }
-SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern", "emojione", "fxemoji"}
-ICONIFY_SLUGS = {"emojione": fluent_slug, "fxemoji": squashed_slug}  # Iconify sets: how each names its icons
+# Iconify sets: how each names its icons
+ICONIFY_SLUGS = {"emojione": fluent_slug, "fxemoji": squashed_slug, "noto_v1": fluent_slug, "emojione_v1": fluent_slug}
+SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern", *ICONIFY_SLUGS}
 WANTED = {  # what to unpack from each tarball
     "emoji-datasource-google": ("package/emoji.json", "package/img/google/64/"),
     "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
@@ -86,6 +92,8 @@ WANTED = {  # what to unpack from each tarball
     "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
     "@iconify-json/emojione": ("package/icons.json", "package/info.json"),
     "@iconify-json/fxemoji": ("package/icons.json", "package/info.json"),
+    "@iconify-json/noto-v1": ("package/icons.json", "package/info.json"),
+    "@iconify-json/emojione-v1": ("package/icons.json", "package/info.json"),
 }
 LICENCES = {
     "emoji-datasource": "MIT (c) Cal Henderson and contributors",
@@ -97,10 +105,14 @@ LICENCES = {
                 "(npm @iconify-json/emojione, Iconify's repackaging)",
     "fxemoji": "Firefox OS Emoji (c) Mozilla Foundation, visual design CC BY 4.0, code Apache-2.0 "
                "(npm @iconify-json/fxemoji, Iconify's repackaging)",
+    "noto_v1": "Noto Emoji v1 (the first, blob design) by Google, Apache-2.0 (npm @iconify-json/noto-v1, Iconify's "
+               "repackaging)",
+    "emojione_v1": "EmojiOne 1 artwork (c) Ranks.com, CC BY-SA 4.0 (npm @iconify-json/emojione-v1, Iconify's "
+                   "repackaging)",
 }
 STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
                  "fluent_flat": "fluent", "fluent_modern": "fluent", "emojione": "emojione",
-                 "fxemoji": "fxemoji"}
+                 "fxemoji": "fxemoji", "noto_v1": "noto_v1", "emojione_v1": "emojione_v1"}
 
 
 def slug(category: str) -> str:
@@ -378,7 +390,7 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
         names = [SOURCES[s][0] for s in styles]
         if "emoji-datasource-google" not in names and "emoji-datasource-twitter" not in names:
             names.insert(0, "emoji-datasource-google")  # for emoji.json alone
-        if {"fluentui-emoji", "@iconify-json/emojione", "@iconify-json/fxemoji"} & set(names) or keywords:
+        if "fluentui-emoji" in names or {SOURCES[s][0] for s in ICONIFY_SLUGS} & set(names) or keywords:
             names.append("openmoji")  # its CLDR names match Fluent's and EmojiOne's names; it lists the keywords
         pkgs = {n: get(n) for n in dict.fromkeys(names)}
         return build_styles_from_packages(pkgs, Path(out), styles, skin_tones, overwrite=overwrite,
@@ -392,7 +404,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc and "
                                        "other contributors), OpenMoji (CC BY-SA 4.0), Fluent Emoji (MIT, "
                                        "Microsoft), EmojiOne 2 (CC BY 4.0, Ranks.com / EmojiTwo), Firefox OS "
-                                       "Emoji (CC BY 4.0, Mozilla); "
+                                       "Emoji (CC BY 4.0, Mozilla), Noto Emoji v1 (Apache-2.0), EmojiOne 1 "
+                                       "(CC BY-SA 4.0); "
                                        "emoji-datasource (MIT).")
     p.add_argument("--out", required=True, type=Path, help="output root (gets train/ and test/)")
     p.add_argument("--layout", choices=("styles", "categories"), default="styles",
@@ -408,6 +421,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="@iconify-json/emojione npm version (default %(default)s)")
     p.add_argument("--fxemoji_version", default=VERSIONS["@iconify-json/fxemoji"],
                    help="@iconify-json/fxemoji npm version (default %(default)s)")
+    p.add_argument("--noto_v1_version", default=VERSIONS["@iconify-json/noto-v1"],
+                   help="@iconify-json/noto-v1 npm version (default %(default)s)")
+    p.add_argument("--emojione_v1_version", default=VERSIONS["@iconify-json/emojione-v1"],
+                   help="@iconify-json/emojione-v1 npm version (default %(default)s)")
     p.add_argument("--skin_tones", action=argparse.BooleanOptionalAction, default=False,
                    help="include skin-tone variations (default off: colour-only near-duplicates that "
                         "would make people ~8x more frequent than anything else)")
@@ -438,7 +455,8 @@ def main(argv=None) -> int:
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
                   {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version,
                    "@iconify-json/emojione": args.emojione_version,
-                   "@iconify-json/fxemoji": args.fxemoji_version}, args.keywords,
+                   "@iconify-json/fxemoji": args.fxemoji_version, "@iconify-json/noto-v1": args.noto_v1_version,
+                   "@iconify-json/emojione-v1": args.emojione_v1_version}, args.keywords,
                   args.max_keywords, args.name_repeats)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)
