@@ -1,8 +1,8 @@
 """Build the emoji data: 64 px emoji in nine styles, captioned with their names (default), or the older
 tree by category.
 
-    python -m training.emoji --out data/emoji [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji,
-        noto_v1,emojione_v1]
+    python -m training.emoji --out data/emoji
+        [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji,noto_v1,emojione_v1]
     python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0] [--emojione_version 1.2.3]
         [--fxemoji_version 1.2.2] [--noto_v1_version 1.2.5] [--emojione_v1_version 1.2.3]
@@ -14,7 +14,7 @@ emoji.json, the list of emoji with names and categories), openmoji (colour SVGs)
 (icons/flat and icons/modern SVGs) and four Iconify icon sets, each one icons.json of SVGs: @iconify-json/emojione,
 -fxemoji, -noto-v1 and -emojione-v1 (EmojiOne 2, Firefox OS, Noto's first blob design, EmojiOne 1). SVGs are
 rendered antialiased at 64 px; everything is composited on white and written as RGB PNG. The v6 data is the
-first five styles, v6e's the first seven; the four Iconify sets draw about 1,300, 650, 1,500 and 1,100 of the
+first five styles, v6e's the first seven; the four Iconify sets draw about 1,300, 650, 1,200 and 1,100 of the
 same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
 
 Styles layout (default), a captioned folder per split whose class sub-folders are the styles:
@@ -59,61 +59,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.emoji_sources import (DROPPED_CATEGORY, FLUENT_ALIASES, EmojiError, check_renderer, fetch_package,
-                                    fluent_variant, iconify_icons, iconify_variant, load_png, match_files, no_fe0f,
-                                    fluent_slug, openmoji_index, openmoji_keywords, package_root, read_emoji_json,
-                                    render_svg, squashed_slug, variant_text, variants)
+from training.emoji_sources import (DEFAULT_VERSION, DROPPED_CATEGORY, ICONIFY_SLUGS, LICENCES, SOURCES, STYLE_LICENCE,
+                                    STYLES, SVG_STYLES, VERSIONS, WANTED, EmojiError, check_renderer, fetch_package,
+                                    load_png, no_fe0f, openmoji_index, openmoji_keywords, package_root,
+                                    read_emoji_json, render_svg, style_images, variant_text, variants)
 
 __all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "main"]
-
-DEFAULT_VERSION = "16.0.0"  # emoji-datasource-*
-VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
-            "@iconify-json/fxemoji": "1.2.2", "@iconify-json/noto-v1": "1.2.5", "@iconify-json/emojione-v1": "1.2.3"}
-STYLES = ("google", "twitter")  # categories layout; apple/facebook images are not openly licensed
-# styles layout: style -> (npm package, image dir or icon set inside it)
-SOURCES = {
-    "noto": ("emoji-datasource-google", "img/google/64"),
-    "twemoji": ("emoji-datasource-twitter", "img/twitter/64"),
-    "openmoji": ("openmoji", "color/svg"),
-    "fluent_flat": ("fluentui-emoji", "icons/flat"),
-    "fluent_modern": ("fluentui-emoji", "icons/modern"),
-    "emojione": ("@iconify-json/emojione", "icons.json"),
-    "fxemoji": ("@iconify-json/fxemoji", "icons.json"),
-    "noto_v1": ("@iconify-json/noto-v1", "icons.json"),
-    "emojione_v1": ("@iconify-json/emojione-v1", "icons.json"),
-}
-# Iconify sets: how each names its icons
-ICONIFY_SLUGS = {"emojione": fluent_slug, "fxemoji": squashed_slug, "noto_v1": fluent_slug, "emojione_v1": fluent_slug}
-SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern", *ICONIFY_SLUGS}
-WANTED = {  # what to unpack from each tarball
-    "emoji-datasource-google": ("package/emoji.json", "package/img/google/64/"),
-    "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
-    "openmoji": ("package/data/openmoji.json", "package/color/svg/"),
-    "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
-    "@iconify-json/emojione": ("package/icons.json", "package/info.json"),
-    "@iconify-json/fxemoji": ("package/icons.json", "package/info.json"),
-    "@iconify-json/noto-v1": ("package/icons.json", "package/info.json"),
-    "@iconify-json/emojione-v1": ("package/icons.json", "package/info.json"),
-}
-LICENCES = {
-    "emoji-datasource": "MIT (c) Cal Henderson and contributors",
-    "google": "Noto Emoji images by Google, Apache-2.0",
-    "twitter": "Twemoji images (c) Twitter, Inc and other contributors, CC-BY 4.0",
-    "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0",
-    "fluent": "Fluent Emoji (c) Microsoft Corporation, MIT (npm fluentui-emoji repackaging, MIT)",
-    "emojione": "EmojiOne 2 artwork (c) Ranks.com, as kept by the EmojiTwo project, CC BY 4.0 "
-                "(npm @iconify-json/emojione, Iconify's repackaging)",
-    "fxemoji": "Firefox OS Emoji (c) Mozilla Foundation, visual design CC BY 4.0, code Apache-2.0 "
-               "(npm @iconify-json/fxemoji, Iconify's repackaging)",
-    "noto_v1": "Noto Emoji v1 (the first, blob design) by Google, Apache-2.0 (npm @iconify-json/noto-v1, Iconify's "
-               "repackaging)",
-    "emojione_v1": "EmojiOne 1 artwork (c) Ranks.com, CC BY-SA 4.0 (npm @iconify-json/emojione-v1, Iconify's "
-                   "repackaging)",
-}
-STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
-                 "fluent_flat": "fluent", "fluent_modern": "fluent", "emojione": "emojione",
-                 "fxemoji": "fxemoji", "noto_v1": "noto_v1", "emojione_v1": "emojione_v1"}
-
 
 def slug(category: str) -> str:
     """Filesystem-safe, sortable, readable folder name: "Smileys & Emotion" -> "smileys_and_emotion"."""
@@ -214,52 +165,6 @@ def build_from_packages(package_dirs: dict[str, Path], out: Path, skin_tones: bo
     return manifest
 
 
-def _style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, cldr: dict[str, str]):
-    """([(base entry, variant entry, tone key, source file)], [unmatched base entries], [unused files])."""
-    img_dir = root / SOURCES[style][1]
-    if not img_dir.exists():
-        where = SOURCES[style][1] + ("" if style in ICONIFY_SLUGS else "/")
-        raise EmojiError(f"{root} has no {where}: not a {SOURCES[style][0]} package")
-    found, unmatched, unused = [], [], []
-    if style in ("noto", "twemoji"):
-        flag = f"has_img_{STYLE_LICENCE[style]}"  # has_img_google / has_img_twitter
-        for e in emojis:
-            hits = [(e, v, t, img_dir / v["image"]) for v, t in variants(e, skin_tones) if v.get(flag)]
-            found += hits
-            unmatched += [] if e.get(flag) else [e]
-        missing = [str(p.name) for *_, p in found if not p.is_file()]
-        if missing:
-            raise EmojiError(f"{img_dir}: {len(missing)} of {len(found)} images missing (e.g. {missing[0]})")
-    elif style == "openmoji":
-        svgs, _ = openmoji_index(root)
-        for e in emojis:
-            found += [(e, v, t, svgs[no_fe0f(v["unified"])]) for v, t in variants(e, skin_tones)
-                      if no_fe0f(v["unified"]) in svgs]
-            unmatched += [] if no_fe0f(e["unified"]) in svgs else [e]
-    elif style in ICONIFY_SLUGS:  # an Iconify set: the images are SVG markup, not files
-        icons, names = iconify_icons(root)
-        matched, unused = match_files(emojis, set(names), cldr, canonical=names, slug=ICONIFY_SLUGS[style])
-        unused = [u for u in unused if not u.endswith("-skin-tone")]  # variations, not pictures left over
-        for e in emojis:
-            if e["unified"] not in matched:
-                unmatched.append(e)
-                continue
-            found += [(e, v, t, icons[icon]) for v, t in variants(e, skin_tones)
-                      if (icon := iconify_variant(matched[e["unified"]], t, names))]
-    else:
-        files = {p.stem for p in img_dir.glob("*.svg")}
-        matched, unused = match_files(emojis, files, cldr, FLUENT_ALIASES)
-        unused = [f"{f}.svg" for f in unused]
-        for e in emojis:
-            if e["unified"] not in matched:
-                unmatched.append(e)
-                continue
-            for v, t in variants(e, skin_tones):
-                if f := fluent_variant(matched[e["unified"]], t, files):
-                    found.append((e, v, t, img_dir / f"{f}.svg"))
-    return found, unmatched, unused
-
-
 def check_caption_options(keywords: bool, max_keywords: int | None, name_repeats: int, layout: str = "styles"):
     """Refuse keyword options that would silently change nothing or drop rows (CLI and library alike)."""
     if keywords and layout != "styles":
@@ -300,7 +205,7 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
     for style in styles:
         if SOURCES[style][0] not in packages:
             raise EmojiError(f"style {style} needs the {SOURCES[style][0]} package")
-        found, unmatched, unused = _style_images(style, package_root(packages[SOURCES[style][0]]), emojis,
+        found, unmatched, unused = style_images(style, package_root(packages[SOURCES[style][0]]), emojis,
                                                  skin_tones, cldr)
         match[style] = {"matched": len(emojis) - len(unmatched), "unmatched": len(unmatched),
                         "unmatched_by_category": dict(Counter(e["category"] for e in unmatched).most_common()),

@@ -1,13 +1,14 @@
-"""Where the emoji images come from: npm packages fetched with `npm pack`, emoji-datasource's emoji.json
-(the master list: code, name, category), SVG rendering, and matching OpenMoji / Fluent / EmojiOne
-pictures to emoji.
+"""Where the emoji images come from: the sources of each style (npm package, versions, licences), packages
+fetched with `npm pack`, emoji-datasource's emoji.json (the master list: code, name, category), SVG
+rendering, and matching each style's pictures to emoji (style_images).
 
 OpenMoji files are named by code (color/svg/1F600.svg). Fluent files are named by a slug of the emoji's
 CLDR name (icons/flat/grinning-face.svg, skin-toned ones as <name>-default.svg / -light.svg / ...), so
 they are matched by name: first a few known renames (FLUENT_ALIASES), then the CLDR name that OpenMoji's
 data/openmoji.json gives for the code, then emoji-datasource's own names; each file goes to one emoji.
-EmojiOne comes as an Iconify JSON icon set (one icons.json of SVG bodies) whose icons are named the same
-way ("grinning-face", "flag-for-cuba"), so it is matched by the same passes, without Fluent's renames.
+EmojiOne, Noto v1 and EmojiOne 1 come as Iconify JSON icon sets (one icons.json of SVG bodies) whose icons
+are named the same way ("grinning-face", "flag-for-cuba"), so they are matched by the same passes, without
+Fluent's renames; Firefox OS runs its names together ("alarmclock").
 """
 from __future__ import annotations
 
@@ -45,6 +46,53 @@ FLUENT_ALIASES = {
     "1F9DA": "person-fairy", "1F9DB": "person-vampire", "1F9DD": "person-elf", "1F9DE": "person-genie",
     "1F9DF": "person-zombie",
 }
+
+
+DEFAULT_VERSION = "16.0.0"  # emoji-datasource-*
+VERSIONS = {"openmoji": "17.0.0", "fluentui-emoji": "1.3.0", "@iconify-json/emojione": "1.2.3",
+            "@iconify-json/fxemoji": "1.2.2", "@iconify-json/noto-v1": "1.2.5", "@iconify-json/emojione-v1": "1.2.3"}
+STYLES = ("google", "twitter")  # categories layout; apple/facebook images are not openly licensed
+# styles layout: style -> (npm package, image dir or icon set inside it)
+SOURCES = {
+    "noto": ("emoji-datasource-google", "img/google/64"),
+    "twemoji": ("emoji-datasource-twitter", "img/twitter/64"),
+    "openmoji": ("openmoji", "color/svg"),
+    "fluent_flat": ("fluentui-emoji", "icons/flat"),
+    "fluent_modern": ("fluentui-emoji", "icons/modern"),
+    "emojione": ("@iconify-json/emojione", "icons.json"),
+    "fxemoji": ("@iconify-json/fxemoji", "icons.json"),
+    "noto_v1": ("@iconify-json/noto-v1", "icons.json"),
+    "emojione_v1": ("@iconify-json/emojione-v1", "icons.json"),
+}
+WANTED = {  # what to unpack from each tarball
+    "emoji-datasource-google": ("package/emoji.json", "package/img/google/64/"),
+    "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
+    "openmoji": ("package/data/openmoji.json", "package/color/svg/"),
+    "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
+    "@iconify-json/emojione": ("package/icons.json", "package/info.json"),
+    "@iconify-json/fxemoji": ("package/icons.json", "package/info.json"),
+    "@iconify-json/noto-v1": ("package/icons.json", "package/info.json"),
+    "@iconify-json/emojione-v1": ("package/icons.json", "package/info.json"),
+}
+LICENCES = {
+    "emoji-datasource": "MIT (c) Cal Henderson and contributors",
+    "google": "Noto Emoji images by Google, Apache-2.0",
+    "twitter": "Twemoji images (c) Twitter, Inc and other contributors, CC-BY 4.0",
+    "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0",
+    "fluent": "Fluent Emoji (c) Microsoft Corporation, MIT (npm fluentui-emoji repackaging, MIT)",
+    "emojione": "EmojiOne 2 artwork (c) Ranks.com, as kept by the EmojiTwo project, CC BY 4.0 "
+                "(npm @iconify-json/emojione, Iconify's repackaging)",
+    "fxemoji": "Firefox OS Emoji (c) Mozilla Foundation, visual design CC BY 4.0, code Apache-2.0 "
+               "(npm @iconify-json/fxemoji, Iconify's repackaging)",
+    "noto_v1": "Noto Emoji v1 (the first, blob design) by Google, Apache-2.0 (npm @iconify-json/noto-v1, Iconify's "
+               "repackaging)",
+    "emojione_v1": "EmojiOne 1 artwork (c) Ranks.com, CC BY-SA 4.0 (npm @iconify-json/emojione-v1, Iconify's "
+                   "repackaging)",
+}
+STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
+                 "fluent_flat": "fluent", "fluent_modern": "fluent", "emojione": "emojione",
+                 "fxemoji": "fxemoji", "noto_v1": "noto_v1", "emojione_v1": "emojione_v1"}
+
 
 
 class EmojiError(Exception):
@@ -180,6 +228,11 @@ def fluent_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
 
 
+# the Iconify sets of SOURCES: how each names its icons
+ICONIFY_SLUGS = {"emojione": fluent_slug, "fxemoji": squashed_slug, "noto_v1": fluent_slug, "emojione_v1": fluent_slug}
+SVG_STYLES = {"openmoji", "fluent_flat", "fluent_modern", *ICONIFY_SLUGS}
+
+
 def match_files(emojis: list[dict], files: set[str], cldr: dict[str, str], aliases: dict | None = None,
                 canonical: dict[str, str] | None = None, slug=None) -> tuple[dict[str, str], list[str]]:
     """Match image names (Fluent's files without .svg, an Iconify set's icons) to emoji-datasource entries by
@@ -291,3 +344,49 @@ def render_svg(source: Path | str, size: int = 64) -> Image.Image:
     canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))  # a few Fluent viewBoxes are 32x33
     canvas.paste(rgba, ((size - rgba.width) // 2, (size - rgba.height) // 2))
     return on_white(canvas)
+
+
+def style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, cldr: dict[str, str]):
+    """([(base entry, variant entry, tone key, source file)], [unmatched base entries], [unused files])."""
+    img_dir = root / SOURCES[style][1]
+    if not img_dir.exists():
+        where = SOURCES[style][1] + ("" if style in ICONIFY_SLUGS else "/")
+        raise EmojiError(f"{root} has no {where}: not a {SOURCES[style][0]} package")
+    found, unmatched, unused = [], [], []
+    if style in ("noto", "twemoji"):
+        flag = f"has_img_{STYLE_LICENCE[style]}"  # has_img_google / has_img_twitter
+        for e in emojis:
+            hits = [(e, v, t, img_dir / v["image"]) for v, t in variants(e, skin_tones) if v.get(flag)]
+            found += hits
+            unmatched += [] if e.get(flag) else [e]
+        missing = [str(p.name) for *_, p in found if not p.is_file()]
+        if missing:
+            raise EmojiError(f"{img_dir}: {len(missing)} of {len(found)} images missing (e.g. {missing[0]})")
+    elif style == "openmoji":
+        svgs, _ = openmoji_index(root)
+        for e in emojis:
+            found += [(e, v, t, svgs[no_fe0f(v["unified"])]) for v, t in variants(e, skin_tones)
+                      if no_fe0f(v["unified"]) in svgs]
+            unmatched += [] if no_fe0f(e["unified"]) in svgs else [e]
+    elif style in ICONIFY_SLUGS:  # an Iconify set: the images are SVG markup, not files
+        icons, names = iconify_icons(root)
+        matched, unused = match_files(emojis, set(names), cldr, canonical=names, slug=ICONIFY_SLUGS[style])
+        unused = [u for u in unused if not u.endswith("-skin-tone")]  # variations, not pictures left over
+        for e in emojis:
+            if e["unified"] not in matched:
+                unmatched.append(e)
+                continue
+            found += [(e, v, t, icons[icon]) for v, t in variants(e, skin_tones)
+                      if (icon := iconify_variant(matched[e["unified"]], t, names))]
+    else:
+        files = {p.stem for p in img_dir.glob("*.svg")}
+        matched, unused = match_files(emojis, files, cldr, FLUENT_ALIASES)
+        unused = [f"{f}.svg" for f in unused]
+        for e in emojis:
+            if e["unified"] not in matched:
+                unmatched.append(e)
+                continue
+            for v, t in variants(e, skin_tones):
+                if f := fluent_variant(matched[e["unified"]], t, files):
+                    found.append((e, v, t, img_dir / f"{f}.svg"))
+    return found, unmatched, unused
