@@ -322,14 +322,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="openmoji npm version (default %(default)s)")
     p.add_argument("--fluent_version", default=VERSIONS["fluentui-emoji"],
                    help="fluentui-emoji npm version (default %(default)s)")
-    p.add_argument("--emojione_version", default=VERSIONS["@iconify-json/emojione"],
-                   help="@iconify-json/emojione npm version (default %(default)s)")
-    p.add_argument("--fxemoji_version", default=VERSIONS["@iconify-json/fxemoji"],
-                   help="@iconify-json/fxemoji npm version (default %(default)s)")
-    p.add_argument("--noto_v1_version", default=VERSIONS["@iconify-json/noto-v1"],
-                   help="@iconify-json/noto-v1 npm version (default %(default)s)")
-    p.add_argument("--emojione_v1_version", default=VERSIONS["@iconify-json/emojione-v1"],
-                   help="@iconify-json/emojione-v1 npm version (default %(default)s)")
+    for style in ICONIFY_SLUGS:  # --emojione_version, --fxemoji_version, ...
+        pkg = SOURCES[style][0]
+        p.add_argument(f"--{style}_version", default=VERSIONS[pkg], help=f"{pkg} npm version (default %(default)s)")
     p.add_argument("--skin_tones", action=argparse.BooleanOptionalAction, default=False,
                    help="include skin-tone variations (default off: colour-only near-duplicates that "
                         "would make people ~8x more frequent than anything else)")
@@ -359,9 +354,7 @@ def main(argv=None) -> int:
     try:
         m = build(args.out, args.layout, args.styles, args.skin_tones, args.cache_dir, args.overwrite, args.version,
                   {"openmoji": args.openmoji_version, "fluentui-emoji": args.fluent_version,
-                   "@iconify-json/emojione": args.emojione_version,
-                   "@iconify-json/fxemoji": args.fxemoji_version, "@iconify-json/noto-v1": args.noto_v1_version,
-                   "@iconify-json/emojione-v1": args.emojione_v1_version}, args.keywords,
+                   **{SOURCES[s][0]: getattr(args, f"{s}_version") for s in ICONIFY_SLUGS}}, args.keywords,
                   args.max_keywords, args.name_repeats)
     except (EmojiError, OSError) as e:  # OSError: disk full, permissions, unreadable PNG
         print(f"error: {e}", file=sys.stderr)

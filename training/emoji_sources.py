@@ -69,10 +69,8 @@ WANTED = {  # what to unpack from each tarball
     "emoji-datasource-twitter": ("package/emoji.json", "package/img/twitter/64/"),
     "openmoji": ("package/data/openmoji.json", "package/color/svg/"),
     "fluentui-emoji": ("package/icons/flat/", "package/icons/modern/"),
-    "@iconify-json/emojione": ("package/icons.json", "package/info.json"),
-    "@iconify-json/fxemoji": ("package/icons.json", "package/info.json"),
-    "@iconify-json/noto-v1": ("package/icons.json", "package/info.json"),
-    "@iconify-json/emojione-v1": ("package/icons.json", "package/info.json"),
+    # every Iconify set: its icons and its info (name, licence)
+    **{pkg: ("package/icons.json", "package/info.json") for pkg, where in SOURCES.values() if where == "icons.json"},
 }
 LICENCES = {
     "emoji-datasource": "MIT (c) Cal Henderson and contributors",
@@ -347,7 +345,8 @@ def render_svg(source: Path | str, size: int = 64) -> Image.Image:
 
 
 def style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, cldr: dict[str, str]):
-    """([(base entry, variant entry, tone key, source file)], [unmatched base entries], [unused files])."""
+    """([(base entry, variant entry, tone key, source: an image file, or SVG markup)], [unmatched base entries],
+    [unused files or icons])."""
     img_dir = root / SOURCES[style][1]
     if not img_dir.exists():
         where = SOURCES[style][1] + ("" if style in ICONIFY_SLUGS else "/")
@@ -368,25 +367,26 @@ def style_images(style: str, root: Path, emojis: list[dict], skin_tones: bool, c
             found += [(e, v, t, svgs[no_fe0f(v["unified"])]) for v, t in variants(e, skin_tones)
                       if no_fe0f(v["unified"]) in svgs]
             unmatched += [] if no_fe0f(e["unified"]) in svgs else [e]
-    elif style in ICONIFY_SLUGS:  # an Iconify set: the images are SVG markup, not files
-        icons, names = iconify_icons(root)
-        matched, unused = match_files(emojis, set(names), cldr, canonical=names, slug=ICONIFY_SLUGS[style])
-        unused = [u for u in unused if not u.endswith("-skin-tone")]  # variations, not pictures left over
+    else:  # matched by name: an Iconify set's icons (SVG markup, not files) or Fluent's files
+        if style in ICONIFY_SLUGS:
+            icons, names = iconify_icons(root)
+            matched, unused = match_files(emojis, set(names), cldr, canonical=names, slug=ICONIFY_SLUGS[style])
+            unused = [u for u in unused if not u.endswith("-skin-tone")]  # variations, not pictures left over
+
+            def source(base: str, tone: str):
+                icon = iconify_variant(base, tone, names)
+                return icons[icon] if icon else None
+        else:
+            files = {p.stem for p in img_dir.glob("*.svg")}
+            matched, unused = match_files(emojis, files, cldr, FLUENT_ALIASES)
+            unused = [f"{f}.svg" for f in unused]
+
+            def source(base: str, tone: str):
+                f = fluent_variant(base, tone, files)
+                return img_dir / f"{f}.svg" if f else None
         for e in emojis:
             if e["unified"] not in matched:
                 unmatched.append(e)
                 continue
-            found += [(e, v, t, icons[icon]) for v, t in variants(e, skin_tones)
-                      if (icon := iconify_variant(matched[e["unified"]], t, names))]
-    else:
-        files = {p.stem for p in img_dir.glob("*.svg")}
-        matched, unused = match_files(emojis, files, cldr, FLUENT_ALIASES)
-        unused = [f"{f}.svg" for f in unused]
-        for e in emojis:
-            if e["unified"] not in matched:
-                unmatched.append(e)
-                continue
-            for v, t in variants(e, skin_tones):
-                if f := fluent_variant(matched[e["unified"]], t, files):
-                    found.append((e, v, t, img_dir / f"{f}.svg"))
+            found += [(e, v, t, src) for v, t in variants(e, skin_tones) if (src := source(matched[e["unified"]], t))]
     return found, unmatched, unused
