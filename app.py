@@ -56,6 +56,11 @@ def pretty(name: str | None) -> str:
     return (name or "").replace("_and_", " & ").replace("_", " ").strip().capitalize() or (name or "")
 
 
+def class_label(pipe: RQPipeline, name: str) -> str:
+    """What the app calls a class: its display name from pipeline.json, else its name prettified."""
+    return pipe.class_display_names.get(name) or pretty(name)
+
+
 def named_errors(component: gr.components.Component) -> None:
     """Make `component`'s input errors start with its label, and turn unreadable uploads into a clear
     gr.Error instead of a traceback. (Wraps the instance's preprocess: a Component subclass would make
@@ -141,7 +146,7 @@ def captions(pipe: RQPipeline, out) -> list[str]:
     """The prompt and the class of each image of a pipeline output, for display."""
     n = len(out.images)
     prompts = [p if len(p) <= 80 else p[:79] + "…" for p in out.prompts or [""] * n]
-    classes = [pretty(pipe.class_names[i]) for i in out.class_labels] if out.class_labels else [""] * n
+    classes = [class_label(pipe, pipe.class_names[i]) for i in out.class_labels] if out.class_labels else [""] * n
     return [" · ".join(filter(None, (p.strip(), c))) for p, c in zip(prompts, classes)]
 
 
@@ -208,7 +213,7 @@ def model_card(weights: Path | None, pipe: RQPipeline) -> str:
     c, names = pipe.transformer.config, pipe.class_names  # ImageNet's 1,000: the first few
     facts = (f"### This model\n{pipe.resolution} px images as {h}×{w}×{D} codes from a codebook of "
              f"{c.codebook_size}; {params / 1e6:.1f} M parameters; running on `{pipe.device}`. "
-             f"{pipe.class_title} choices: {', '.join(map(pretty, names[:24])) or 'none'}"
+             f"{pipe.class_title} choices: {', '.join(class_label(pipe, n) for n in names[:24]) or 'none'}"
              f"{f' ... ({len(names):,} in all)' if len(names) > 24 else ''}. "
              f"Prompts: {f'up to {c.max_text_len} tokens' if pipe.has_text else 'none (no text conditioning)'}.")
     return "\n\n".join(filter(None, [text.strip() or "## RQ-VAE + RQ-Transformer", facts, METHOD]))
@@ -237,7 +242,7 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     h, w, D = pipe.rqvae.code_shape
     K = pipe.transformer.config.codebook_size
     title = pipe.class_title  # what the classes are ("Class", "Style", ...)
-    choices = [(f"Random {title.lower()}", RANDOM_CLASS)] + [(pretty(n), n) for n in pipe.class_names]
+    choices = [(f"Random {title.lower()}", RANDOM_CLASS)] + [(class_label(pipe, n), n) for n in pipe.class_names]
     has_classes = bool(pipe.class_names)  # a model without classes (unconditional or text only) hides the dropdown
     example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
     prompts = pipe.prompts

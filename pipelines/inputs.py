@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
-OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title", "guidance", "top_k",
-           "top_p")  # the keys of pipeline.json
+OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title", "class_display_names",
+           "guidance", "top_k", "top_p")  # the keys of pipeline.json
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
 
 
@@ -31,12 +31,43 @@ def check_options(max_images, default_guidance_scale, caption_dropout, class_tit
     if caption_dropout is not None and not (is_number(caption_dropout) and 0 <= caption_dropout < 1):
         raise ValueError(f"caption_dropout must be None (unknown) or the training's rate in [0, 1), "
                          f"got {caption_dropout!r}")
-    if not (isinstance(class_title, str) and 0 < len(class_title.strip()) <= 40 and class_title.isprintable()):
+    if not short_label(class_title):
         raise ValueError(f"class_title must be a short name for what the classes are (e.g. 'Style'), "
                          f"got {class_title!r:.60}")
     if not isinstance(guidance, bool) or (not guidance and default_guidance_scale != 1):
         raise ValueError(f"guidance must be true or false (false: the null class is untrained, so "
                          f"default_guidance_scale must be 1), got {guidance!r}")
+
+
+def short_label(value) -> bool:
+    return isinstance(value, str) and 0 < len(value.strip()) <= 40 and value.isprintable()
+
+
+def check_display_names(display_names, class_names: list[str]) -> dict[str, str]:
+    """class_display_names: {class name: the name people know it by} -> the same, stripped. Classes left out
+    are shown as their names, prettified. A display name also works as a class label, so it must not be
+    another class's name or shared by two classes."""
+    if display_names is None:
+        return {}
+    if not isinstance(display_names, dict):
+        raise ValueError(f"class_display_names must map class names to display names, "
+                         f"got {type(display_names).__name__}")
+    shown = {}
+    for name, label in display_names.items():
+        if name not in class_names:
+            raise ValueError(f"class_display_names: {name!r} is not a class of this model; "
+                             f"its classes are {class_names[:20]}")
+        if not short_label(label):
+            raise ValueError(f"class_display_names: the display name of {name!r} must be a short name "
+                             f"(1-40 printable characters), got {label!r:.60}")
+        shown[name] = label.strip()
+    owners = {}
+    for name, label in shown.items():
+        owner = owners.setdefault(label.casefold(), name)
+        clash = owner if owner != name else label if label in class_names and label != name else None
+        if clash:
+            raise ValueError(f"class_display_names: {label!r} would name two classes, {clash!r} and {name!r}")
+    return shown
 
 
 def read_options(file: Path) -> dict:
@@ -76,13 +107,17 @@ def read_prompts(file: Path) -> list[str]:
     return check_prompt_list(prompts, str(file))
 
 
-def class_index(label, names: list[str]) -> int:
+def class_index(label, names: list[str], aliases: dict[str, str] | None = None) -> int:
+    """A class name, a display name (aliases: display name -> class name) or an index -> the index."""
     if isinstance(label, str):
+        aliases = aliases or {}
+        label = aliases.get(label, label)
         if label not in names:
-            close = difflib.get_close_matches(label, names, n=3)
+            close = difflib.get_close_matches(label, names + list(aliases), n=3)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
             shown = names if len(names) <= 20 else names[:20] + [f"... ({len(names)} classes in class_names)"]
-            raise ValueError(f"unknown class {label!r}; {hint}choose one of {shown}")
+            also = f" (or a display name: {list(aliases)[:20]})" if aliases else ""
+            raise ValueError(f"unknown class {label!r}; {hint}choose one of {shown}{also}")
         return names.index(label)
     if not is_whole(label):
         raise ValueError(f"class labels must be class names or indices, got {label!r}")
@@ -97,7 +132,8 @@ def check_num_images(num_images, max_images: int) -> None:
                          f"label or prompt), got {num_images!r}")
 
 
-def label_list(class_labels, names: list[str], num_classes: int, max_images: int) -> list[int] | None:
+def label_list(class_labels, names: list[str], num_classes: int, max_images: int,
+               aliases: dict[str, str] | None = None) -> list[int] | None:
     """Class names/indices (one, a list, a 1-D array or tensor) -> class indices; None = no class."""
     if class_labels is None:
         return None
@@ -112,7 +148,7 @@ def label_list(class_labels, names: list[str], num_classes: int, max_images: int
         items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
     if not 1 <= len(items) <= max_images:
         raise ValueError(f"give 1 to {max_images} class labels, got {len(items)}")
-    return [class_index(item, names) for item in items]
+    return [class_index(item, names, aliases) for item in items]
 
 
 def prompt_list(prompt, has_text: bool, max_images: int) -> list[str] | None:

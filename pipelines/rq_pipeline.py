@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +27,9 @@ from rqtransformer.sampling import check_filters
 from rqvae import RQVAE
 
 from .hub import push_to_hub
-from .inputs import (batch_size, check_num_images, check_options, check_prompt_list,
+from .inputs import (batch_size, check_display_names, check_num_images, check_options, check_prompt_list,
                      clean_prompt, is_number, is_whole, label_list, prompt_list, read_options, read_prompts)
+from .outputs import Reconstruction, RQPipelineOutput
 from .streaming import decode_preview, sample_in_thread
 
 PIPELINE_FILE = "pipeline.json"
@@ -38,26 +37,6 @@ PROMPTS_FILE = "prompts.json"  # in rqtransformer/: training captions, for examp
 OUTPUT_TYPES = ("pil", "pt", "np")
 NO_EMPTY_PROMPT = ("this model was trained without caption dropout, so it cannot sample from the empty prompt "
                    "(no prompt): give a prompt with words in it")
-
-
-@dataclass
-class RQPipelineOutput:
-    images: Any                      # list of PIL images, or a tensor/array [B,3,H,W] in [0,1]
-    codes: torch.Tensor              # LongTensor [B,h,w,D]
-    class_labels: list[int] | None = None
-    prompts: list[str] | None = None          # the prompt of each image (None: no prompt given)
-    truncated_prompts: list[str] = field(default_factory=list)  # prompts cut to max_text_len tokens
-    done: float = 1.0                # fraction of positions sampled (previews < 1)
-    keep_mask: torch.Tensor | None = None     # complete(): BoolTensor [h,w], True = code position kept
-    input_image: Image.Image | None = field(repr=False, default=None)  # complete(): the input as the model saw it
-
-
-@dataclass
-class Reconstruction:
-    images: list[Image.Image]        # one per depth 1..D
-    psnr: list[float]                # dB against the (resized) input, per depth
-    codes: torch.Tensor              # LongTensor [h,w,D]
-    input_image: Image.Image = field(repr=False, default=None)  # the input as the model saw it
 
 
 def default_device() -> torch.device:
@@ -68,13 +47,16 @@ class RQPipeline:
     def __init__(self, rqvae: RQVAE, transformer: RQTransformer, max_images: int = 16,
                  default_guidance_scale: float = 3.0, caption_dropout: float | None = None,
                  prompts: list[str] | None = None, class_title: str = "Class", guidance: bool = True,
-                 top_k: int | list[int] | None = None, top_p: float | list[float] | None = None):
+                 top_k: int | list[int] | None = None, top_p: float | list[float] | None = None,
+                 class_display_names: dict[str, str] | None = None):
         """caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
         the empty prompt was never seen, so sampling it (no prompt) is refused. prompts: example prompts (the
         training captions) for text models, saved as rqtransformer/prompts.json. class_title: what the classes
         are, for display (e.g. "Style"). guidance: False when the null class was never trained (converted
         official checkpoints): guidance_scale must then stay 1. top_k, top_p: the sampling filters used when a
-        call gives neither (one value, or a list of one per depth as the official configs give them)."""
+        call gives neither (one value, or a list of one per depth as the official configs give them).
+        class_display_names: {class name: display name} ("fxemoji": "Firefox OS"), shown by the app and accepted
+        as class labels."""
         tc, vc = transformer.config, rqvae.config
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
@@ -91,6 +73,7 @@ class RQPipeline:
         self.caption_dropout = None if caption_dropout is None else float(caption_dropout)
         self._prompts, self.class_title = prompts, class_title.strip()
         self.guidance, self.top_k, self.top_p = guidance, top_k, top_p
+        self.class_display_names = check_display_names(class_display_names, self.class_names)
         self.folder: Path | None = None  # set by from_pretrained; push_to_hub reuses its card and examples
 
     # ---- construction -------------------------------------------------------------------------
@@ -146,6 +129,8 @@ class RQPipeline:
             options["caption_dropout"] = self.caption_dropout
         if self.class_title != "Class":
             options["class_title"] = self.class_title
+        if self.class_display_names:
+            options["class_display_names"] = self.class_display_names
         if not self.guidance:
             options["guidance"] = False
         options.update({k: v for k, v in (("top_k", self.top_k), ("top_p", self.top_p)) if v is not None})
@@ -212,7 +197,8 @@ class RQPipeline:
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         check_num_images(num_images, self.max_images)
         c = self.transformer.config
-        labels = label_list(class_labels, self.class_names, c.num_classes, self.max_images)
+        aliases = {shown: name for name, shown in self.class_display_names.items()}
+        labels = label_list(class_labels, self.class_names, c.num_classes, self.max_images, aliases)
         prompts = prompt_list(prompt, self.has_text, self.max_images)
         batch = batch_size(labels, prompts, num_images)
         text, truncated = None, []

@@ -180,7 +180,7 @@ def test_reconstruction_error_falls_with_depth(image_dir, trained_tiny_vae):
     # PSNR rises with depth on the shipped model's held-out examples (a tiny model's second depth may not help)
     bundled = RQPipeline.from_pretrained(BUNDLED, device="cpu")
     psnr = np.array([bundled.reconstruct(Image.open(f)).psnr for f in sorted((BUNDLED / "examples").glob("*.png"))])
-    assert psnr.shape == (5, 4) and (np.diff(psnr, axis=1) > 0.3).all(), psnr  # [image, depth]
+    assert psnr.shape == (6, 4) and (np.diff(psnr, axis=1) > 0.3).all(), psnr  # [image, depth]
     # unconditional models generate without labels and refuse them
     assert len(p(num_images=2, generator=gen(0)).images) == 2
     with pytest.raises(ValueError, match="unconditional"):
@@ -458,3 +458,30 @@ def test_class_title_round_trip_and_bad_values(pipe, tmp_path):
     (tmp_path / "styled" / "pipeline.json").write_text(json.dumps({"class_title": ["Style"]}))
     with pytest.raises(ValueError, match="class_title must be a short name"):
         RQPipeline.from_pretrained(tmp_path / "styled")
+
+
+def test_class_display_names_label_classes_and_round_trip(pipe, tmp_path):
+    named = RQPipeline(pipe.rqvae, pipe.transformer, class_display_names={"stars": " Star shapes ", "circles": "Rings"})
+    assert named.class_display_names == {"stars": "Star shapes", "circles": "Rings"}
+    # a display name works as a class label, beside the class name and the index
+    assert named(["Star shapes", "stars", 2, "Rings"], generator=gen(0)).class_labels == [2, 2, 2, 0]
+    with pytest.raises(ValueError, match="did you mean 'Star shapes'.*or a display name"):
+        named("Star shape")
+    named.save_pretrained(tmp_path / "p")
+    saved = json.loads((tmp_path / "p" / "pipeline.json").read_text())["class_display_names"]
+    assert saved == named.class_display_names
+    assert RQPipeline.from_pretrained(tmp_path / "p").class_display_names == saved
+    pipe.save_pretrained(tmp_path / "plain")  # no map: nothing written
+    assert "class_display_names" not in json.loads((tmp_path / "plain" / "pipeline.json").read_text())
+    for bad, message in (({"moons": "Moons"}, "'moons' is not a class of this model"),
+                         ({"stars": ""}, "display name of 'stars' must be a short name"),
+                         ({"stars": 3}, "display name of 'stars' must be a short name"),
+                         ({"stars": "x" * 41}, "must be a short name"),
+                         ({"stars": "Shapes", "circles": "shapes"}, "'shapes' would name two classes"),
+                         ({"stars": "circles"}, "'circles' would name two classes"),
+                         (["stars"], "must map class names to display names")):
+        with pytest.raises(ValueError, match=message):
+            RQPipeline(pipe.rqvae, pipe.transformer, class_display_names=bad)
+    (tmp_path / "p" / "pipeline.json").write_text(json.dumps({"class_display_names": {"moons": "Moons"}}))
+    with pytest.raises(ValueError, match="'moons' is not a class of this model"):
+        RQPipeline.from_pretrained(tmp_path / "p")

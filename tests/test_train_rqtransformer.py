@@ -212,8 +212,11 @@ def test_init_from_adds_new_classes_by_name(vae_dir, image_dir, tmp_path, capsys
     main([*base, "--data_dir", str(image_dir), "--config", "tiny", "--output_dir", str(tmp_path / "a"),
           "--max_train_steps", "2"])
     more = make_image_folder(tmp_path / "more", classes=("blobs", "circles", "squares"), per_class=2)
+    options = json.loads((tmp_path / "a" / "pipeline.json").read_text())  # display names carry over
+    (tmp_path / "a" / "pipeline.json").write_text(json.dumps({**options, "class_display_names": {"circles": "Rings"}}))
     main([*base, "--data_dir", str(more), "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"),
           "--max_train_steps", "1", "--learning_rate", "1e-12"])
+    assert json.loads((tmp_path / "b" / "pipeline.json").read_text())["class_display_names"] == {"circles": "Rings"}
     assert "new classes ['blobs'] start from the mean of --init_from's class embeddings" in capsys.readouterr().out
     a, b = (RQTransformer.from_pretrained(tmp_path / n / "rqtransformer") for n in "ab")
     assert b.config.class_names == ["blobs", "circles", "squares"] and a.config.class_names == ["circles", "squares"]
@@ -223,6 +226,12 @@ def test_init_from_adds_new_classes_by_name(vae_dir, image_dir, tmp_path, capsys
     for key, value in a.state_dict().items():
         if key != "class_emb.weight":
             torch.testing.assert_close(b.state_dict()[key], value, msg=key)
+    # a display-name map in --init_from's pipeline.json that does not fit its model is refused before training
+    (tmp_path / "a" / "pipeline.json").write_text(json.dumps({**options, "class_display_names": {"blobs": "B"}}))
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main([*base, "--data_dir", str(more), "--init_from", str(tmp_path / "a"),
+                              "--output_dir", str(tmp_path / "c"), "--max_train_steps", "1"]))
+    assert e.value.code == 2 and "'blobs' is not a class of this model" in capsys.readouterr().err
 
 
 def test_validation_classes_are_matched_by_name(vae_dir, image_dir, tmp_path, capsys):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 
 from pipelines import RQPipeline
-from pipelines.inputs import check_options, read_options
+from pipelines.inputs import check_display_names, check_options, read_options
 from rqtransformer.losses import code_loss, per_depth_nll
 from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
 from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
@@ -188,6 +188,7 @@ def main(argv=None):
         # a pipeline's sampling defaults and whether its null class was ever trained (not for converted models)
         options = read_options(Path(args.init_from).parent / "pipeline.json")
         names = saved.class_names or [str(i) for i in range(saved.num_classes)]  # as the pipeline shows them
+        options["class_display_names"] = check_display_names(options.get("class_display_names"), names)
         if classes and set(classes) <= set(names) and classes != names:
             data_classes, classes = classes, names  # folders named after some of the model's classes
         elif saved.class_names and set(classes) > set(names):  # new classes beside all of the model's
@@ -385,7 +386,8 @@ def main(argv=None):
             RQPipeline(vae, raw, default_guidance_scale=guidance_scale,
                        caption_dropout=args.caption_dropout if tokenizer else None, prompts=prompts,
                        class_title=class_title, guidance=guidance, top_k=options.get("top_k"),
-                       top_p=options.get("top_p")).save_pretrained(out)  # prompts: rqtransformer/prompts.json
+                       top_p=options.get("top_p"), class_display_names=options.get("class_display_names")
+                       ).save_pretrained(out)  # prompts: rqtransformer/prompts.json
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),
