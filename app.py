@@ -242,7 +242,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     h, w, D = pipe.rqvae.code_shape
     K = pipe.transformer.config.codebook_size
     title = pipe.class_title  # what the classes are ("Class", "Style", ...)
-    choices = [(f"Random {title.lower()}", RANDOM_CLASS)] + [(class_label(pipe, n), n) for n in pipe.class_names]
+    by_label = sorted(((class_label(pipe, n), n) for n in pipe.class_names), key=lambda c: c[0].casefold())
+    choices = [(f"Random {title.lower()}", RANDOM_CLASS)] + by_label  # in the order of what the user reads
     has_classes = bool(pipe.class_names)  # a model without classes (unconditional or text only) hides the dropdown
     example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
     prompts = pipe.prompts

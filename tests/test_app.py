@@ -231,11 +231,11 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
     assert [r[0] for r in rows] == [CLASSES[i % 3] for i in range(len(rows))] and len(rows) == 5
     out = pipe(["stars", 0], prompt="red circle")
     assert app.captions(pipe, out) == ["red circle · Stars", "red circle · Circles"]
-    # display names from pipeline.json: in the dropdowns, the captions and the model facts
-    named = RQPipeline(pipe.rqvae, pipe.transformer, class_display_names={"stars": "Star shapes"}, prompts=pipe.prompts)
+    # display names from pipeline.json: in the dropdowns (sorted as shown), the captions and the model facts
+    named = RQPipeline(pipe.rqvae, pipe.transformer, class_display_names={"stars": "Asterisks"}, prompts=pipe.prompts)
     drops = [b for b in app.build_demo(named).blocks.values() if isinstance(b, gr.Dropdown)]
-    assert drops[0].choices[1:] == [("Circles", "circles"), ("Squares", "squares"), ("Star shapes", "stars")]
-    assert app.captions(named, named(["stars", 0], prompt="red circle")) == ["red circle · Star shapes",
+    assert drops[0].choices[1:] == [("Asterisks", "stars"), ("Circles", "circles"), ("Squares", "squares")]
+    assert app.captions(named, named(["stars", 0], prompt="red circle")) == ["red circle · Asterisks",
                                                                           "red circle · Circles"]
-    assert "Style choices" not in app.model_card(None, named) and "Star shapes" in app.model_card(None, named)
+    assert "choices: Circles, Squares, Asterisks." in app.model_card(None, named)
     assert app.pick_prompt("  ") is None and app.pick_prompt(None) is None and app.pick_prompt(" a ") == " a "
