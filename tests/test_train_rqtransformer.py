@@ -173,7 +173,7 @@ def test_bad_paths_and_options(vae_dir, image_dir, tmp_path, capsys, extra, mess
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--cfg_dropout", "1.5"), ("--max_train_steps", "-3"),
+@pytest.mark.parametrize("flag, value", [("--cfg_dropout", "1.5"), ("--dropout", "1"), ("--max_train_steps", "-3"),
                                          ("--sample_guidance_scale", "-1"), ("--code_temperature", "0"),
                                          ("--code_temperature", "-0.5"), ("--code_temperature", "nan"),
                                          ("--code_temperature", "warm")])
@@ -215,11 +215,12 @@ def test_init_from_adds_new_classes_by_name(vae_dir, image_dir, tmp_path, capsys
     options = json.loads((tmp_path / "a" / "pipeline.json").read_text())  # display names carry over
     (tmp_path / "a" / "pipeline.json").write_text(json.dumps({**options, "class_display_names": {"circles": "Rings"}}))
     main([*base, "--data_dir", str(more), "--init_from", str(tmp_path / "a"), "--output_dir", str(tmp_path / "b"),
-          "--max_train_steps", "1", "--learning_rate", "1e-12"])
+          "--max_train_steps", "1", "--learning_rate", "1e-12", "--dropout", "0.25"])  # a new dropout, same weights
     assert json.loads((tmp_path / "b" / "pipeline.json").read_text())["class_display_names"] == {"circles": "Rings"}
     assert "new classes ['blobs'] start from the mean of --init_from's class embeddings" in capsys.readouterr().out
     a, b = (RQTransformer.from_pretrained(tmp_path / n / "rqtransformer") for n in "ab")
     assert b.config.class_names == ["blobs", "circles", "squares"] and a.config.class_names == ["circles", "squares"]
+    assert b.config.dropout == 0.25 != a.config.dropout
     old, new = a.class_emb.weight, b.class_emb.weight  # [classes + 1, dim], the null class last
     torch.testing.assert_close(new[1:], old)  # circles, squares, null: the saved rows, one index later
     torch.testing.assert_close(new[0], old[:2].mean(0))

@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--validation_dir", default=None,
                    help="held-out ImageFolder (captioned too when --data_dir is): test loss per depth")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="the transformer's dropout (default: the config's; with --init_from, the saved model's)")
     p.add_argument("--class_title", default="Class",
                    help="what the class sub-folders are, as the app labels its dropdown (e.g. Style)")
     p.add_argument("--unconditional", action="store_true", help="ignore the class folders")
@@ -105,6 +107,8 @@ def parse_args(argv=None):
     if args.init_from:  # a pipeline folder: its rqtransformer/
         args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqtransformer"))
     args.config, args.config_flag = cli.config_source(args)
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0.0 <= args.cfg_dropout < 1.0:
         p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
     if args.caption_dropout is not None and not 0.0 <= args.caption_dropout < 1.0:
@@ -225,7 +229,7 @@ def main(argv=None):
                                  codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                                  num_classes=len(classes), class_names=classes,
                                  text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len,
-                                 text_pool=True if args.text_pool else None)
+                                 text_pool=True if args.text_pool else None, dropout=args.dropout)
     accelerator = trainer.setup(args, "rqtransformer")
     main_process = accelerator.is_main_process
     if tokenizer_file is not None and main_process and not tokenizer_file.is_file():
