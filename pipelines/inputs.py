@@ -52,7 +52,7 @@ def check_display_names(display_names, class_names: list[str]) -> dict[str, str]
     if not isinstance(display_names, dict):
         raise ValueError(f"class_display_names must map class names to display names, "
                          f"got {type(display_names).__name__}")
-    shown = {}
+    shown, owners = {}, {}  # owners: casefolded display name -> the class that has it
     for name, label in display_names.items():
         if name not in class_names:
             raise ValueError(f"class_display_names: {name!r} is not a class of this model; "
@@ -60,9 +60,7 @@ def check_display_names(display_names, class_names: list[str]) -> dict[str, str]
         if not short_label(label):
             raise ValueError(f"class_display_names: the display name of {name!r} must be a short name "
                              f"(1-40 printable characters), got {label!r:.60}")
-        shown[name] = label.strip()
-    owners = {}
-    for name, label in shown.items():
+        label = shown[name] = label.strip()
         owner = owners.setdefault(label.casefold(), name)
         clash = owner if owner != name else label if label in class_names and label != name else None
         if clash:

@@ -107,12 +107,10 @@ def parse_args(argv=None):
     if args.init_from:  # a pipeline folder: its rqtransformer/
         args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqtransformer"))
     args.config, args.config_flag = cli.config_source(args)
-    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
-        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 0.0 <= args.cfg_dropout < 1.0:
-        p.error(f"--cfg_dropout must be in [0, 1), got {args.cfg_dropout}")
-    if args.caption_dropout is not None and not 0.0 <= args.caption_dropout < 1.0:
-        p.error(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    for flag in ("dropout", "cfg_dropout", "caption_dropout"):  # rates; None = the default
+        value = getattr(args, flag)
+        if value is not None and not 0.0 <= value < 1.0:
+            p.error(f"--{flag} must be in [0, 1), got {value}")
     if args.text_vocab_size is not None and args.text_vocab_size < MIN_VOCAB_SIZE:
         p.error(f"--text_vocab_size must be at least {MIN_VOCAB_SIZE} (256 byte pieces + padding), "
                 f"got {args.text_vocab_size}")
