@@ -9,8 +9,11 @@ WEIGHTS ?= weights/emoji-64
 
 venv: $(STAMP)
 
-# Re-install whenever requirements.txt changes.
+# Re-install whenever requirements.txt changes. PyPI's Linux torch brings its CUDA libraries (about 6 GB in
+# .venv, even on a CPU-only machine): say so up front rather than after a failed install.
 $(STAMP): requirements.txt
+	@free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 7 ]; then \
+	  echo "warning: $$free GB free on this disk; .venv needs about 6 GB (PyTorch and its CUDA libraries)" >&2; fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,13 +149,18 @@ def serve_app(weights, root):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(app, "CACHE_ROOT", root / "cache")
+        # Gradio's uploads and outputs, and gradio_client's folder per download, go under root: in the system
+        # temp dir neither library removes them, and thousands piled up there over many runs.
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        (root / "tmp").mkdir(exist_ok=True)
+        mp.setattr(tempfile, "tempdir", str(root / "tmp"))
         demo = app.build_demo(weights)
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                     **app.LAUNCH_KWARGS)
-    try:
-        yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads"))
-    finally:
-        demo.close()
+        try:
+            yield Client(demo.local_url, verbose=False, download_files=str(root / "downloads"))
+        finally:
+            demo.close()
 
 
 @pytest.fixture(scope="module")
