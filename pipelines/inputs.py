@@ -62,7 +62,11 @@ def check_display_names(display_names, class_names: list[str]) -> dict[str, str]
                              f"(1-40 printable characters), got {label!r:.60}")
         label = shown[name] = label.strip()
         owner = owners.setdefault(label.casefold(), name)
-        clash = owner if owner != name else label if label in class_names and label != name else None
+        clash = None
+        if owner != name:  # another class has this display name
+            clash = owner
+        elif label in class_names and label != name:  # it is another class's own name
+            clash = label
         if clash:
             raise ValueError(f"class_display_names: {label!r} would name two classes, {clash!r} and {name!r}")
     return shown

@@ -92,7 +92,6 @@ STYLE_LICENCE = {"noto": "google", "twemoji": "twitter", "openmoji": "openmoji",
                  "fxemoji": "fxemoji", "noto_v1": "noto_v1", "emojione_v1": "emojione_v1"}
 
 
-
 class EmojiError(Exception):
     """A problem reported to the user as one line (exit code 2), without a traceback."""
 
