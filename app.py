@@ -249,6 +249,8 @@ def build_demo(pipe_or_path) -> gr.Blocks:
     prompts = pipe.prompts
     # the first prompts of prompts.json (training puts a spread of them first); "" only where the model allows it
     example_prompts = prompts[:5] or ([""] if pipe.caption_dropout != 0 else [])
+    chosen = pipe.examples
+    pictured = [e for e in chosen if weights and e.get("image") and (weights / e["image"]).is_file()]
 
     @gpu
     def generate(class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
@@ -349,7 +351,10 @@ def build_demo(pipe_or_path) -> gr.Blocks:
             go.click(generate, [cls, num, seed, temp, top_k, top_p, cfg, prompt], gallery, api_name="generate",
                      concurrency_id="model")
             n = min(4, pipe.max_images)
-            if pipe.has_text:  # with classes too: each example prompt in another class (e.g. style)
+            if chosen:  # pipeline.json's examples: (prompt, class) pairs the evaluation scored well
+                rows = [[e.get("class", RANDOM_CLASS), n, i] + ([e["prompt"]] if pipe.has_text else [])
+                        for i, e in enumerate(chosen[:6])]
+            elif pipe.has_text:  # with classes too: each example prompt in another class (e.g. style)
                 rows = [[pipe.class_names[i % len(pipe.class_names)] if has_classes else RANDOM_CLASS, n, i, p]
                         for i, p in enumerate(example_prompts)]
             else:
@@ -401,6 +406,9 @@ def build_demo(pipe_or_path) -> gr.Blocks:
             tails = [[p] for p in example_prompts] if pipe.has_text else [[]]  # the prompt column of text models
             rows = [[str(p), RANDOM_CLASS, n, 0, True, 0.0, 0.5, 1.0, 1.0] + tails[i % len(tails)]
                     for i, p in enumerate(example_images[:3] if tails else [])]
+            if pictured:  # each image with its own name and class
+                rows = [[str(weights / e["image"]), e.get("class", RANDOM_CLASS), n, 0, True, 0.0, 0.5, 1.0, 1.0]
+                        + ([e["prompt"]] if pipe.has_text else []) for e in pictured[:3]]
             if rows:
                 gr.Examples(rows, c_inputs[:len(rows[0])], completed, complete, cache_examples=True,
                             cache_mode="lazy", label="Examples (bottom half regenerated)")

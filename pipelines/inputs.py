@@ -10,7 +10,8 @@ import numpy as np
 
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
 OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title", "class_display_names",
-           "guidance", "top_k", "top_p")  # the keys of pipeline.json
+           "guidance", "top_k", "top_p", "examples")  # the keys of pipeline.json
+EXAMPLE_KEYS = ("prompt", "class", "image")  # an entry of pipeline.json's examples
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
 
 
@@ -70,6 +71,32 @@ def check_display_names(display_names, class_names: list[str]) -> dict[str, str]
         if clash:
             raise ValueError(f"class_display_names: {label!r} would name two classes, {clash!r} and {name!r}")
     return shown
+
+
+def check_examples(examples, class_names: list[str], has_text: bool) -> list[dict]:
+    """examples: the app's examples, chosen by measurement: a list of {"prompt": a prompt (text models),
+    "class": a class name (models with classes), "image": optional, a PNG under the folder's examples/ that
+    the Complete tab regenerates with that prompt and class} -> the same list, checked."""
+    if examples is None:
+        return []
+    if not isinstance(examples, list):
+        raise ValueError(f"examples must be a list of {{\"prompt\", \"class\", \"image\"}} objects, "
+                         f"got {type(examples).__name__}")
+    for i, e in enumerate(examples):
+        where = f"examples[{i}]"
+        if not isinstance(e, dict) or set(e) - set(EXAMPLE_KEYS):
+            raise ValueError(f"{where} must be an object with some of {list(EXAMPLE_KEYS)}, got {str(e):.60}")
+        if has_text != isinstance(e.get("prompt"), str) or (has_text and not e["prompt"].strip()):
+            want = "a non-empty prompt string" if has_text else "no prompt (the model has no text conditioning)"
+            raise ValueError(f"{where} needs {want}, got {e.get('prompt')!r:.60}")
+        if bool(class_names) != ("class" in e) or ("class" in e and e["class"] not in class_names):
+            want = f"a class, one of {class_names[:20]}" if class_names else "no class (the model has none)"
+            raise ValueError(f"{where} needs {want}, got {e.get('class')!r:.60}")
+        image = e.get("image")
+        if image is not None and not (isinstance(image, str) and image.startswith("examples/")
+                                      and image.endswith(".png") and ".." not in Path(image).parts):
+            raise ValueError(f"{where}: image must be a .png path under examples/, got {image!r:.60}")
+    return [dict(e) for e in examples]
 
 
 def read_options(file: Path) -> dict:

@@ -27,8 +27,9 @@ from rqtransformer.sampling import check_filters
 from rqvae import RQVAE
 
 from .hub import push_to_hub
-from .inputs import (batch_size, check_display_names, check_num_images, check_options, check_prompt_list,
-                     clean_prompt, is_number, is_whole, label_list, prompt_list, read_options, read_prompts)
+from .inputs import (batch_size, check_display_names, check_examples, check_num_images, check_options,
+                     check_prompt_list, clean_prompt, is_number, is_whole, label_list, prompt_list, read_options,
+                     read_prompts)
 from .outputs import Reconstruction, RQPipelineOutput
 from .streaming import decode_preview, sample_in_thread
 
@@ -48,7 +49,7 @@ class RQPipeline:
                  default_guidance_scale: float = 3.0, caption_dropout: float | None = None,
                  prompts: list[str] | None = None, class_title: str = "Class", guidance: bool = True,
                  top_k: int | list[int] | None = None, top_p: float | list[float] | None = None,
-                 class_display_names: dict[str, str] | None = None):
+                 class_display_names: dict[str, str] | None = None, examples: list[dict] | None = None):
         """caption_dropout: the rate of empty prompts the text model was trained with (None = unknown); 0 means
         the empty prompt was never seen, so sampling it (no prompt) is refused. prompts: example prompts (the
         training captions) for text models, saved as rqtransformer/prompts.json. class_title: what the classes
@@ -56,7 +57,7 @@ class RQPipeline:
         official checkpoints): guidance_scale must then stay 1. top_k, top_p: the sampling filters used when a
         call gives neither (one value, or a list of one per depth as the official configs give them).
         class_display_names: {class name: display name} ("fxemoji": "Firefox OS"), shown by the app and accepted
-        as class labels."""
+        as class labels. examples: the app's examples ({"prompt", "class", "image"}: see inputs.check_examples)."""
         tc, vc = transformer.config, rqvae.config
         if tc.codebook_size != vc.codebook_size or tuple(tc.code_shape) != vc.code_shape:
             raise ValueError(f"the transformer expects codes {tuple(tc.code_shape)} from a codebook of "
@@ -74,6 +75,7 @@ class RQPipeline:
         self._prompts, self.class_title = prompts, class_title.strip()
         self.guidance, self.top_k, self.top_p = guidance, top_k, top_p
         self.class_display_names = check_display_names(class_display_names, self.class_names)
+        self.examples = check_examples(examples, self.class_names if tc.num_classes else [], transformer.has_text)
         self.folder: Path | None = None  # set by from_pretrained; push_to_hub reuses its card and examples
 
     # ---- construction -------------------------------------------------------------------------
@@ -134,6 +136,8 @@ class RQPipeline:
         if not self.guidance:
             options["guidance"] = False
         options.update({k: v for k, v in (("top_k", self.top_k), ("top_p", self.top_p)) if v is not None})
+        if self.examples:
+            options["examples"] = self.examples
         (path / PIPELINE_FILE).write_text(json.dumps(options, indent=2) + "\n")
         if self._prompts:
             (path / "rqtransformer" / PROMPTS_FILE).write_text(
@@ -173,6 +177,10 @@ class RQPipeline:
     def prompts(self) -> list[str]:
         """Example prompts (training captions from prompts.json) of a text model; [] if none were saved."""
         return list(self._prompts)
+
+    @prompts.setter
+    def prompts(self, prompts: list[str]) -> None:
+        self._prompts = check_prompt_list(prompts, "prompts")
 
     # ---- input checks -------------------------------------------------------------------------
 

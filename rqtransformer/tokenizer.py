@@ -4,6 +4,11 @@ Byte-level means every Unicode string has an encoding: a word never seen in trai
 smaller pieces and, at worst, to its UTF-8 bytes, all 256 of which are always in the vocabulary. So any
 prompt tokenizes and no id is ever >= vocab_size. Captions are normalised (NFKC, lower case, runs of
 whitespace -> one space, trimmed) before splitting, so "Red  Circle" and "red circle" are one prompt.
+
+Name tokens (`add_names`): one extra id per training name, after the BPE vocabulary. A prompt that is exactly
+a known name (after normalisation) gets its name token after its BPE pieces, so a trained name addresses its
+own learned embedding while any other prompt goes through the pieces alone. They are special tokens: typing
+their text never produces them.
 """
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 TEXT_PAD_ID = 0  # right padding of every prompt; an all-pad row is the empty (unconditional) prompt
 PAD_TOKEN = "[PAD]"
 MIN_VOCAB_SIZE = 257  # 256 byte pieces + [PAD]
+NAME_TOKEN = "[name:{}]"  # the text of a name token (never produced by typing it: special tokens are not parsed)
 
 
 class PromptTokenizer:
@@ -26,6 +32,10 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         # "[PAD]" typed in a prompt is text, not padding: never let the input produce the special id
         self.tokenizer.encode_special_tokens = True
+        prefix, suffix = NAME_TOKEN.split("{}")
+        added = sorted(tokenizer.get_added_tokens_decoder().items())
+        self.name_ids = {t.content[len(prefix):-len(suffix)]: i for i, t in added
+                         if t.special and t.content.startswith(prefix) and t.content.endswith(suffix)}
 
     @classmethod
     def train(cls, captions: list[str], vocab_size: int) -> PromptTokenizer:
@@ -79,6 +89,26 @@ class PromptTokenizer:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def normalize(self, prompt: str) -> str:
+        """The prompt as the tokenizer sees it (NFKC, lower case, single spaces, trimmed)."""
+        return self.tokenizer.normalizer.normalize_str(prompt) if self.tokenizer.normalizer else prompt
+
+    def add_names(self, names: list[str]) -> int:
+        """Give each new distinct (normalised, non-empty) name its own token id, after every existing id
+        -> how many were added. Existing ids never move, so a model's embedding rows stay valid."""
+        new = list(dict.fromkeys(n for n in map(self.normalize, names) if n and n not in self.name_ids))
+        if new:
+            first = self.vocab_size
+            self.tokenizer.add_special_tokens([AddedToken(NAME_TOKEN.format(n), special=True, normalized=False)
+                                               for n in new])
+            self.name_ids.update({n: first + i for i, n in enumerate(new)})
+        return len(new)
+
+    @property
+    def first_name_id(self) -> int:
+        """Ids >= this are name tokens (vocab_size when there are none)."""
+        return min(self.name_ids.values(), default=self.vocab_size)
+
     @property
     def vocab_size(self) -> int:
         """The real vocabulary size, [PAD] included: every id is < vocab_size."""
@@ -86,7 +116,8 @@ class PromptTokenizer:
 
     def encode(self, prompts: list[str], max_len: int) -> tuple[torch.Tensor, list[bool]]:
         """prompts -> (ids [B, max_len] int64 right-padded with TEXT_PAD_ID, truncated[B]).
-        "" (or only whitespace) is all padding: the empty, unconditional prompt."""
+        "" (or only whitespace) is all padding: the empty, unconditional prompt. A known name's token follows
+        its pieces (in the last slot when they fill the row: the name token alone identifies it)."""
         if isinstance(prompts, str):
             raise ValueError("encode takes a list of prompts, not one string")
         bad = [p for p in prompts if not isinstance(p, str)]
@@ -97,9 +128,10 @@ class PromptTokenizer:
         ids = torch.full((len(prompts), max_len), TEXT_PAD_ID, dtype=torch.long)  # [B, max_len]
         truncated = []
         for i, enc in enumerate(self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
-            row = enc.ids[:max_len]
+            name = self.name_ids.get(self.normalize(prompts[i])) if self.name_ids else None
+            row = enc.ids[:max_len] if name is None else enc.ids[:max_len - 1] + [name]
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            truncated.append(len(enc.ids) > max_len)
+            truncated.append(len(enc.ids) + (name is not None) > max_len)
         return ids, truncated
 
     def decode(self, ids) -> str:
@@ -109,4 +141,5 @@ class PromptTokenizer:
         return self.tokenizer.decode([int(i) for i in ids if int(i) != TEXT_PAD_ID]).strip()
 
     def __repr__(self) -> str:
-        return f"PromptTokenizer(vocab_size={self.vocab_size})"
+        names = f", names={len(self.name_ids)}" if self.name_ids else ""
+        return f"PromptTokenizer(vocab_size={self.vocab_size}{names})"

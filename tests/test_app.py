@@ -239,3 +239,22 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
                                                                           "red circle · Circles"]
     assert "choices: Circles, Squares, Asterisks." in app.model_card(None, named)
     assert app.pick_prompt("  ") is None and app.pick_prompt(None) is None and app.pick_prompt(" a ") == " a "
+
+
+def test_measured_examples_pick_each_prompt_its_class_and_complete_its_own_image(tmp_path, monkeypatch):
+    """pipeline.json's examples (written by training.choose_examples): the Generate rows are its (prompt,
+    class) pairs; the Complete rows the entries with an image, each with its own prompt and class."""
+    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
+    pipe = tiny_text_pipeline()
+    pipe.examples = [{"prompt": "red circle", "class": "squares"}, {"prompt": "blue square", "class": "stars"},
+                     {"prompt": "green star", "class": "circles", "image": "examples/complete/x.png"}]
+    pipe.save_pretrained(tmp_path / "w")
+    (tmp_path / "w" / "examples" / "complete").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "w" / "examples" / "complete" / "x.png")
+    demo = app.build_demo(str(tmp_path / "w"))
+    datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
+    generate, complete = datasets[0].samples, datasets[-1].samples
+    assert [(r[0], r[-1]) for r in generate] == [("squares", "red circle"), ("stars", "blue square"),
+                                                 ("circles", "green star")]
+    assert len(complete) == 1 and complete[0][1] == "circles" and complete[0][-1] == "green star"
+    assert "x.png" in json.dumps(complete[0][0])  # the ImageEditor's value: its own image

@@ -175,15 +175,103 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
     assert json.loads((out / "report.json").read_text()) == report
     md = (out / "report.md").read_text()
     assert "| pair_retrieval_top10 | 1.0 |" in md and "| per_style | test_images |" in md and "| squares |" in md
-    for name in ("pairs.png", "heldout_emoji.png"):
+    for name in ("pairs.png", "heldout_emoji.png", "trained_pairs.png"):
         assert (out / name).is_file()
+    check_trained_pairs(report, pipe, styles, out)
+    check_choose_examples(text_weights, styles, out, tmp_path, capsys)
 
     # a quick run: one pair and one held-out emoji image, the saved judge reused
     quick = main(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--train_dir",
                   str(styles / "train"), "--classifier", str(tmp_path / "judge.safetensors"),
-                  "--max_pairs", "1", "--max_heldout_emoji", "1"])
-    assert quick["pairs"] == 1 and quick["heldout_emoji"] == 1
+                  "--max_pairs", "1", "--max_heldout_emoji", "1", "--trained_pairs", "0"])
+    assert quick["pairs"] == 1 and quick["heldout_emoji"] == 1 and "trained_pairs" not in quick
     assert quick["judge_test_accuracy"] == report["judge_test_accuracy"]
+
+
+def check_trained_pairs(report, pipe, styles, out):
+    """The trained-pairs section: all 6 training pairs (fewer than --trained_pairs 320), ranked among a style's
+    5 real images, the references beside them, and the NLL of the pairs with their name and without."""
+    assert report["trained_pairs"] == 6
+    for prefix in ("trained_pairs_", "trained_pairs_reconstruction_", "trained_pairs_other_styles_"):
+        assert 0 <= report[prefix + "top1"] <= report[prefix + "top10"] == 1.0  # 5 images a style: all in the 10
+        assert 1 <= report[prefix + "median_rank"] <= 5
+    assert report["trained_pairs_top10_share_of_reconstruction"] == 1.0
+    per = report["trained_pairs_per_category"]
+    assert set(per) == {"round", "boxy"} and sum(row["pairs"] for row in per.values()) == 6
+    train = captioned_image_folder(styles / "train", 32).images()[0]
+    codes = pipe.rqvae.encode(torch.stack([train[i][0] for i in range(len(train))]))
+    text = pipe.transformer.tokenizer.encode(train.captions, 6)[0]
+    labels = torch.tensor(train.targets)
+    named = per_depth_nll(pipe.transformer, codes, labels, text_tokens=text).mean()
+    empty = per_depth_nll(pipe.transformer, codes, labels).mean()
+    assert report["trained_pairs_nll_mean"] == pytest.approx(float(named), rel=1e-3)
+    depths = per_depth_nll(pipe.transformer, codes, labels, text_tokens=text)
+    assert [report[f"trained_pairs_nll_depth{d}"] for d in (1, 2)] == pytest.approx(depths.tolist(), rel=1e-3)
+    # from the first code alone (depth D is trained_pairs_reconstruction_top10); 5 images a style: all found
+    assert report["trained_pairs_reconstruction_depth1_top10"] == 1.0
+    assert "trained_pairs_reconstruction_depth2_top10" not in report
+    assert report["trained_pairs_prompt_information"] == pytest.approx(float(empty - named), abs=1e-3)
+    listed = json.loads((out / "trained_pairs.json").read_text())
+    assert len(listed) == 6 and {row["style"] for row in listed} == set(STYLES)
+    assert {(row["text"], row["file_name"]) for row in listed} == {
+        (c, os.path.relpath(path, train.root)) for c, (path, _) in zip(train.captions, train.samples)}
+    assert all(1 <= row["rank"] <= 5 and 1 <= row["reconstruction_rank"] <= 5 for row in listed)
+    assert "| trained_pairs_per_category | pairs |" in (out / "report.md").read_text()
+
+
+def check_choose_examples(text_weights, styles, out, tmp_path, capsys):
+    """training.choose_examples on that evaluation's trained_pairs.json: the best pairs, distinct names, the first
+    ones with their real image, the chosen names first in prompts.json; bad input is one line."""
+    import shutil
+
+    from training import choose_examples
+
+    weights = tmp_path / "w"
+    shutil.copytree(text_weights, weights)
+    args = ["--weights", str(weights), "--pairs", str(out / "trained_pairs.json"), "--train_dir", str(styles / "train")]
+    chosen = choose_examples.main([*args, "--count", "3", "--images", "2"])
+    listed = json.loads((out / "trained_pairs.json").read_text())
+    assert len(chosen) == 3 == len({e["prompt"] for e in chosen}) and ["image" in e for e in chosen] == [True, True, False]
+    best = min(r["rank"] for r in listed)
+    first = next(r for r in listed if (r["text"], r["style"]) == (chosen[0]["prompt"], chosen[0]["class"]))
+    assert first["rank"] == best
+    for e in chosen[:2]:
+        row = next(r for r in listed if (r["text"], r["style"]) == (e["prompt"], e["class"]))
+        assert (weights / e["image"]).read_bytes() == (styles / "train" / row["file_name"]).read_bytes()
+    pipe = RQPipeline.from_pretrained(weights, device="cpu")
+    assert pipe.examples == chosen and pipe.prompts[:3] == [e["prompt"] for e in chosen]
+    assert sorted(pipe.prompts) == sorted(RQPipeline.from_pretrained(text_weights, device="cpu").prompts)
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("[{\"text\": 1}]")
+    for pairs, message in ((tmp_path / "none.json", "does not exist: run training.evaluate"),
+                           (tmp_path / "bad.json", "expected training.evaluate's trained_pairs.json")):
+        with pytest.raises(SystemExit):
+            run_cli(lambda: choose_examples.main([*args[:2], "--pairs", str(pairs), *args[4:]]))
+        assert message in capsys.readouterr().err
+    (tmp_path / "moons.json").write_text(json.dumps([{**listed[0], "style": "moons"}]))
+    with pytest.raises(SystemExit):
+        run_cli(lambda: choose_examples.main([*args[:2], "--pairs", str(tmp_path / "moons.json"), *args[4:]]))
+    assert "has styles ['moons'] that" in capsys.readouterr().err
+
+
+def test_choosing_examples_goes_round_the_categories_and_styles():
+    from training.choose_examples import choose
+
+    rows = [{"text": f"n{i}", "style": f"s{i % 3}", "category": f"c{i % 2}", "rank": 1 + i % 4,
+             "reconstruction_rank": 1, "file_name": f"{i}.png"} for i in range(20)]
+    chosen = choose(rows, 6)
+    assert [r["category"] for r in chosen] == ["c0", "c1"] * 3 and len({r["text"] for r in chosen}) == 6
+    assert {r["style"] for r in chosen[:3]} == {"s0", "s1", "s2"} and chosen[0]["rank"] == 1
+    assert len(choose(rows, 100)) == 20
+
+
+def test_trained_pairs_take_the_same_share_of_each_category():
+    from training.evaluate_trained import trained_pairs
+
+    categories = ["a"] * 10 + ["b"] * 2 + ["c"] * 5
+    assert trained_pairs(categories, 6) == [0, 9, 10, 11, 12, 16]  # 2 each: a category's first and last rows
+    assert trained_pairs(categories, 100) == list(range(17))  # fewer rows than asked: all of them
+    assert trained_pairs(categories, 1) == [0, 10, 12]  # at least one per category
 
 
 def test_retrieval_ranks_count_only_nearer_images_of_the_query_style():
@@ -248,3 +336,9 @@ def test_figures_of_a_text_model_show_a_row_per_prompt_and_a_column_per_style(te
         assert im.size == (4 + 2 * 36, 4 + 3 * 36)
     for name in ("depths.png", "completion.png"):
         assert (tmp_path / "docs" / name).is_file()
+
+
+def test_trained_pairs_must_be_a_count(text_weights, styles, capsys):
+    with pytest.raises(SystemExit):
+        main(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--trained_pairs", "-1"])
+    assert "--trained_pairs: expected a whole number >= 0, got -1" in capsys.readouterr().err

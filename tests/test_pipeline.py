@@ -485,3 +485,33 @@ def test_class_display_names_label_classes_and_round_trip(pipe, tmp_path):
     (tmp_path / "p" / "pipeline.json").write_text(json.dumps({"class_display_names": {"moons": "Moons"}}))
     with pytest.raises(ValueError, match="'moons' is not a class of this model"):
         RQPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_examples_round_trip_and_bad_ones_are_named(pipe, tmp_path):
+    from conftest import tiny_text_pipeline
+
+    text = tiny_text_pipeline()
+    chosen = [{"prompt": "red circle", "class": "stars"}, {"prompt": "blue square", "class": "circles",
+                                                           "image": "examples/complete/blue.png"}]
+    text.examples = chosen
+    text.save_pretrained(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "pipeline.json").read_text())["examples"] == chosen
+    assert RQPipeline.from_pretrained(tmp_path / "t").examples == chosen
+    assert RQPipeline(pipe.rqvae, pipe.transformer, examples=[{"class": "stars"}]).examples == [{"class": "stars"}]
+    for model, bad, message in (
+            (text, {"prompt": "red circle"}, r"examples\[0\] needs a class, one of"),
+            (text, {"prompt": "red circle", "class": "moons"}, r"needs a class, one of \['circles'"),
+            (text, {"class": "stars"}, "needs a non-empty prompt string"),
+            (text, {"prompt": " ", "class": "stars"}, "needs a non-empty prompt string"),
+            (pipe, {"prompt": "red", "class": "stars"}, "needs no prompt"),
+            (text, {"prompt": "a", "class": "stars", "image": "../../etc/x.png"}, "a .png path under examples/"),
+            (text, {"prompt": "a", "class": "stars", "image": "examples/../../x.png"}, "a .png path under examples/"),
+            (text, {"prompt": "a", "class": "stars", "seed": 3}, "an object with some of"),
+            (text, "red circle", "an object with some of")):
+        with pytest.raises(ValueError, match=message):
+            RQPipeline(model.rqvae, model.transformer, examples=[bad], prompts=model.prompts)
+    with pytest.raises(ValueError, match="examples must be a list"):
+        RQPipeline(text.rqvae, text.transformer, examples={"prompt": "a"})
+    (tmp_path / "t" / "pipeline.json").write_text(json.dumps({"examples": [{"prompt": "a", "class": "moons"}]}))
+    with pytest.raises(ValueError, match="needs a class"):
+        RQPipeline.from_pretrained(tmp_path / "t")

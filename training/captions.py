@@ -42,10 +42,12 @@ def examples_first(prompts: list[str], count: int = 5) -> list[str]:
     return head + [p for p in prompts if p not in chosen]
 
 
-def caption_tokenizer(captions: list[str], vocab_size: int, cache_dir: Path) -> tuple[PromptTokenizer, Path]:
-    """(the prompt tokenizer of these captions, its file in --output_dir): loaded from the file when an
-    earlier start of this run saved it (so a resumed run tokenizes exactly as before), else trained."""
-    h = hashlib.sha256(f"vocab_size={vocab_size}\n".encode())
+def caption_tokenizer(captions: list[str], vocab_size: int, cache_dir: Path,
+                      names: bool = False) -> tuple[PromptTokenizer, Path]:
+    """(the prompt tokenizer of these captions, with a name token per distinct caption if `names`; its file in
+    --output_dir): loaded from the file when an earlier start of this run saved it (so a resumed run tokenizes
+    exactly as before), else trained."""
+    h = hashlib.sha256(f"vocab_size={vocab_size}\n".encode() + (b"names\n" if names else b""))
     for caption in captions:
         h.update(caption.encode() + b"\0")
     file = cache_dir / f"tokenizer-{h.hexdigest()[:16]}.json"
@@ -54,7 +56,10 @@ def caption_tokenizer(captions: list[str], vocab_size: int, cache_dir: Path) -> 
             return PromptTokenizer.from_file(file), file
         except ValueError:
             pass  # unreadable: train again
-    return PromptTokenizer.train(captions, vocab_size), file
+    tokenizer = PromptTokenizer.train(captions, vocab_size)
+    if names:
+        tokenizer.add_names(captions)
+    return tokenizer, file
 
 
 def tokenize(tokenizer: PromptTokenizer, captions: list[str], max_len: int, cache_dir: Path,

@@ -16,14 +16,18 @@ import torch
 from rqcore.pretrained import CONFIG_NAME, WEIGHTS_NAME, config_from_dict, load_weights, read_json
 
 
-def positive_int(text: str) -> int:
+def positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    return positive_int(text, least=0)
 
 
 def positive_float(text: str) -> float:
@@ -133,21 +137,30 @@ def config_source(args) -> tuple[str, str]:
     return (args.init_from, "--init_from") if args.init_from else ("emoji-64", "--config")
 
 
-def load_init_from(model: torch.nn.Module, init_from: str | None, class_rows: list | None = None) -> None:
+def load_init_from(model: torch.nn.Module, init_from: str | None, class_rows: list | None = None,
+                   text_rows: int | None = None) -> None:
     """--init_from: start from a saved model's weights (strict, so a config mismatch names the tensor).
     class_rows: the data adds classes to the saved model's; the new model's class i takes the saved class
     embedding row class_rows[i], a new class (None) the mean of the saved classes' rows, so that it starts
-    as an average of them; the null class stays the last row."""
+    as an average of them; the null class stays the last row.
+    text_rows: the saved text embedding's rows; rows the tokenizer added since (name tokens) start as the pad
+    token's row, so that the model starts as the saved one does on the prompts it knew."""
     if init_from:
         if not Path(init_from).is_dir():
             raise ValueError(f"--init_from {init_from} is not a model folder")
 
-        def add_classes(tensors: dict) -> None:
-            old = tensors["class_emb.weight"]  # [saved classes + 1, dim]
-            mean = old[:-1].float().mean(0).to(old.dtype)
-            tensors["class_emb.weight"] = torch.stack([mean if i is None else old[i] for i in class_rows] + [old[-1]])
+        def edit(tensors: dict) -> None:
+            if class_rows:
+                old = tensors["class_emb.weight"]  # [saved classes + 1, dim]
+                mean = old[:-1].float().mean(0).to(old.dtype)
+                tensors["class_emb.weight"] = torch.stack([mean if i is None else old[i] for i in class_rows]
+                                                          + [old[-1]])
+            grow = model.config.text_vocab_size - (text_rows or model.config.text_vocab_size)
+            if grow > 0 and len(tensors.get("text_emb.weight", ())) == text_rows:
+                old = tensors["text_emb.weight"]  # [saved rows, dim]; row 0: the pad token
+                tensors["text_emb.weight"] = torch.cat([old, old[:1].expand(grow, -1)])
 
-        load_weights(model, Path(init_from) / WEIGHTS_NAME, edit=add_classes if class_rows else None)
+        load_weights(model, Path(init_from) / WEIGHTS_NAME, edit=edit)
 
 
 def config_from_arg(config_class, presets: dict, value: str, flag: str = "--config", **overrides):

@@ -1,7 +1,9 @@
 """What evaluate.py and evaluate_text.py both measure with: reconstruction PSNR per depth and codebook usage,
 the per-depth NLL report, and the judge (a small CNN classifier, loaded or trained, and its accuracy).
 
-Imports neither of them, so the two evaluation modules import one way: evaluate -> evaluate_text -> here.
+Also the sampling and retrieval helpers of the captioned evaluation (evaluate_text and evaluate_trained).
+Imports none of them, so the evaluation modules import one way: evaluate -> evaluate_text -> evaluate_trained
+-> here.
 """
 from __future__ import annotations
 
@@ -12,11 +14,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from rqcore.metrics import psnr
 from rqcore.pretrained import load_weights, write_safetensors
 from rqvae import RQVAE
+
+from .captions import spread
+
+SAMPLES = 4  # samples per sampled (name, style) pair
+GRID_ROWS = 16  # rows (real image, then its samples) in a saved grid
+
 
 @torch.no_grad()
 def psnr_per_image(model: RQVAE, images: torch.Tensor, batch_size: int = 64,
@@ -116,3 +125,44 @@ def nll_report(nll: torch.Tensor) -> dict:
     out.update({f"perplexity_depth{d + 1}": round(math.exp(v), 2) for d, v in enumerate(nll.tolist())})
     out["nll_mean"] = round(float(nll.mean()), 4)
     return out
+
+
+@torch.no_grad()
+def judged(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [N,3,R,R] -> (unit-norm judge features [N,F], predicted categories [N])."""
+    feats = torch.cat([classifier.embed(x) for x in images.split(128)])
+    return F.normalize(feats, dim=1), classifier.head(feats).argmax(-1)
+
+
+def sample(pipe, rows: list[tuple[str, int]], args, generator, desc: str) -> torch.Tensor:
+    """SAMPLES images of each (prompt, style) row -> [len(rows) * SAMPLES, 3, R, R] in [-1,1], in row order;
+    several rows per call (one prompt and label per image), up to pipe.max_images images a call."""
+    jobs = [row for row in rows for _ in range(SAMPLES)]
+    out = []
+    for i in tqdm(range(0, len(jobs), pipe.max_images), desc=desc):
+        prompts, labels = zip(*jobs[i:i + pipe.max_images])
+        images = pipe(list(labels), prompt=list(prompts), guidance_scale=args.guidance_scale,
+                      temperature=args.temperature, top_k=args.top_k, generator=generator, output_type="pt").images
+        out.append(images * 2 - 1)
+    return torch.cat(out) if out else torch.zeros(0, 3, pipe.resolution, pipe.resolution)
+
+
+def sample_query(feats: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The judge features of SAMPLES samples per pair [pairs * SAMPLES, F] -> their unit means [pairs, F]."""
+    return F.normalize(feats.view(pairs, SAMPLES, feats.shape[1]).mean(1), dim=1)
+
+
+def retrieval_ranks(query, gallery, gallery_styles, styles, targets) -> torch.Tensor:
+    """Rank (1 = nearest, by cosine) of each query's target among the gallery images of its style.
+    query [P,F] and gallery [M,F] unit-norm, gallery_styles [M], styles [P], targets [P] gallery rows -> [P]."""
+    sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
+    target = sims[torch.arange(len(query)), targets]  # [P]
+    return (sims > target[:, None]).sum(1) + 1
+
+
+def save_rows(images: torch.Tensor, samples: torch.Tensor, rows: list[int], file: Path) -> None:
+    """A grid: for up to GRID_ROWS rows (spread), the real image, then its SAMPLES samples."""
+    shown = spread(list(range(len(rows))), GRID_ROWS)
+    if shown:
+        grid = torch.cat([torch.cat([images[rows[k]][None], samples[SAMPLES * k:SAMPLES * (k + 1)]]) for k in shown])
+        save_image(grid * 0.5 + 0.5, file, nrow=SAMPLES + 1)

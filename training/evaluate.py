@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipelines import RQPipeline
 from rqtransformer.losses import per_depth_nll
 
-from .cli import positive_int, run_cli
+from .cli import non_negative_int, positive_int, run_cli
 from .data import has_captions, image_folder
 # the measures evaluate_text shares live in eval_common (so imports run one way); SmallClassifier stays
 # importable from here, where it was defined before
@@ -68,6 +68,9 @@ def parse_args(argv=None):
                    help="held-out (emoji, style) pairs sampled, spread over all (default: all)")
     c.add_argument("--max_heldout_emoji", type=positive_int, default=None,
                    help="test images of held-out emoji sampled, spread over all (default: all)")
+    c.add_argument("--trained_pairs", type=non_negative_int, default=320,
+                   help="(emoji, style) pairs of --train_dir sampled by name, the same share from each category "
+                        "(0: none)")
     return p.parse_args(argv)
 
 

@@ -14,7 +14,8 @@ style (train + test) to the samples' mean feature (cosine, the judge's penultima
 and for reference the same retrieval of the RQ-VAE's reconstructions of the real images (the ceiling stage 1
 allows) and of the emoji's real images in its other styles (knowing the emoji, not the style's drawing);
 category consistency of the pair samples and of held-out emoji samples, and its ratio to the judge's
-accuracy on real test images (goal >= 0.9); sampling seconds per image at batch 4 on this CPU.
+accuracy on real test images (goal >= 0.9); trained (emoji, style) pairs sampled by name, ranked as the
+held-out pairs, with references and NLL (evaluate_trained.py); sampling seconds per image at batch 4 on this CPU.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from pipelines import RQPipeline
@@ -39,13 +39,13 @@ from rqtransformer.losses import per_image_nll
 
 from .captions import spread
 from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
-from .eval_common import accuracy, depth_report, fit_classifier, judge, nll_report, psnr_per_image
+from .eval_common import (SAMPLES, accuracy, depth_report, fit_classifier, judge, judged, nll_report,  # noqa: F401
+                          psnr_per_image, retrieval_ranks, sample, sample_query, save_rows)
+from .evaluate_trained import evaluate_trained
 
-SAMPLES = 4  # samples per held-out pair / held-out emoji image
 TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style
 TIMED_BATCH, TIMED_CALLS = 4, 3  # the app's default batch; the median of 3 calls after a warm-up
 HELDOUT = ("emoji", "pair")
-GRID_ROWS = 16  # rows (real image, then its samples) in pairs.png / heldout_emoji.png
 
 
 @dataclass
@@ -108,29 +108,9 @@ def load_split(folder: str, resolution: int, pipe: RQPipeline) -> Split:
 
 
 @torch.no_grad()
-def judged(classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [N,3,R,R] -> (unit-norm judge features [N,F], predicted categories [N])."""
-    feats = torch.cat([classifier.embed(x) for x in images.split(128)])
-    return F.normalize(feats, dim=1), classifier.head(feats).argmax(-1)
-
-
-@torch.no_grad()
 def folder_features(classifier, ds) -> torch.Tensor:
     loader = DataLoader(ds, batch_size=128, num_workers=1)
     return torch.cat([judged(classifier, x)[0] for x, *_ in tqdm(loader, desc="judge features")])
-
-
-def sample(pipe: RQPipeline, rows: list[tuple[str, int]], args, generator, desc: str) -> torch.Tensor:
-    """SAMPLES images of each (prompt, style) row -> [len(rows) * SAMPLES, 3, R, R] in [-1,1], in row order;
-    several rows per call (one prompt and label per image), up to pipe.max_images images a call."""
-    jobs = [row for row in rows for _ in range(SAMPLES)]
-    out = []
-    for i in tqdm(range(0, len(jobs), pipe.max_images), desc=desc):
-        prompts, labels = zip(*jobs[i:i + pipe.max_images])
-        images = pipe(list(labels), prompt=list(prompts), guidance_scale=args.guidance_scale,
-                      temperature=args.temperature, top_k=args.top_k, generator=generator, output_type="pt").images
-        out.append(images * 2 - 1)
-    return torch.cat(out) if out else torch.zeros(0, 3, pipe.resolution, pipe.resolution)
 
 
 def seconds_per_image(pipe: RQPipeline, prompt: str, style: int, args) -> tuple[float, int]:
@@ -156,14 +136,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def mean(x: torch.Tensor) -> float | None:
     return float(x.float().mean()) if x.numel() else None
-
-
-def save_rows(images: torch.Tensor, samples: torch.Tensor, rows: list[int], file: Path) -> None:
-    """A grid: for up to GRID_ROWS rows (spread), the real image, then its SAMPLES samples."""
-    shown = spread(list(range(len(rows))), GRID_ROWS)
-    if shown:
-        grid = torch.cat([torch.cat([images[rows[k]][None], samples[SAMPLES * k:SAMPLES * (k + 1)]]) for k in shown])
-        save_image(grid * 0.5 + 0.5, file, nrow=SAMPLES + 1)
 
 
 def evaluate_captioned(args, pipe: RQPipeline) -> dict:
@@ -211,14 +183,6 @@ def evaluate_captioned(args, pipe: RQPipeline) -> dict:
         report.update(judge_samples(args, pipe, test, train, images, codes, per_style))
     report["per_style"] = per_style
     return report
-
-
-def retrieval_ranks(query, gallery, gallery_styles, styles, targets) -> torch.Tensor:
-    """Rank (1 = nearest, by cosine) of each query's target among the gallery images of its style.
-    query [P,F] and gallery [M,F] unit-norm, gallery_styles [M], styles [P], targets [P] gallery rows -> [P]."""
-    sims = (query @ gallery.T).masked_fill(gallery_styles[None] != styles[:, None], float("-inf"))  # [P,M]
-    target = sims[torch.arange(len(query)), targets]  # [P]
-    return (sims > target[:, None]).sum(1) + 1
 
 
 @torch.no_grad()
@@ -284,7 +248,7 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     pairs, samples, feats, right = held_out_samples("pair", args.max_pairs, "pair samples")
     styles = test.styles[pairs]  # [P]
     targets = len(train.ds) + torch.tensor(pairs, dtype=torch.long)  # the real images' gallery rows [P]
-    query = F.normalize(feats.view(len(pairs), SAMPLES, feats.shape[1]).mean(1), dim=1)  # [P,F]
+    query = sample_query(feats, len(pairs))  # [P,F]
     ranks = retrieval_ranks(query, gallery, gallery_styles, styles, targets)
     hits = ranks <= TOP_K
     report.update({"pairs": len(pairs), f"pair_retrieval_top{TOP_K}": mean(hits),
@@ -295,6 +259,8 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
                                                       report["judge_test_accuracy"])
 
+    if args.trained_pairs:  # what a visitor typing a trained name sees: evaluate_trained.py
+        report.update(evaluate_trained(args, pipe, classifier, train, gallery, gallery_styles, g))
     emoji, emoji_samples, _, emoji_right = held_out_samples("emoji", args.max_heldout_emoji, "held-out emoji")
     report.update({"heldout_emoji": len(emoji), "heldout_emoji_category_consistency": mean(emoji_right)})
     report["heldout_emoji_category_consistency_ratio"] = ratio(report["heldout_emoji_category_consistency"],

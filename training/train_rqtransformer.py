@@ -88,9 +88,17 @@ def parse_args(argv=None):
     t.add_argument("--text_vocab_size", type=cli.positive_int, default=None,
                    help="vocabulary of the prompt tokenizer trained on the training captions (default 2048; "
                         "fewer when the captions hold fewer distinct pieces)")
-    t.add_argument("--text_pool", action="store_true",
+    t.add_argument("--text_pool", action=argparse.BooleanOptionalAction, default=None,
                    help="add the prompt's pooled token embeddings to the start token, as a class embedding is: "
-                        "the prompt reaches every position directly, not only through attention to the prefix")
+                        "the prompt reaches every position directly, not only through attention to the prefix "
+                        "(default: on for a new text model; with --init_from, the saved model's)")
+    t.add_argument("--name_tokens", action="store_true",
+                   help="give each distinct training caption its own learned token beside its BPE pieces, for "
+                        "short name-like captions (the emoji's names): a trained name then addresses what it was "
+                        "trained on, any other prompt goes through the pieces alone")
+    t.add_argument("--name_dropout", type=float, default=None,
+                   help="share of training rows whose name token is dropped, so that the pieces alone keep "
+                        "learning for unseen names (default 0.5; needs name tokens)")
     t.add_argument("--max_text_len", type=cli.positive_int, default=None,
                    help="prompt tokens the model reads; longer captions are truncated (default 32)")
     t.add_argument("--caption_dropout", type=float, default=None,
@@ -107,7 +115,7 @@ def parse_args(argv=None):
     if args.init_from:  # a pipeline folder: its rqtransformer/
         args.init_from = str(cli.model_folder(args.init_from, "--init_from", "rqtransformer"))
     args.config, args.config_flag = cli.config_source(args)
-    for flag in ("dropout", "cfg_dropout", "caption_dropout"):  # rates; None = the default
+    for flag in ("dropout", "cfg_dropout", "caption_dropout", "name_dropout"):  # rates; None = the default
         value = getattr(args, flag)
         if value is not None and not 0.0 <= value < 1.0:
             p.error(f"--{flag} must be in [0, 1), got {value}")
@@ -221,13 +229,23 @@ def main(argv=None):
                              f"its config's text_vocab_size is {saved.text_vocab_size}")
     elif captioned:  # trained on the training captions (its real size may be below --text_vocab_size)
         tokenizer, tokenizer_file = caption_tokenizer(
-            train_set.captions, args.text_vocab_size or TEXT_DEFAULTS["text_vocab_size"], out)
+            train_set.captions, args.text_vocab_size or TEXT_DEFAULTS["text_vocab_size"], out, args.name_tokens)
         max_text_len = args.max_text_len or TEXT_DEFAULTS["max_text_len"]
+    if args.name_tokens and not captioned:
+        raise ValueError(f"--name_tokens needs captions: {data_flag} has none")
+    text_rows = tokenizer.vocab_size if tokenizer else 0  # the saved model's rows, before any new name token
+    if args.name_tokens and saved is not None:  # the same names in the same order: a resumed run gets the same ids
+        tokenizer.add_names(train_set.captions)
+    if args.name_dropout is not None and not (tokenizer and tokenizer.name_ids):
+        raise ValueError("--name_dropout needs name tokens: add --name_tokens (or --init_from a model with them)")
+    name_dropout = (0.5 if args.name_dropout is None else args.name_dropout) if tokenizer and tokenizer.name_ids \
+        else 0.0
+    text_pool = args.text_pool if args.text_pool is not None or saved else (True if captioned else None)
     config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
                                  codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                                  num_classes=len(classes), class_names=classes,
                                  text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len,
-                                 text_pool=True if args.text_pool else None, dropout=args.dropout)
+                                 text_pool=text_pool, dropout=args.dropout)
     accelerator = trainer.setup(args, "rqtransformer")
     main_process = accelerator.is_main_process
     if tokenizer_file is not None and main_process and not tokenizer_file.is_file():
@@ -235,7 +253,7 @@ def main(argv=None):
     model = RQTransformer(config)
     model.tokenizer = tokenizer  # saved with the model (tokenizer.json)
     accelerator.print(f"RQ-Transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    cli.load_init_from(model, args.init_from, class_rows)
+    cli.load_init_from(model, args.init_from, class_rows, text_rows if saved and saved.max_text_len else None)
     if class_rows:
         accelerator.print(f"new classes {[c for c, i in zip(classes, class_rows) if i is None]} start from the mean "
                           f"of --init_from's class embeddings")
@@ -269,7 +287,9 @@ def main(argv=None):
     codes = train_data[0]
     text = (f"; {len(train_set.captions)} captions ({len(set(train_set.captions))} distinct), prompt tokenizer "
             f"{tokenizer.vocab_size} tokens, max_text_len {max_text_len} ({truncated[0]} captions truncated), "
-            f"caption dropout {args.caption_dropout}") if tokenizer else ""
+            f"caption dropout {args.caption_dropout}"
+            + (f", {len(tokenizer.name_ids)} name tokens, name dropout {name_dropout}" if tokenizer.name_ids else "")
+            ) if tokenizer else ""
     accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes" + text
                       + (f"; codes drawn at temperature {args.code_temperature}" if args.stochastic_codes else "")
                       + (f"; soft labels at temperature {args.code_temperature}" if args.soft_labels else ""))
@@ -326,6 +346,9 @@ def main(argv=None):
         if text is not None and args.caption_dropout > 0:  # learn the empty prompt too, drawn apart from classes
             empty = torch.rand(text.shape[0], device=text.device) < args.caption_dropout
             text = text.masked_fill(empty[:, None], TEXT_PAD_ID)
+        if text is not None and name_dropout > 0:  # the same caption without its name token: the pieces alone
+            drop = torch.rand(text.shape[0], device=text.device) < name_dropout
+            text = text.masked_fill(drop[:, None] & (text >= tokenizer.first_name_id), TEXT_PAD_ID)
         loss, acc = code_loss(model(stacks, y, text), stacks, targets)
         trainer.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
         logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
