@@ -155,7 +155,7 @@ def load_init_from(model: torch.nn.Module, init_from: str | None, class_rows: li
                 mean = old[:-1].float().mean(0).to(old.dtype)
                 tensors["class_emb.weight"] = torch.stack([mean if i is None else old[i] for i in class_rows]
                                                           + [old[-1]])
-            grow = model.config.text_vocab_size - (text_rows or model.config.text_vocab_size)
+            grow = model.config.text_vocab_size - text_rows if text_rows else 0
             if grow > 0 and len(tensors.get("text_emb.weight", ())) == text_rows:
                 old = tensors["text_emb.weight"]  # [saved rows, dim]; row 0: the pad token
                 tensors["text_emb.weight"] = torch.cat([old, old[:1].expand(grow, -1)])

@@ -240,7 +240,8 @@ def main(argv=None):
         raise ValueError("--name_dropout needs name tokens: add --name_tokens (or --init_from a model with them)")
     name_dropout = (0.5 if args.name_dropout is None else args.name_dropout) if tokenizer and tokenizer.name_ids \
         else 0.0
-    text_pool = args.text_pool if args.text_pool is not None or saved else (True if captioned else None)
+    # a new text model pools its prompt unless told not to; --init_from keeps the saved model's choice
+    text_pool = args.text_pool if args.text_pool is not None else saved.text_pool if saved else captioned or None
     config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
                                  codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
                                  num_classes=len(classes), class_names=classes,
