@@ -52,8 +52,8 @@ def choose(rows: list[dict], count: int) -> list[dict]:
     chosen: list[dict] = []
     while len(chosen) < count and any(queues.values()):
         for queue in queues.values():
-            used = {r["style"] for r in chosen[-(len(chosen) % len(all_styles)):]} if len(chosen) % len(all_styles) \
-                else set()  # the styles of the current round of len(all_styles) choices
+            round_start = len(chosen) - len(chosen) % len(all_styles)  # rounds of len(all_styles) choices
+            used = {r["style"] for r in chosen[round_start:]}
             if len(chosen) < count and queue:
                 r = next((r for r in queue if r["style"] not in used), queue[0])
                 chosen.append(r)

@@ -100,7 +100,7 @@ def evaluate_trained(args, pipe, classifier, train, gallery: torch.Tensor, galle
 
     report = {f"trained_pairs_{k}" if k != "pairs" else "trained_pairs": v
               for k, v in figures(torch.ones(len(rows), dtype=torch.bool)).items()}
-    report.update({f"trained_pairs_reconstruction_depth{d + 1}_top10": float((r <= 10).float().mean())
+    report.update({f"trained_pairs_reconstruction_depth{d + 1}_top{TOP[-1]}": float((r <= TOP[-1]).float().mean())
                    for d, r in enumerate(depth_ranks[:-1])})
     report.update({f"trained_pairs_nll_depth{d + 1}": float(v) for d, v in enumerate(nll_depths.mean(0))})
     report.update({"trained_pairs_nll_mean": float(nll.mean()),
