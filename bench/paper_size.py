@@ -99,7 +99,7 @@ sys.path.insert(0, {root!r})
 print(json.dumps({{"peak_mib": next(int(l.split()[1]) / 1024 for l in open("/proc/self/status")
                                     if l.startswith("VmHWM:"))}}))
 """
-IMPORTS = "import torch, pipelines, training.convert_official"
+IMPORTS = "import torch, pipelines, official.convert"
 
 
 def peak_mib(body: str) -> float:
@@ -123,7 +123,7 @@ def memory_figures(official: Path) -> list[dict]:
         args = ["--rqvae", str(official / "stage1"), "--rqtransformer", str(official / "stage2"),
                 "--output_dir", str(out)]
         t0 = time.perf_counter()
-        convert = peak_mib(f"training.convert_official.main({args!r})")
+        convert = peak_mib(f"official.convert.main({args!r})")
         seconds = time.perf_counter() - t0
         source = mib(official / "stage1" / "model.pt", official / "stage2" / "model.pt")
         weights = mib(*out.glob("*/model.safetensors"))

@@ -22,11 +22,11 @@ import json
 import time
 from pathlib import Path
 
-from bench import app_latency, load_test, official, sampling, training
+from bench import app_latency, load_test, sampling_speed, training, vs_official
 from bench.common import emit, machine_info, parse_args
 
-SECTIONS = {"sampling": sampling.figures, "training": training.figures, "app": app_latency.figures,
-            "load": load_test.figures, "official": official.figures}
+SECTIONS = {"sampling": sampling_speed.figures, "training": training.figures, "app": app_latency.figures,
+            "load": load_test.figures, "official": vs_official.figures}
 OPTIONS = {"app": lambda a: {"weights": a.app_weights},  # extra keyword arguments per section
            "load": lambda a: {"weights": a.app_weights}, "official": lambda a: {"tree": a.official}}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
                        help=f"results file (default: {DEFAULT_OUT.name} beside this script; none with --quick)")
         p.add_argument("--app-weights", default=app_latency.OPTIONS["weights"], help="pipeline folder for app.py")
         p.add_argument("--official", default=None, help=f"official source tree for the official section "
-                                                        f"(default: ${official.ENV}; skipped without one)")
+                                                        f"(default: ${vs_official.ENV}; skipped without one)")
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     t0 = time.perf_counter()
     results = {"machine": emit(machine_info(args.quick)), "figures": []}

@@ -1,5 +1,5 @@
 """RQPipeline.push_to_hub: the folder it uploads (save_pretrained's files + a model card + examples) and the
-upload. Loading from the Hub is rqcore.hub.resolve_folder, used by every from_pretrained."""
+upload. Loading from the Hub is rqcore.hub_transfer.resolve_folder, used by every from_pretrained."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rqcore.hub import push_written
+from rqcore.hub_transfer import push_written
 
 CARD_NAME = "README.md"
 PAPER = 'Lee et al., "Autoregressive Image Generation using Residual Quantization", CVPR 2022, arXiv 2203.01941'

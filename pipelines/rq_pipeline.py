@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rqcore.hub import resolve_folder
+from rqcore.hub_transfer import resolve_folder
 from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
@@ -84,7 +84,7 @@ class RQPipeline:
     def from_pretrained(cls, path, device=None, dtype=None, cpu_float16_weights: bool | None = None, *,
                         revision: str | None = None, local_files_only: bool = False, cache_dir=None,
                         token: str | bool | None = None) -> "RQPipeline":
-        """path: a saved pipeline folder or a Hub repo id "user/name" (at `revision`; see rqcore.hub).
+        """path: a saved pipeline folder or a Hub repo id "user/name" (at `revision`; see rqcore.hub_transfer).
         cpu_float16_weights: on the CPU, sample with the transformer's float16-weight copy
         (RQTransformer.quantized_for_cpu: 1.2-2x faster sampling). None (default): only where that loses
         nothing, i.e. the weights were stored as float16 (the bundled model's) and this CPU has the kernels;

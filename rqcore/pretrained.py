@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .hub import push_written, resolve_folder
+from .hub_transfer import push_written, resolve_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -224,7 +224,7 @@ model = {kind}.from_pretrained("{repo_id or 'path/to/this/folder'}")
                         token: str | bool | None = None, subfolder: str = ""):
         """Load a model saved by `save_pretrained` (strict: every tensor must match) from a folder or a Hub
         repo id "user/name" (at `revision`; `local_files_only`: from the Hub cache only; `subfolder`, e.g.
-        "rqvae" of a saved pipeline). See rqcore.hub."""
+        "rqvae" of a saved pipeline). See rqcore.hub_transfer."""
         path = Path(resolve_folder(path, revision=revision, local_files_only=local_files_only,
                                    cache_dir=cache_dir, token=token, subfolder=subfolder))
         if not path.is_dir():

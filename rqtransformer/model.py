@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from rqcore.hub import resolve_folder
+from rqcore.hub_transfer import resolve_folder
 from rqcore.pretrained import PretrainedMixin
 
 from .blocks import SHORT_SEQUENCE, Block, KVCache, causal_attention  # noqa: F401 (re-exported)

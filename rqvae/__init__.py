@@ -2,7 +2,7 @@
 __all__ = ["RQVAE", "RQVAEConfig", "PRESETS"]
 
 
-def __getattr__(name):  # imported on first use, so `python -m training.emoji` does not load torch
+def __getattr__(name):  # imported on first use, so `python -m emoji_data.build` does not load torch
     if name in __all__:
         from . import model
         return getattr(model, name)

@@ -242,7 +242,7 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
 
 
 def test_measured_examples_pick_each_prompt_its_class_and_complete_its_own_image(tmp_path, monkeypatch):
-    """pipeline.json's examples (written by training.choose_examples): the Generate rows are its (prompt,
+    """pipeline.json's examples (written by evaluation.choose_examples): the Generate rows are its (prompt,
     class) pairs; the Complete rows the entries with an image, each with its own prompt and class."""
     monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
     pipe = tiny_text_pipeline()

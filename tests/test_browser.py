@@ -84,7 +84,7 @@ def test_type_a_prompt_click_generate_and_see_the_images(served_text):
 def served_converted(tmp_path_factory):
     """The app around the converted official class fixture (see test_official.py), over HTTP."""
     from conftest import serve_app
-    from training.convert_official import main as convert
+    from official.convert import main as convert
 
     root = tmp_path_factory.mktemp("converted_app")
     fixtures = Path(__file__).parent / "fixtures" / "official"

@@ -1,4 +1,4 @@
-"""training.emoji on tiny fake npm packages (no network; a fake `npm` where one is needed): the categories
+"""emoji_data.build on tiny fake npm packages (no network; a fake `npm` where one is needed): the categories
 layout (v5) on emoji-datasource alone, then the nine-style captioned layout with real tiny SVGs (files, and
 an Iconify icon set's markup) rendered by the real renderer."""
 from __future__ import annotations

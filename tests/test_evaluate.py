@@ -14,7 +14,8 @@ from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer.losses import per_depth_nll
 from training.cli import run_cli
 from training.data import captioned_image_folder
-from training.evaluate import evaluate_depths, main
+from evaluation.evaluate import main
+from training.reconstruction import evaluate_depths
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_evaluate_refuses_other_classes(weights, tmp_path, capsys):
 def test_figures_script_writes_the_readme_pictures(weights, image_dir, tmp_path):
     from PIL import Image
 
-    from training.figures import main as figures
+    from evaluation.figures import main as figures
 
     figures(["--weights", str(weights), "--data_dir", str(image_dir), "--out", str(tmp_path / "docs"),
              "--per_class", "3"])
@@ -220,7 +221,7 @@ def check_trained_pairs(report, pipe, styles, out):
 
 
 def check_choose_examples(text_weights, styles, out, tmp_path, capsys):
-    """training.choose_examples on that evaluation's trained_pairs.json: the best pairs, distinct names, the first
+    """evaluation.choose_examples on that evaluation's trained_pairs.json: the best pairs, distinct names, the first
     ones with their real image, the chosen names first in prompts.json; bad input is one line."""
     import shutil
 
@@ -243,8 +244,8 @@ def check_choose_examples(text_weights, styles, out, tmp_path, capsys):
     assert sorted(pipe.prompts) == sorted(RQPipeline.from_pretrained(text_weights, device="cpu").prompts)
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("[{\"text\": 1}]")
-    for pairs, message in ((tmp_path / "none.json", "does not exist: run training.evaluate"),
-                           (tmp_path / "bad.json", "expected training.evaluate's trained_pairs.json")):
+    for pairs, message in ((tmp_path / "none.json", "does not exist: run evaluation.evaluate"),
+                           (tmp_path / "bad.json", "expected evaluation.evaluate's trained_pairs.json")):
         with pytest.raises(SystemExit):
             run_cli(lambda: choose_examples.main([*args[:2], "--pairs", str(pairs), *args[4:]]))
         assert message in capsys.readouterr().err
@@ -255,7 +256,7 @@ def check_choose_examples(text_weights, styles, out, tmp_path, capsys):
 
 
 def test_choosing_examples_goes_round_the_categories_and_styles():
-    from training.choose_examples import choose
+    from evaluation.choose_examples import choose
 
     rows = [{"text": f"n{i}", "style": f"s{i % 3}", "category": f"c{i % 2}", "rank": 1 + i % 4,
              "reconstruction_rank": 1, "file_name": f"{i}.png"} for i in range(20)]
@@ -266,7 +267,7 @@ def test_choosing_examples_goes_round_the_categories_and_styles():
 
 
 def test_trained_pairs_take_the_same_share_of_each_category():
-    from training.evaluate_trained import trained_pairs
+    from evaluation.trained import trained_pairs
 
     categories = ["a"] * 10 + ["b"] * 2 + ["c"] * 5
     assert trained_pairs(categories, 6) == [0, 9, 10, 11, 12, 16]  # 2 each: a category's first and last rows
@@ -275,7 +276,7 @@ def test_trained_pairs_take_the_same_share_of_each_category():
 
 
 def test_retrieval_ranks_count_only_nearer_images_of_the_query_style():
-    from training.evaluate_text import retrieval_ranks
+    from evaluation.text import retrieval_ranks
 
     gallery = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [1.0, 0.1]]), dim=1)
     gallery_styles = torch.tensor([0, 0, 0, 0, 1])  # the last image is nearest to query 0 but of another style
@@ -328,7 +329,7 @@ def test_figures_of_a_text_model_show_a_row_per_prompt_and_a_column_per_style(te
                                                                              one_thread):
     from PIL import Image
 
-    from training.figures import main as figures
+    from evaluation.figures import main as figures
 
     figures(["--weights", str(text_weights), "--data_dir", str(styles / "test"), "--out", str(tmp_path / "docs"),
              "--prompts", "red circle, blue square, green star", "--scale", "1"])

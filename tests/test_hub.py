@@ -14,7 +14,7 @@ from conftest import gen, tiny_pipeline
 
 from pipelines import RQPipeline
 from pipelines.hub import hub_folder
-from rqcore.hub import is_repo_id, resolve_folder
+from rqcore.hub_transfer import is_repo_id, resolve_folder
 from rqtransformer import RQTransformer
 from rqvae import RQVAE
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from pipelines import RQPipeline
 from rqtransformer.sampling import sample_logits
 from training import official
-from training.convert_official import main as convert
+from official.convert import main as convert
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_a_planted_pickle_is_refused_in_one_line_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     with open(stage1 / "model.pt", "wb") as f:
         pickle.dump({"state_dict": {}, "x": Planted(marker)}, f)
-    proc = subprocess.run([sys.executable, "-m", "training.convert_official", "--rqvae", str(stage1),
+    proc = subprocess.run([sys.executable, "-m", "official.convert", "--rqvae", str(stage1),
                            "--output_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and not marker.exists() and not (tmp_path / "out").exists()
     assert proc.stderr.count("\n") == 1 and "weights-only load refuses" in proc.stderr, proc.stderr

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import RQPipeline
-from training.convert_official import main as convert
+from official.convert import main as convert
 from training.train_rqtransformer import main as train_stage2
 from training.train_rqvae import main as train_stage1
 

@@ -11,7 +11,7 @@ import torch
 from rqvae import PRESETS, RQVAE
 from training.cli import run_cli
 from training.data import fixed_images
-from training.evaluate import evaluate_depths
+from training.reconstruction import evaluate_depths
 from training.train_rqvae import main
 from training.trainer import list_checkpoints
 

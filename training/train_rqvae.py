@@ -26,7 +26,7 @@ from rqvae.model import PRESETS, RQVAE, RQVAEConfig
 
 from . import cli, trainer
 from .data import CaptionedImageFolder
-from .evaluate import evaluate_depths
+from .reconstruction import evaluate_depths
 from .hf_data import train_data, validation_images
 
 

@@ -1,6 +1,6 @@
 """Make the README pictures from a saved pipeline.
 
-    python -m training.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
+    python -m evaluation.figures --weights weights/emoji-64 --data_dir data/emoji/test --out docs
 
 Writes samples.png (one row per class; for a text model one row per prompt, one column per class),
 depths.png (test images, then their reconstruction at depth 1..D, one column each) and completion.png
@@ -16,8 +16,8 @@ from torchvision.utils import save_image
 
 from pipelines import RQPipeline
 
-from .cli import positive_int, run_cli
-from .data import any_image_folder
+from training.cli import positive_int, run_cli
+from training.data import any_image_folder
 
 
 def upscale(x: torch.Tensor, factor: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Sampling figures: ours vs the reference package, cache on/off, limit ratio, CFG and text-prompt overhead,
 peak RSS.
 
-    .venv/bin/python -m bench.sampling            # reference configuration (part of `make bench`)
-    .venv/bin/python -m bench.sampling --quick    # tiny sizes: checks the script runs
-    .venv/bin/python -m bench.sampling --profile  # torch.profiler table of one cached generate
+    .venv/bin/python -m bench.sampling_speed            # reference configuration (part of `make bench`)
+    .venv/bin/python -m bench.sampling_speed --quick    # tiny sizes: checks the script runs
+    .venv/bin/python -m bench.sampling_speed --profile  # torch.profiler table of one cached generate
 
 Ours samples with top_k = the reference's filter_thres=0.9 filter (51 of 512 codes), temperature 1.
 The reference runs as shipped (`generate()` re-runs the full forward for each of the h*w*D tokens),
@@ -255,7 +255,7 @@ def figures(quick: bool = False) -> list[dict]:
 
 
 def peak_rss_sampling(batch: int, quick: bool) -> dict:
-    cmd = [sys.executable, "-m", "bench.sampling", "--rss-child", "--batch", str(batch),
+    cmd = [sys.executable, "-m", "bench.sampling_speed", "--rss-child", "--batch", str(batch),
            "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

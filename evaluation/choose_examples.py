@@ -1,9 +1,9 @@
 """Choose a pipeline's app examples by measurement: the trained (name, style) pairs that the evaluation's
 trained-pairs section (trained_pairs.json) scored best, spread over categories and styles.
 
-    python -m training.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
+    python -m evaluation.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
         --train_dir data/emoji/train --classifier runs/judge.safetensors --out runs/eval
-    python -m training.choose_examples --weights weights/emoji-64 --pairs runs/eval/trained_pairs.json \\
+    python -m evaluation.choose_examples --weights weights/emoji-64 --pairs runs/eval/trained_pairs.json \\
         --train_dir data/emoji/train
 
 Writes pipeline.json's "examples" (the Generate tab's examples; the first --images of them also carry their real
@@ -22,7 +22,7 @@ from pathlib import Path
 from pipelines import RQPipeline
 from pipelines.inputs import check_examples
 
-from .cli import non_negative_int, positive_int, run_cli
+from training.cli import non_negative_int, positive_int, run_cli
 
 PAIR_KEYS = ("text", "style", "category", "file_name", "rank", "reconstruction_rank")
 
@@ -30,13 +30,13 @@ PAIR_KEYS = ("text", "style", "category", "file_name", "rank", "reconstruction_r
 def read_pairs(file: Path) -> list[dict]:
     """trained_pairs.json -> its rows, each checked to have PAIR_KEYS."""
     if not file.is_file():
-        raise ValueError(f"--pairs {file} does not exist: run training.evaluate with --train_dir and --out first")
+        raise ValueError(f"--pairs {file} does not exist: run evaluation.evaluate with --train_dir and --out first")
     try:
         rows = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--pairs {file} is not valid JSON: {e}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and set(PAIR_KEYS) <= set(r) for r in rows):
-        raise ValueError(f"--pairs {file}: expected training.evaluate's trained_pairs.json (a list of objects with "
+        raise ValueError(f"--pairs {file}: expected evaluation.evaluate's trained_pairs.json (a list of objects with "
                          f"{list(PAIR_KEYS)})")
     return rows
 
@@ -69,7 +69,7 @@ def slug(text: str) -> str:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="the saved pipeline folder the evaluation scored")
-    p.add_argument("--pairs", required=True, help="trained_pairs.json of training.evaluate --out")
+    p.add_argument("--pairs", required=True, help="trained_pairs.json of evaluation.evaluate --out")
     p.add_argument("--train_dir", required=True, help="the training split the pairs' file_name is relative to")
     p.add_argument("--count", type=positive_int, default=6, help="Generate examples")
     p.add_argument("--images", type=non_negative_int, default=3, help="of them, Complete examples with their image")

@@ -1,4 +1,4 @@
-"""Evaluation of a text+class model on captioned style folders, run by training.evaluate when --data_dir has
+"""Evaluation of a text+class model on captioned style folders, run by evaluation.evaluate when --data_dir has
 a metadata.jsonl:
 
     <root>/{train,test}/<style>/<file>.png, and per split a metadata.jsonl: file_name, text (the emoji's name:
@@ -37,11 +37,11 @@ from rqcore.images import image_transform
 from rqcore.machine import cpu_model
 from rqtransformer.losses import per_image_nll
 
-from .captions import spread
-from .data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
-from .eval_common import (SAMPLES, accuracy, depth_report, fit_classifier, judge, judged, nll_report,  # noqa: F401
+from training.captions import spread
+from training.data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
+from .common import (SAMPLES, accuracy, depth_report, fit_classifier, judge, judged, nll_report,  # noqa: F401
                           psnr_per_image, retrieval_ranks, sample, sample_query, save_rows)
-from .evaluate_trained import evaluate_trained
+from .trained import evaluate_trained
 
 TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style
 TIMED_BATCH, TIMED_CALLS = 4, 3  # the app's default batch; the median of 3 calls after a warm-up
@@ -139,7 +139,7 @@ def mean(x: torch.Tensor) -> float | None:
 
 
 def evaluate_captioned(args, pipe: RQPipeline) -> dict:
-    """training.evaluate's report for a captioned --data_dir (and --train_dir): see the module's docstring."""
+    """evaluation.evaluate's report for a captioned --data_dir (and --train_dir): see the module's docstring."""
     vae, tf = pipe.rqvae, pipe.transformer
     if not (pipe.has_text and tf.config.num_classes > 0):
         has = "no text conditioning" if not pipe.has_text else "no style classes"

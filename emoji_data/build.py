@@ -1,9 +1,9 @@
 """Build the emoji data: 64 px emoji in nine styles, captioned with their names (default), or the older
 tree by category.
 
-    python -m training.emoji --out data/emoji
+    python -m emoji_data.build --out data/emoji
         [--styles noto,twemoji,openmoji,fluent_flat,fluent_modern,emojione,fxemoji,noto_v1,emojione_v1]
-    python -m training.emoji --out data/emoji --layout categories [--styles google,twitter]
+    python -m emoji_data.build --out data/emoji --layout categories [--styles google,twitter]
         [--version 16.0.0] [--openmoji_version 17.0.0] [--fluent_version 1.3.0] [--emojione_version 1.2.3]
         [--fxemoji_version 1.2.2] [--noto_v1_version 1.2.5] [--emojione_v1_version 1.2.3]
         [--skin_tones | --no-skin_tones] [--keywords [--max_keywords K] [--name_repeats N]]
@@ -59,7 +59,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.emoji_sources import (DEFAULT_VERSION, DROPPED_CATEGORY, ICONIFY_SLUGS, LICENCES, SOURCES, STYLE_LICENCE,
+from emoji_data.sources import (DEFAULT_VERSION, DROPPED_CATEGORY, ICONIFY_SLUGS, LICENCES, SOURCES, STYLE_LICENCE,
                                     STYLES, SVG_STYLES, VERSIONS, WANTED, EmojiError, check_renderer, fetch_package,
                                     load_png, no_fe0f, openmoji_index, openmoji_keywords, package_root,
                                     read_emoji_json, render_svg, style_images, variant_text, variants)
@@ -305,7 +305,7 @@ def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = Fal
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.emoji", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m emoji_data.build", description=__doc__.split("\n")[0],
                                 epilog="Images: Noto Emoji (Apache-2.0), Twemoji (CC-BY 4.0, Twitter, Inc and "
                                        "other contributors), OpenMoji (CC BY-SA 4.0), Fluent Emoji (MIT, "
                                        "Microsoft), EmojiOne 2 (CC BY 4.0, Ranks.com / EmojiTwo), Firefox OS "

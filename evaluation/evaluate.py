@@ -1,6 +1,6 @@
 """Evaluate a saved pipeline on held-out images; prints one JSON object and writes a report.
 
-    python -m training.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
+    python -m evaluation.evaluate --weights weights/emoji-64 --data_dir data/emoji/test \\
         --train_dir data/emoji/train --out runs/eval
 
 Measures: reconstruction PSNR at each depth 1..D and codebook usage on the test images; stage-2 test
@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 from pipelines import RQPipeline
 from rqtransformer.losses import per_depth_nll
 
-from .cli import non_negative_int, positive_int, run_cli
-from .data import has_captions, image_folder
+from training.cli import non_negative_int, positive_int, run_cli
+from training.data import has_captions, image_folder
 # the measures evaluate_text shares live in eval_common (so imports run one way); SmallClassifier stays
 # importable from here, where it was defined before
-from .eval_common import (SmallClassifier, accuracy, depth_report, evaluate_depths, fit_classifier,  # noqa: F401
+from .common import (SmallClassifier, accuracy, depth_report, evaluate_depths, fit_classifier,  # noqa: F401
                           judge, nll_report, psnr_per_image)
-from .evaluate_text import evaluate_captioned
+from .text import evaluate_captioned
 
 
 def train_classifier(train_dir: str, classes: list[str], resolution: int, steps: int, seed: int = 0):

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from rqtransformer.losses import per_image_nll
 
-from .captions import spread
-from .eval_common import judged, retrieval_ranks, sample, sample_query, save_rows
+from training.captions import spread
+from .common import judged, retrieval_ranks, sample, sample_query, save_rows
 
 TOP = (1, 10)  # retrieval within the top-1 and the top-10
 

@@ -1,8 +1,6 @@
-"""What evaluate.py and evaluate_text.py both measure with: reconstruction PSNR per depth and codebook usage,
-the per-depth NLL report, and the judge (a small CNN classifier, loaded or trained, and its accuracy).
-
-Also the sampling and retrieval helpers of the captioned evaluation (evaluate_text and evaluate_trained).
-Imports none of them, so the evaluation modules import one way: evaluate -> evaluate_text -> evaluate_trained
+"""What evaluate.py and text.py both measure with: the per-depth NLL report and the judge (a small CNN
+classifier, loaded or trained, and its accuracy), and the sampling and retrieval helpers of the captioned
+evaluation (text.py and trained.py). Imports none of them, so imports run one way: evaluate -> text -> trained
 -> here.
 """
 from __future__ import annotations
@@ -17,40 +15,12 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from rqcore.metrics import psnr
 from rqcore.pretrained import load_weights, write_safetensors
-from rqvae import RQVAE
-
-from .captions import spread
+from training.captions import spread
+from training.reconstruction import depth_report, evaluate_depths, psnr_per_image  # noqa: F401
 
 SAMPLES = 4  # samples per sampled (name, style) pair
 GRID_ROWS = 16  # rows (real image, then its samples) in a saved grid
-
-
-@torch.no_grad()
-def psnr_per_image(model: RQVAE, images: torch.Tensor, batch_size: int = 64,
-                   desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [N,3,R,R] -> (PSNR of each image's reconstruction at every depth 1..D [N,D], codes [N,h,w,D]);
-    a progress bar titled `desc` if given."""
-    D = model.config.code_depth
-    psnrs, codes = [], []
-    for chunk in tqdm(images.split(batch_size), desc=desc, disable=desc is None):
-        c = model.encode(chunk)
-        codes.append(c)
-        psnrs.append(torch.stack([psnr(model.decode(c, depth=k), chunk) for k in range(1, D + 1)], 1).float().cpu())
-    return torch.cat(psnrs), torch.cat(codes)
-
-
-def depth_report(psnrs: torch.Tensor, codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """psnr_depth1..D (means of psnrs [N,D]) and codebook_usage (the share of codes that codes [N,h,w,D] use)."""
-    out = {f"psnr_depth{k + 1}": float(v) for k, v in enumerate(psnrs.mean(0))}
-    out["codebook_usage"] = codes.flatten().unique().numel() / codebook_size
-    return out
-
-
-def evaluate_depths(model: RQVAE, images: torch.Tensor, batch_size: int = 64) -> dict[str, float]:
-    """PSNR at every depth 1..D and codebook usage of `images` (model in eval mode)."""
-    return depth_report(*psnr_per_image(model, images, batch_size), model.config.codebook_size)
 
 
 class SmallClassifier(nn.Module):

@@ -1,8 +1,8 @@
 """Ours vs the official RQ-Transformer sampler (kakaobrain/rq-vae-transformer): same weights, one process.
 
-    .venv/bin/python -m bench.official --official DIR          # DIR: a checkout or export of the official repository
+    .venv/bin/python -m bench.vs_official --official DIR          # DIR: a checkout or export of the official repository
     RQ_OFFICIAL_TREE=DIR .venv/bin/python -m bench.run --only official
-    .venv/bin/python -m bench.official --official DIR --quick  # tiny sizes: checks the script runs
+    .venv/bin/python -m bench.vs_official --official DIR --quick  # tiny sizes: checks the script runs
 
 Without a tree (neither --official nor RQ_OFFICIAL_TREE) this prints one "skipped" line and measures nothing.
 The official package is also named `rqvae`, so its `rqvae/` is copied to a temporary folder as
@@ -12,7 +12,7 @@ imported from there. Needs omegaconf and easydict (bench/requirements.txt).
 
 Method: the official RQTransformer (built through its own `augment_arch_defaults` / `get_rqtransformer`,
 random weights) and a small official RQ-VAE whose codebook it embeds (only `get_code_emb_with_depth` runs
-while sampling) are converted to our format in memory with training.official's functions, so both
+while sampling) are converted to our format in memory with official.layout's functions, so both
 samplers run the same weights. Greedy codes (top_k=1) are compared once. Then the official
 `sample(zeros, model_aux, cond=labels, top_k=None, top_p=None, cached=True)` (its KV cache, float32) and
 our `generate(class_labels=labels)` (float32, defaults: no filter, num_threads="auto") run in alternating
@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 
 from bench.common import REPEATS, emit, paired_times, parse_args, rnd, run_main, sizes, with_goal
-from bench.sampling import half_weights, ours_fn, threads_used
+from bench.sampling_speed import half_weights, ours_fn, threads_used
 import torch
 
 ENV = "RQ_OFFICIAL_TREE"

@@ -1,6 +1,6 @@
 """Convert the paper's released checkpoints (kakaobrain/rq-vae-transformer) into a pipeline folder.
 
-    python -m training.convert_official --rqvae stage1/ --rqtransformer stage2/ --output_dir OUT \
+    python -m official.convert --rqvae stage1/ --rqtransformer stage2/ --output_dir OUT \
         [--tokenizer DIR] [--ema]
 
 Each stage folder is laid out as in the released tarballs: model.pt beside config.yaml. The result loads
@@ -26,8 +26,8 @@ from rqcore.pretrained import assign_state
 from rqtransformer.model import RQTransformer
 from rqvae import RQVAE
 
-from . import official
-from .cli import run_cli
+from . import layout
+from training.cli import run_cli
 
 
 def parse_args(argv=None):
@@ -74,34 +74,34 @@ def build(model_class, config, convert, stage: str):
     with torch.device("meta"):
         model = model_class(config)
     state = convert(model)
-    official.check_shapes(model, state, stage)
+    layout.check_shapes(model, state, stage)
     assign_state(model, state)
     return model.eval()
 
 
 def convert_rqvae(folder: Path, ema: bool) -> tuple[RQVAE, bool]:
     """-> (our RQVAE in eval mode, whether EMA weights were used)."""
-    config = official.rqvae_config(official.read_yaml(folder))
-    tensors, use_ema = official.read_state(folder, ema=ema, fallback=True)
-    return build(RQVAE, config, lambda m: official.rqvae_state(m, config, tensors), "stage 1"), use_ema
+    config = layout.rqvae_config(layout.read_yaml(folder))
+    tensors, use_ema = layout.read_state(folder, ema=ema, fallback=True)
+    return build(RQVAE, config, lambda m: layout.rqvae_state(m, config, tensors), "stage 1"), use_ema
 
 
 def convert_transformer(folder: Path, vae: RQVAE, codebook: torch.Tensor, ema: bool,
                         tokenizer_dir: str | None) -> tuple[RQTransformer, dict]:
     """-> (our RQTransformer, the official sampling settings)."""
-    data = official.read_yaml(folder)
-    config = official.transformer_config(data, vae.config)
+    data = layout.read_yaml(folder)
+    config = layout.transformer_config(data, vae.config)
     if config.num_classes == 1000:  # ImageNet: the names in index order, from torchvision (nothing downloaded)
-        config.class_names = official.imagenet_class_names()
+        config.class_names = layout.imagenet_class_names()
     if config.max_text_len and not tokenizer_dir:
         raise ValueError("this stage 2 is a text model: give --tokenizer, the folder of the official BPE files")
     if tokenizer_dir and not config.max_text_len:
         raise ValueError("--tokenizer given, but this stage 2 has no text conditioning")
-    tensors, _ = official.read_state(folder, ema=ema)
-    model = build(RQTransformer, config, lambda m: official.transformer_state(config, tensors, codebook), "stage 2")
+    tensors, _ = layout.read_state(folder, ema=ema)
+    model = build(RQTransformer, config, lambda m: layout.transformer_state(config, tensors, codebook), "stage 2")
     if config.max_text_len:
-        model.tokenizer = official.text_tokenizer(Path(tokenizer_dir), data, config.text_vocab_size)
-    settings = official.sampling_settings(data)
+        model.tokenizer = layout.text_tokenizer(Path(tokenizer_dir), data, config.text_vocab_size)
+    settings = layout.sampling_settings(data)
     K = config.codebook_size
     top_k = settings["top_k"]  # the official sampler takes min(top_k, K), and None as no filter
     settings["top_k"] = [min(int(k), K) for k in top_k] if isinstance(top_k, list) else \
@@ -121,11 +121,11 @@ def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: di
         "---", "license: cc-by-nc-sa-4.0", "tags: [rq-vae, rq-transformer, converted]", "---", "",
         "# A converted RQ-VAE / RQ-Transformer checkpoint", "",
         f"Converted from the checkpoints released with *Autoregressive Image Generation using Residual "
-        f"Quantization* (Lee et al., CVPR 2022), repository {official.SOURCE}, by `python -m "
-        "training.convert_official`. The tensors are the official ones, rearranged; outputs match the official "
+        f"Quantization* (Lee et al., CVPR 2022), repository {layout.SOURCE}, by `python -m "
+        "official.convert`. The tensors are the official ones, rearranged; outputs match the official "
         "code in float32 (see the project's README).", "",
         "| stage | file | sha256 | weights |", "|---|---|---|---|", *rows, "",
-        f"**Licence: {official.LICENCE}.** The released weights may be used for non-commercial purposes only, "
+        f"**Licence: {layout.LICENCE}.** The released weights may be used for non-commercial purposes only, "
         "with attribution, and derivatives shared alike.", "",
         "## What the conversion did", "",
         f"- Stage 1: {vc.resolution} px images, {vc.code_shape[0]}x{vc.code_shape[1]}x{vc.code_shape[2]} codes from "
@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {out} ({official.LICENCE})")
+    print(f"wrote {out} ({layout.LICENCE})")
 
 
 if __name__ == "__main__":
