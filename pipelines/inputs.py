@@ -6,22 +6,13 @@ import difflib
 import json
 from pathlib import Path
 
-import numpy as np
+from rqcore.checks import is_number, is_whole
 
 MAX_IMAGES_LIMIT = 64  # per request; a pipeline.json from elsewhere cannot raise the app's cap beyond this
 OPTIONS = ("max_images", "default_guidance_scale", "caption_dropout", "class_title", "class_display_names",
            "guidance", "top_k", "top_p", "examples")  # the keys of pipeline.json
 EXAMPLE_KEYS = ("prompt", "class", "image")  # an entry of pipeline.json's examples
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
-
-
-def is_whole(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class", guidance=True) -> None:
     if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
@@ -39,10 +30,8 @@ def check_options(max_images, default_guidance_scale, caption_dropout, class_tit
         raise ValueError(f"guidance must be true or false (false: the null class is untrained, so "
                          f"default_guidance_scale must be 1), got {guidance!r}")
 
-
 def short_label(value) -> bool:
     return isinstance(value, str) and 0 < len(value.strip()) <= 40 and value.isprintable()
-
 
 def check_display_names(display_names, class_names: list[str]) -> dict[str, str]:
     """class_display_names: {class name: the name people know it by} -> the same, stripped. Classes left out
@@ -72,7 +61,6 @@ def check_display_names(display_names, class_names: list[str]) -> dict[str, str]
             raise ValueError(f"class_display_names: {label!r} would name two classes, {clash!r} and {name!r}")
     return shown
 
-
 def check_examples(examples, class_names: list[str], has_text: bool) -> list[dict]:
     """examples: the app's examples, chosen by measurement: a list of {"prompt": a prompt (text models),
     "class": a class name (models with classes), "image": optional, a PNG under the folder's examples/ that
@@ -98,7 +86,6 @@ def check_examples(examples, class_names: list[str], has_text: bool) -> list[dic
             raise ValueError(f"{where}: image must be a .png path under examples/, got {image!r:.60}")
     return [dict(e) for e in examples]
 
-
 def read_options(file: Path) -> dict:
     """pipeline.json -> the constructor's options (checked by the constructor); no file = defaults."""
     if not file.is_file():
@@ -115,7 +102,6 @@ def read_options(file: Path) -> dict:
         raise ValueError(f"{file}: unexpected content {sorted(map(str, unknown))}")
     return options
 
-
 def check_prompt_list(prompts, what: str) -> list[str]:
     if not isinstance(prompts, (list, tuple)):
         raise ValueError(f"{what} must be a list of prompt strings, got {type(prompts).__name__}")
@@ -123,7 +109,6 @@ def check_prompt_list(prompts, what: str) -> list[str]:
         if not isinstance(p, str):
             raise ValueError(f"{what} must be a list of prompt strings; item {i} is {type(p).__name__} {p!r:.60}")
     return list(prompts)
-
 
 def read_prompts(file: Path) -> list[str]:
     """prompts.json (a JSON list of training captions, for examples) -> list[str]; no file = []."""
@@ -134,7 +119,6 @@ def read_prompts(file: Path) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     return check_prompt_list(prompts, str(file))
-
 
 def class_index(label, names: list[str], aliases: dict[str, str] | None = None) -> int:
     """A class name, a display name (aliases: display name -> class name) or an index -> the index."""
@@ -154,12 +138,10 @@ def class_index(label, names: list[str], aliases: dict[str, str] | None = None) 
         raise ValueError(f"class index {label} is out of range 0..{len(names) - 1}")
     return int(label)
 
-
 def check_num_images(num_images, max_images: int) -> None:
     if num_images is not None and not (is_whole(num_images) and 1 <= num_images <= max_images):
         raise ValueError(f"num_images must be a whole number from 1 to {max_images} (or None: one image per "
                          f"label or prompt), got {num_images!r}")
-
 
 def label_list(class_labels, names: list[str], num_classes: int, max_images: int,
                aliases: dict[str, str] | None = None) -> list[int] | None:
@@ -179,7 +161,6 @@ def label_list(class_labels, names: list[str], num_classes: int, max_images: int
         raise ValueError(f"give 1 to {max_images} class labels, got {len(items)}")
     return [class_index(item, names, aliases) for item in items]
 
-
 def prompt_list(prompt, has_text: bool, max_images: int) -> list[str] | None:
     """A prompt string, or a list of them (one per image) -> list[str]; None = no prompt."""
     if prompt is None:
@@ -198,7 +179,6 @@ def prompt_list(prompt, has_text: bool, max_images: int) -> list[str] | None:
             raise ValueError(f"prompts must be strings; prompt {i} is {type(p).__name__} {p!r:.60}")
     return [valid_unicode(p) for p in prompt]
 
-
 def batch_size(labels: list | None, prompts: list | None, num_images) -> int:
     """One label (prompt) is repeated num_images times (default 1); several make one image each, so num_images
     must then be None or their count, and several labels and several prompts must be as many."""
@@ -214,12 +194,10 @@ def batch_size(labels: list | None, prompts: list | None, num_images) -> int:
             return n
     return int(num_images or 1)
 
-
 def valid_unicode(text: str) -> str:
     """Surrogate code points (from JSON escapes or a broken client) paired up into characters, lone ones
     replaced by U+FFFD: the tokenizer (and any JSON encoder) takes valid Unicode only."""
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
 
 def clean_prompt(text: str, max_text_len: int) -> tuple[str, bool]:
     """-> (the prompt to tokenize, whether it was cut). A huge prompt is cut to a generous number of
