@@ -111,7 +111,7 @@ def build_pair(off: dict, c: dict, seed: int = 0):
 
     from rqtransformer import RQTransformer
     from rqvae import RQVAE
-    from training import official as conv
+    from official import layout as conv
 
     models, config = off["models"], off["utils.config"]
     arch1, arch2 = official_archs(c)

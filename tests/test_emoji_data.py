@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training import emoji, emoji_sources
+from emoji_data import build as emoji, sources as emoji_sources
 from training.data import captioned_image_folder
 
 STYLES = ("google", "twitter")

@@ -225,7 +225,7 @@ def check_choose_examples(text_weights, styles, out, tmp_path, capsys):
     ones with their real image, the chosen names first in prompts.json; bad input is one line."""
     import shutil
 
-    from training import choose_examples
+    from evaluation import choose_examples
 
     weights = tmp_path / "w"
     shutil.copytree(text_weights, weights)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipelines import RQPipeline
 from rqtransformer.sampling import sample_logits
-from training import official
+from official import layout as official
 from official.convert import main as convert
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
