@@ -112,7 +112,7 @@ def emit(record: dict) -> dict:
 
 
 def with_goal(record: dict, goal: str | None, met: bool | None) -> dict:
-    """Attach issue 7's goal; with --quick the sizes differ, so nothing is judged (met = None)."""
+    """Attach the figure's goal; with --quick the sizes differ, so nothing is judged (met = None)."""
     record["goal"], record["met"] = goal, None if QUICK_RUN else met
     return record
 

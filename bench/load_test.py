@@ -1,4 +1,4 @@
-"""Many users at once: a bounded loopback load test of the served app (issue 8).
+"""Many users at once: a bounded loopback load test of the served app.
 
     .venv/bin/python -m bench.load_test            # part of `make bench`: 16 users x 4 requests, then the overflow run
     .venv/bin/python -m bench.load_test --quick    # 4 users x 1 request (overflow: queue of 1): checks the script
@@ -172,6 +172,17 @@ def one_request(client, seed: int, kwargs: dict, deadline: float, expected_image
                 "seconds": time.perf_counter() - t0}
 
 
+class InFlight:
+    """Requests sent and not yet answered, and the most at any one time (the caller holds the lock)."""
+
+    def __init__(self):
+        self.now = self.most = 0
+
+    def add(self, n: int) -> None:
+        self.now += n
+        self.most = max(self.most, self.now)
+
+
 def run_users(server: Server, users: int, requests: int, kwargs: dict, expected_images: int,
               deadline: float) -> dict:
     """`users` threads, each its own Client, released together; each sends `requests` requests in turn."""
@@ -179,7 +190,7 @@ def run_users(server: Server, users: int, requests: int, kwargs: dict, expected_
 
     results: list[dict] = []
     lock = threading.Lock()
-    in_flight, most_in_flight = [0], [0]
+    in_flight = InFlight()
     start = threading.Barrier(users + 1)
 
     def user(index: int):
@@ -196,11 +207,10 @@ def run_users(server: Server, users: int, requests: int, kwargs: dict, expected_
                 out = dict(error)
             else:
                 with lock:
-                    in_flight[0] += 1
-                    most_in_flight[0] = max(most_in_flight[0], in_flight[0])
+                    in_flight.add(1)
                 out = one_request(client, 1000 * index + r, kwargs, deadline, expected_images)
                 with lock:
-                    in_flight[0] -= 1
+                    in_flight.add(-1)
             with lock:
                 results.append(out)
 
@@ -224,7 +234,7 @@ def run_users(server: Server, users: int, requests: int, kwargs: dict, expected_
     missing = users * requests - len(done)  # threads still stuck past the deadline
     done += [{"outcome": "timeout", "message": "no answer before the deadline"}] * missing
     return {"results": done, "wall": wall, "queue_sizes": monitor.queue_sizes, "rss": monitor.rss,
-            "most_in_flight": most_in_flight[0]}
+            "most_in_flight": in_flight.most}
 
 
 def summarize(run: dict, total: int) -> dict:

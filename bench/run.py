@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.run --only app --app-weights /path/to/pipeline
     .venv/bin/python -m bench.run --only official --official DIR   # vs the official sampler (DIR: its source tree)
 
-Method (issue 7): one process, same configuration and thread count for ours and the reference,
+Method: one process, same configuration and thread count for ours and the reference,
 warm-up excluded, median of >= 3 repeats (time.perf_counter). OMP_WAIT_POLICY=PASSIVE is set before
 torch is imported (bench/__init__.py); the thread count and the load average at start are recorded
 in the "machine" record: compare runs only on an otherwise idle machine. About 5-10 minutes on 2 cores.

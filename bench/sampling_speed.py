@@ -35,10 +35,10 @@ import torch
 from rqtransformer.sampling import auto_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEEDUP_GOALS = (25.0, 50.0, None)  # issue 19, per batch (1, 16, 64): >= 25x the reference, >= 50x
-LIMIT_GOAL, CFG_GOAL, RSS_GOAL_MIB = 3.0, 1.6, 1.5 * 1024  # issue 19: sampling <= 3x a forward at batch 16
+SPEEDUP_GOALS = (25.0, 50.0, None)  # per batch (1, 16, 64): >= 25x the reference, >= 50x, none
+LIMIT_GOAL, CFG_GOAL, RSS_GOAL_MIB = 3.0, 1.6, 1.5 * 1024  # sampling <= 3x a forward at batch 16
 OURS_REPEATS = 5        # ours is fast: more repeats for steadier medians on a shared machine
-TEXT_GOAL, PROMPT_TOKENS, TEXT_VOCAB = 1.1, 16, 1000  # issue 15: a 16-token prompt adds <= 10 %
+TEXT_GOAL, PROMPT_TOKENS, TEXT_VOCAB = 1.1, 16, 1000  # a 16-token prompt adds <= 10 %
 REF_STRATA = 8          # timed steps for an extrapolated reference run
 REF_FULL_LIMIT_S = 150  # measure the reference fully when (warm-up + repeats) fits in this
 
@@ -115,21 +115,28 @@ class _OverBudget(Exception):
     pass
 
 
-def timed_or_skip(fn, limit_s: float, positions: int) -> dict:
-    """median_time(fn), unless its warm-up run (stopped through generate's per-position callback once it
-    passes limit_s) would take longer: then say so with an estimate from the positions done."""
-    t0, done = time.perf_counter(), [0]
+class _Budget:
+    """generate's per-position callback: stops the run once it passes limit_s, counting the positions done."""
 
-    def budget(step, codes):
-        done[0] = step
-        if time.perf_counter() - t0 > limit_s:
+    def __init__(self, limit_s: float):
+        self.limit_s, self.t0, self.done = limit_s, time.perf_counter(), 0
+
+    def __call__(self, step, codes):
+        self.done = step
+        if time.perf_counter() - self.t0 > self.limit_s:
             raise _OverBudget
+
+
+def timed_or_skip(fn, limit_s: float, positions: int) -> dict:
+    """median_time(fn), unless its warm-up run (stopped once it passes limit_s) would take longer: then say
+    so with an estimate from the positions done."""
+    budget = _Budget(limit_s)
     try:
         fn(callback=budget)
     except _OverBudget:
-        spent = time.perf_counter() - t0
-        return {"skipped": f"one run would take ~{spent * positions / done[0]:.0f} s > {limit_s:.0f} s budget "
-                           f"({done[0]} of {positions} positions in {spent:.1f} s)"}
+        spent, done = time.perf_counter() - budget.t0, budget.done
+        return {"skipped": f"one run would take ~{spent * positions / done:.0f} s > {limit_s:.0f} s budget "
+                           f"({done} of {positions} positions in {spent:.1f} s)"}
     return median_time(fn, REPEATS, warmup=0)
 
 
@@ -150,17 +157,24 @@ def ours_record(m: dict, batch: int, cache: bool, top_k: int, **extra) -> dict:
 
 def figures(quick: bool = False) -> list[dict]:
     cfg = sizes(quick)
-    h, w, D = cfg["code_shape"]
-    k = reference_top_k(cfg["codebook_size"])
-    bs = batches(quick)
-    out, ours_s = [], {}
+    k, bs = reference_top_k(cfg["codebook_size"]), batches(quick)
     model, ref = build_ours(cfg), build_reference(cfg)
+    half = half_weights(model)  # the opt-in float16 weights, where fbgemm exists
+    out = speed_figures(cfg, model, ref, half, k, bs, quick)
+    out += thread_figures(model, k, bs)
+    out += limit_figures(cfg, model, half, k, bs)
+    out += overhead_figures(cfg, model, k, bs[1])
+    out.append(emit(peak_rss_sampling(bs[1], quick)))  # peak RSS of sampling at batch 16, in a fresh process
+    return out
+
+
+def speed_figures(cfg: dict, model, ref, half, k: int, bs, quick: bool) -> list[dict]:
+    """Sampling: ours (cache on) vs the reference, with the float16 weights in the same rounds at batch 1
+    and 16; then ours without the cache."""
+    h, w, D = cfg["code_shape"]
+    out, ours_s = [], {}
     params = {"ours_params": sum(p.numel() for p in model.parameters()),
               "reference_params": sum(p.numel() for p in ref.parameters())}
-
-    # 1. sampling: ours (cache on) vs the reference, with the opt-in float16 weights
-    # (RQTransformer.quantized_for_cpu, where fbgemm exists) in the same rounds at batch 1 and 16
-    half = half_weights(model)
     for b, goal in zip(bs, SPEEDUP_GOALS):
         fns = {"float32": ours_fn(model, b, k)}
         if half is not None and b in bs[:2]:
@@ -178,23 +192,32 @@ def figures(quick: bool = False) -> list[dict]:
                                   f">= {goal:g}x reference" if goal else None,
                                   speedup >= goal if goal else None)))
         if "float16" in t:
-            f16 = t["float16"]["seconds"]
-            out.append(emit(with_goal({
-                "figure": "sampling_float16_weights", "batch": b, "float16_seconds": rnd(f16),
-                "float32_seconds": rnd(m["seconds"]), "float16_cpu_seconds": t["float16"]["cpu_seconds"],
-                "float32_cpu_seconds": m["cpu_seconds"], "speedup_vs_float32": rnd(m["seconds"] / f16, 3),
-                "speedup_vs_reference": rnd(r["seconds"] / f16, 3), "repeats": t["float16"]["repeats"],
-                "reference_extrapolated": r["extrapolated"]},
-                f">= {goal:g}x reference with float16 weights (opt-in)" if goal else None,
-                r["seconds"] / f16 >= goal if goal else None)))
+            out.append(emit(float16_record(t, r, b, goal)))
         elif b in bs[:2]:
             out.append(emit({"figure": "sampling_float16_weights", "batch": b, "skipped": "no fbgemm on this CPU"}))
     for b, limit in ((bs[0], float("inf")), (bs[1], 60.0)):  # uncached: batch 1 always, 16 if a run < 60 s
         m = timed_or_skip(ours_fn(model, b, k, use_cache=False), limit, positions=h * w)
         extra = {} if "skipped" in m else {"cache_speedup": rnd(m["seconds"] / ours_s[b], 3)}
         out.append(emit(ours_record(m, b, False, k, **extra)))
+    return out
 
-    # 1b. generate()'s default of one intra-op thread vs the process setting (what the reference uses)
+
+def float16_record(t: dict, r: dict, b: int, goal: float | None) -> dict:
+    """The float16 weights against the float32 model and the reference, timed in the same rounds."""
+    m, f16 = t["float32"], t["float16"]["seconds"]
+    return with_goal({
+        "figure": "sampling_float16_weights", "batch": b, "float16_seconds": rnd(f16),
+        "float32_seconds": rnd(m["seconds"]), "float16_cpu_seconds": t["float16"]["cpu_seconds"],
+        "float32_cpu_seconds": m["cpu_seconds"], "speedup_vs_float32": rnd(m["seconds"] / f16, 3),
+        "speedup_vs_reference": rnd(r["seconds"] / f16, 3), "repeats": t["float16"]["repeats"],
+        "reference_extrapolated": r["extrapolated"]},
+        f">= {goal:g}x reference with float16 weights (opt-in)" if goal else None,
+        r["seconds"] / f16 >= goal if goal else None)
+
+
+def thread_figures(model, k: int, bs) -> list[dict]:
+    """generate()'s default of one intra-op thread vs the process setting (what the reference uses)."""
+    out = []
     for b in bs:
         t = paired_times({"process": ours_fn(model, b, k, num_threads=None), "default": ours_fn(model, b, k)})
         m, d = t["process"], t["default"]["seconds"]
@@ -202,9 +225,13 @@ def figures(quick: bool = False) -> list[dict]:
                          "process_threads_seconds": rnd(m["seconds"]), "runs": m["runs"],
                          "default_seconds": rnd(d), "default_threads": threads_used(b, True),
                          "speedup": rnd(m["seconds"] / d, 3)}))
+    return out
 
-    # 2. limit ratio: sampling time / one teacher-forced forward over the same batch (same FLOPs, no steps),
-    # timed in alternating rounds; with float16 weights too (against the same float32 forward)
+
+def limit_figures(cfg: dict, model, half, k: int, bs) -> list[dict]:
+    """Limit ratio: sampling time / one teacher-forced forward over the same batch (same FLOPs, no steps),
+    timed in alternating rounds; with float16 weights too (against the same float32 forward)."""
+    out = []
     for b in bs[1:]:
         codes = random_codes(cfg, b)
 
@@ -225,20 +252,22 @@ def figures(quick: bool = False) -> list[dict]:
                        float16_ratio=rnd(t["float16_sampling"]["seconds"] / f, 3))
         out.append(emit(with_goal(rec, f"<= {LIMIT_GOAL:g}x teacher-forced forward" if goal else None,
                                   ratio <= LIMIT_GOAL if goal else None)))
+    return out
 
-    # 3. CFG overhead: a class-conditional model (9 classes), guidance 3 vs 1 at batch 16
-    cond, b = build_ours(cfg, num_classes=9), bs[1]
+
+def overhead_figures(cfg: dict, model, k: int, b: int) -> list[dict]:
+    """CFG overhead (a class-conditional model of 9 classes, guidance 3 vs 1) and text-prompt overhead (the
+    same sizes with a 16-token prompt prefixing the codes vs no text), both at batch `b`."""
+    cond = build_ours(cfg, num_classes=9)
     labels = torch.arange(b) % 9
     t = paired_times({"guided": ours_fn(cond, b, k, labels=labels, guidance=3.0),
                       "plain": ours_fn(cond, b, k, labels=labels, guidance=1.0)})
     guided, plain = t["guided"], t["plain"]
     ratio = guided["seconds"] / plain["seconds"]
-    out.append(emit(with_goal({"figure": "cfg_overhead", "batch": b, "guidance_scale": 3.0,
-                               "guided_seconds": rnd(guided["seconds"]), "unguided_seconds": rnd(plain["seconds"]),
-                               "ratio": rnd(ratio, 3), "repeats": REPEATS},
-                              f"<= {CFG_GOAL:g}x unguided", ratio <= CFG_GOAL)))
-
-    # 4. text prompt overhead: the same sizes with a 16-token prompt prefixing the codes vs no text, batch 16
+    out = [emit(with_goal({"figure": "cfg_overhead", "batch": b, "guidance_scale": 3.0,
+                           "guided_seconds": rnd(guided["seconds"]), "unguided_seconds": rnd(plain["seconds"]),
+                           "ratio": rnd(ratio, 3), "repeats": REPEATS},
+                          f"<= {CFG_GOAL:g}x unguided", ratio <= CFG_GOAL))]
     text_model = build_ours({**cfg, "text_vocab_size": TEXT_VOCAB, "max_text_len": PROMPT_TOKENS})
     prompt = torch.randint(1, TEXT_VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     t = paired_times({"prompted": ours_fn(text_model, b, k, text_tokens=prompt), "plain": ours_fn(model, b, k)})
@@ -248,9 +277,6 @@ def figures(quick: bool = False) -> list[dict]:
                                "prompt_seconds": rnd(prompted["seconds"]), "no_text_seconds": rnd(plain["seconds"]),
                                "ratio": rnd(ratio, 3), "repeats": REPEATS},
                               f"<= {TEXT_GOAL:g}x no text", ratio <= TEXT_GOAL)))
-
-    # 6a. peak RSS of sampling at batch 16, in a fresh process
-    out.append(emit(peak_rss_sampling(b, quick)))
     return out
 
 

@@ -1,11 +1,11 @@
 """Does a prompt condition as well as a class label? A paired toy: the same 16-px images of four colours,
 once as class folders (class = the colour) and once as captions ("a red circle"), the same tiny RQ-VAE, and
 stage 2 trained through the real entry point for the same steps; then 16 samples per colour at guidance 1
-and 3, scored by their dominant colour. Variants: the class path, the text path as it was (the prompt is
+and 3, scored by their dominant colour. Variants: the class path, the plain text path (the prompt is
 an attention prefix), and the text path with --text_pool (the prompt's pooled embedding also joins the
 start token, as a class embedding does).
 
-    python -m bench.text_vs_class [--seeds 3]     # seeds x 2 step counts x 3 variants, 30 s per seed
+    python -m bench.text_vs_class [--seeds 3]     # seeds x 2 step counts x 3 variants
     python -m bench.text_vs_class --quick         # one seed, few steps: checks the script
 """
 from __future__ import annotations

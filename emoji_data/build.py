@@ -1,4 +1,4 @@
-"""Build the emoji data: 64 px emoji in nine styles, captioned with their names (default), or the older
+"""Build the emoji data: 64 px emoji in nine styles, captioned with their names (default), or a
 tree by category.
 
     python -m emoji_data.build --out data/emoji
@@ -13,9 +13,8 @@ Fetches npm packages with `npm pack` (needs Node.js/npm): emoji-datasource-googl
 emoji.json, the list of emoji with names and categories), openmoji (colour SVGs), fluentui-emoji
 (icons/flat and icons/modern SVGs) and four Iconify icon sets, each one icons.json of SVGs: @iconify-json/emojione,
 -fxemoji, -noto-v1 and -emojione-v1 (EmojiOne 2, Firefox OS, Noto's first blob design, EmojiOne 1). SVGs are
-rendered antialiased at 64 px; everything is composited on white and written as RGB PNG. The v6 data is the
-first five styles, v6e's the first seven; the four Iconify sets draw about 1,300, 650, 1,200 and 1,100 of the
-same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
+rendered antialiased at 64 px; everything is composited on white and written as RGB PNG. The four Iconify
+sets each draw part of the same emoji once more. The "Component" category (bare skin-tone swatches) is dropped.
 
 Styles layout (default), a captioned folder per split whose class sub-folders are the styles:
 
@@ -33,7 +32,7 @@ zlib.crc32(unified.encode()) % 100 < 10 (the base emoji's code, e.g. "1F600"); e
 is held out ("pair") when zlib.crc32(f"{unified}/{style}".encode()) % 100 < 10, the emoji staying in train
 in its other styles.
 
-Categories layout (the v5 data): <out>/{train,test}/<category>/<style>_<image>.png plus categories.json
+Categories layout: <out>/{train,test}/<category>/<style>_<image>.png plus categories.json
 and manifest.json, an emoji held out (all its styles) by the first rule alone.
 
 Skin-tone variations are OFF by default: they differ from the base emoji only in skin colour and would
@@ -59,12 +58,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rqcore.checks import is_whole
 from emoji_data.sources import (DEFAULT_VERSION, DROPPED_CATEGORY, ICONIFY_SLUGS, LICENCES, SOURCES, STYLE_LICENCE,
-                                    STYLES, SVG_STYLES, VERSIONS, WANTED, EmojiError, check_renderer, fetch_package,
-                                    load_png, no_fe0f, openmoji_index, openmoji_keywords, package_root,
-                                    read_emoji_json, render_svg, style_images, variant_text, variants)
+                                STYLES, SVG_STYLES, VERSIONS, WANTED, EmojiError, check_renderer, fetch_package,
+                                load_png, no_fe0f, openmoji_index, openmoji_keywords, package_root, read_emoji_json,
+                                render_svg, style_images, variant_text, variants)
 
 __all__ = ["EmojiError", "build_from_packages", "build_styles_from_packages", "main"]
+
 
 def slug(category: str) -> str:
     """Filesystem-safe, sortable, readable folder name: "Smileys & Emotion" -> "smileys_and_emotion"."""
@@ -169,9 +170,9 @@ def check_caption_options(keywords: bool, max_keywords: int | None, name_repeats
     """Refuse keyword options that would silently change nothing or drop rows (CLI and library alike)."""
     if keywords and layout != "styles":
         raise EmojiError("--keywords needs the styles layout (captioned folders)")
-    if max_keywords is not None and (not keywords or not isinstance(max_keywords, int) or max_keywords < 1):
+    if max_keywords is not None and (not keywords or not is_whole(max_keywords) or max_keywords < 1):
         raise EmojiError("--max_keywords needs --keywords and a whole number >= 1")
-    if name_repeats != 1 and (not keywords or not isinstance(name_repeats, int) or name_repeats < 1):
+    if name_repeats != 1 and (not keywords or not is_whole(name_repeats) or name_repeats < 1):
         raise EmojiError("--name_repeats needs --keywords and a whole number >= 1")
 
 
@@ -201,6 +202,36 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
     if max_keywords is not None:  # keep the words most emoji share: they are what links names together
         shared = Counter(w for ws in words.values() for w in ws)
         words = {code: sorted(ws, key=lambda w: -shared[w])[:max_keywords] for code, ws in words.items()}
+    jobs, match, unmatched_out = style_jobs(packages, styles, emojis, skin_tones, cldr, words)
+    tmp = _tmp_for(out)
+    try:
+        rows, counts, heldout = write_style_images(tmp, jobs, styles, name_repeats)
+        manifest = {
+            "layout": "styles", "versions": versions, "styles": list(styles), "skin_tones": skin_tones,
+            "dropped_category": DROPPED_CATEGORY,
+            "split_rule": {"emoji": "test (heldout 'emoji') if zlib.crc32(unified.encode()) % 100 < 10",
+                           "pair": "else test (heldout 'pair') if zlib.crc32(f'{unified}/{style}'.encode()) "
+                                   "% 100 < 10, unified being the base emoji's code"},
+            "emojis": len(emojis), "images": {s: sum(c.values()) for s, c in counts.items()},
+            "keyword_captions": sum(bool(r.get("keyword")) for r in rows["train"]),
+            "counts": counts, "heldout_images": {k: heldout[k] for k in ("emoji", "pair")}, "match": match,
+            "licences": {k: LICENCES[k] for k in dict.fromkeys(
+                ["emoji-datasource"] + [STYLE_LICENCE[s] for s in styles])},
+        }
+        _write_json(tmp / "manifest.json", manifest)
+        _write_json(tmp / "unmatched.json", unmatched_out)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for split, c in counts.items():  # an empty style folder would shift the class indices
+        if empty := [st for st, n in c.items() if n == 0]:
+            print(f"warning: {split} has no images for {', '.join(empty)}", file=sys.stderr)
+    return manifest
+
+
+def style_jobs(packages: dict[str, Path], styles, emojis: list[dict], skin_tones: bool, cldr: dict,
+               words: dict) -> tuple[list, dict, dict]:
+    """(jobs: (source, split, metadata row) per image; match counts per style; what matched nothing)."""
     jobs, match, unmatched_out = [], {}, {}
     for style in styles:
         if SOURCES[style][0] not in packages:
@@ -226,49 +257,32 @@ def build_styles_from_packages(packages: dict[str, Path], out: Path, styles=tupl
                 row["keywords"] = words[no_fe0f(e["unified"])]
     if not jobs:
         raise EmojiError("no images selected: check --styles and the packages")
+    return jobs, match, unmatched_out
 
-    tmp = _tmp_for(out)
+
+def write_style_images(tmp: Path, jobs: list, styles, name_repeats: int) -> tuple[dict, dict, Counter]:
+    """Render every job into tmp/<split>/<style>/ and write each split's metadata.jsonl; returns (rows per
+    split, image counts per split and style, images per heldout kind)."""
     counts = {s: {st: 0 for st in styles} for s in ("train", "test")}
     heldout = Counter()
-    try:
-        rows = {"train": [], "test": []}
-        for src, split, row in tqdm(jobs, desc="emoji", unit="img", mininterval=2):
-            dst = tmp / split / row["file_name"]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            (render_svg(src) if isinstance(src, str) or src.suffix == ".svg" else load_png(src)).save(dst)
-            rows[split].append(row)
-            if split == "train":  # extra captions of the same file: training only, so the test pairs stay one each
-                rows[split] += [row] * (name_repeats - 1)
-                rows[split] += [{"file_name": row["file_name"], "text": w, "unified": row["unified"],
-                                 "category": row["category"], "keyword": True}
-                                for w in row.get("keywords", []) if w != row["text"]]
-            counts[split][row["file_name"].split("/")[0]] += 1
-            heldout[row.get("heldout", "train")] += 1
-        for split, rs in rows.items():
-            (tmp / split).mkdir(parents=True, exist_ok=True)
-            (tmp / split / "metadata.jsonl").write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), encoding="utf-8")
-        manifest = {
-            "layout": "styles", "versions": versions, "styles": list(styles), "skin_tones": skin_tones,
-            "dropped_category": DROPPED_CATEGORY,
-            "split_rule": {"emoji": "test (heldout 'emoji') if zlib.crc32(unified.encode()) % 100 < 10",
-                           "pair": "else test (heldout 'pair') if zlib.crc32(f'{unified}/{style}'.encode()) "
-                                   "% 100 < 10, unified being the base emoji's code"},
-            "emojis": len(emojis), "images": {s: sum(c.values()) for s, c in counts.items()},
-            "keyword_captions": sum(bool(r.get("keyword")) for r in rows["train"]),
-            "counts": counts, "heldout_images": {k: heldout[k] for k in ("emoji", "pair")}, "match": match,
-            "licences": {k: LICENCES[k] for k in dict.fromkeys(
-                ["emoji-datasource"] + [STYLE_LICENCE[s] for s in styles])},
-        }
-        _write_json(tmp / "manifest.json", manifest)
-        _write_json(tmp / "unmatched.json", unmatched_out)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for split, c in counts.items():  # an empty style folder would shift the class indices
-        if empty := [st for st, n in c.items() if n == 0]:
-            print(f"warning: {split} has no images for {', '.join(empty)}", file=sys.stderr)
-    return manifest
+    rows = {"train": [], "test": []}
+    for src, split, row in tqdm(jobs, desc="emoji", unit="img", mininterval=2):
+        dst = tmp / split / row["file_name"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (render_svg(src) if isinstance(src, str) or src.suffix == ".svg" else load_png(src)).save(dst)
+        rows[split].append(row)
+        if split == "train":  # extra captions of the same file: training only, so the test pairs stay one each
+            rows[split] += [row] * (name_repeats - 1)
+            rows[split] += [{"file_name": row["file_name"], "text": w, "unified": row["unified"],
+                             "category": row["category"], "keyword": True}
+                            for w in row.get("keywords", []) if w != row["text"]]
+        counts[split][row["file_name"].split("/")[0]] += 1
+        heldout[row.get("heldout", "train")] += 1
+    for split, rs in rows.items():
+        (tmp / split).mkdir(parents=True, exist_ok=True)
+        (tmp / split / "metadata.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), encoding="utf-8")
+    return rows, counts, heldout
 
 
 def build(out: Path, layout: str = "styles", styles=None, skin_tones: bool = False, cache_dir: Path | None = None,
@@ -314,7 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        "emoji-datasource (MIT).")
     p.add_argument("--out", required=True, type=Path, help="output root (gets train/ and test/)")
     p.add_argument("--layout", choices=("styles", "categories"), default="styles",
-                   help="styles: captioned, one class per style (default); categories: the v5 tree")
+                   help="styles: captioned, one class per style (default); categories: one class per category")
     p.add_argument("--styles", default=None, help=f"comma-separated; styles layout: {','.join(SOURCES)} "
                    f"(default all); categories layout: {','.join(STYLES)} (default both)")
     p.add_argument("--version", default=DEFAULT_VERSION, help="emoji-datasource-* npm version (default %(default)s)")

@@ -9,7 +9,7 @@ judged by a small CNN classifier trained here on --train_dir (its accuracy on th
 is printed beside it, as the ceiling the samples can be compared with).
 
 Captioned folders (a metadata.jsonl with a `category` column: emoji drawn in styles, the styles being the
-model's classes and the names its prompts) are evaluated as in evaluate_text.py: per-style PSNR, NLL
+model's classes and the names its prompts) are evaluated as in evaluation/text.py: per-style PSNR, NLL
 given the test prompts, retrieval of held-out (emoji, style) pairs and category consistency of samples.
 """
 from __future__ import annotations
@@ -29,10 +29,8 @@ from rqtransformer.losses import per_depth_nll
 
 from training.cli import non_negative_int, positive_int, run_cli
 from training.data import has_captions, image_folder
-# the measures evaluate_text shares live in eval_common (so imports run one way); SmallClassifier stays
-# importable from here, where it was defined before
-from .common import (SmallClassifier, accuracy, depth_report, evaluate_depths, fit_classifier,  # noqa: F401
-                          judge, nll_report, psnr_per_image)
+# the measures evaluation.text shares live in evaluation.common, so imports run one way
+from .common import accuracy, depth_report, fit_classifier, judge, nll_report, psnr_per_image
 from .text import evaluate_captioned
 
 

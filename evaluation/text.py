@@ -15,7 +15,7 @@ and for reference the same retrieval of the RQ-VAE's reconstructions of the real
 allows) and of the emoji's real images in its other styles (knowing the emoji, not the style's drawing);
 category consistency of the pair samples and of held-out emoji samples, and its ratio to the judge's
 accuracy on real test images (goal >= 0.9); trained (emoji, style) pairs sampled by name, ranked as the
-held-out pairs, with references and NLL (evaluate_trained.py); sampling seconds per image at batch 4 on this CPU.
+held-out pairs, with references and NLL (evaluation/trained.py); sampling seconds per image at batch 4 on this CPU.
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def judge_samples(args, pipe: RQPipeline, test: Split, train: Split, images: tor
     report["pair_category_consistency_ratio"] = ratio(report["pair_category_consistency"],
                                                       report["judge_test_accuracy"])
 
-    if args.trained_pairs:  # what a visitor typing a trained name sees: evaluate_trained.py
+    if args.trained_pairs:  # what a visitor typing a trained name sees: evaluation/trained.py
         report.update(evaluate_trained(args, pipe, classifier, train, gallery, gallery_styles, g))
     emoji, emoji_samples, _, emoji_right = held_out_samples("emoji", args.max_heldout_emoji, "held-out emoji")
     report.update({"heldout_emoji": len(emoji), "heldout_emoji_category_consistency": mean(emoji_right)})

@@ -1,4 +1,4 @@
-"""The trained-pairs section of the captioned evaluation (evaluate_text.judge_samples calls it with
+"""The trained-pairs section of the captioned evaluation (evaluation.text's judge_samples calls it with
 --train_dir): what a visitor who types a name the model was trained on sees.
 
 A fixed sample of --trained_pairs (emoji, style) pairs of the training split, the same share from each category
@@ -66,7 +66,7 @@ def other_style_queries(names: list[str], styles: torch.Tensor, rows: list[int],
 @torch.no_grad()
 def evaluate_trained(args, pipe, classifier, train, gallery: torch.Tensor, gallery_styles: torch.Tensor,
                      generator: torch.Generator) -> dict:
-    """The trained-pairs figures (see the module's docstring). train: evaluate_text's Split of --train_dir;
+    """The trained-pairs figures (see the module's docstring). train: evaluation.text's Split of --train_dir;
     gallery [M,F] the unit judge features of every real image, train rows first; gallery_styles [M]."""
     vae, tf = pipe.rqvae, pipe.transformer
     rows = trained_pairs(train.categories, args.trained_pairs)

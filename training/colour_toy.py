@@ -1,6 +1,6 @@
 """A 16-px colour toy for checking that conditioning works: a circle or a square in a darker shade of one of
 four background colours, scored by the image's dominant colour, and a tiny RQ-VAE fitted to such images in
-seconds. Used by the tests and by bench.text_vs_class (prompts against class labels)."""
+seconds on a CPU. Used by the tests and by bench.text_vs_class (prompts against class labels)."""
 from __future__ import annotations
 
 import numpy as np

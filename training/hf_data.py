@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from rqcore.checks import is_whole
 from rqcore.images import image_transform, load_image
 
 from .data import CaptionedImageFolder, any_image_folder, check_images, fixed_images, spread_images
@@ -156,7 +157,7 @@ def hub_dataset(args, resolution: int, split: str, need_captions: bool = False, 
     classes, targets = [], [0] * len(ds)
     if args.label_column:
         feature, values = ds.features[args.label_column], list(ds[args.label_column])
-        if any(v is None or (isinstance(v, int) and v < 0) for v in values):
+        if any(v is None or (is_whole(v) and v < 0) for v in values):
             raise ValueError(f"{where}: --label_column '{args.label_column}' has rows without a label")
         if isinstance(feature, datasets.ClassLabel):
             classes, targets = list(feature.names), values

@@ -37,22 +37,21 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import save_image
 
 from pipelines import RQPipeline
-from pipelines.inputs import check_display_names, check_options, read_options
+from pipelines.inputs import check_options
 from rqtransformer.losses import code_loss, per_depth_nll
-from rqtransformer.model import PRESETS, TEXT_PAD_ID, TOKENIZER_NAME, RQTransformer, RQTransformerConfig
-from rqtransformer.tokenizer import MIN_VOCAB_SIZE, PromptTokenizer
+from rqtransformer.model import PRESETS, TEXT_PAD_ID, RQTransformer
+from rqtransformer.tokenizer import MIN_VOCAB_SIZE
 from rqvae import RQVAE, RQVAEConfig
 
 from . import cli, trainer
-from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, caption_tokenizer, examples_first,
-                       prompt_batch, spread, tokenize)
-from .data import METADATA, CaptionedImageFolder, any_image_folder, has_captions
+from .captions import (GRID_IMAGES, GRID_PROMPTS, SAVED_PROMPTS, caption_rows, examples_first, prompt_batch, spread,
+                       tokenize)
+from .data import CaptionedImageFolder
 from .encoding import encode_dataset
-from .hf_data import hub_dataset, train_data
+from .rqtransformer_setup import Plan, by_name, model_config, plan_run
 
 
 GRID_CLASSES = 16  # the validation batch: however many classes the data has (at most GRID_IMAGES images)
-TEXT_DEFAULTS = dict(caption_column="text", text_vocab_size=2048, max_text_len=32, caption_dropout=0.1)
 
 
 def parse_args(argv=None):
@@ -144,33 +143,208 @@ def validation_batch(num_classes: int, samples_per_class: int) -> tuple[list[int
     return labels, len(labels), per_class
 
 
-def load_data(args, resolution: int):
-    """(train set, validation set or None): ImageFolders, or captioned folders (a metadata.jsonl), every
-    image and caption checked before anything is encoded. Fills in the text defaults for captioned data."""
-    column = args.caption_column or TEXT_DEFAULTS["caption_column"]
-    train_set = train_data(args, resolution, column)
-    if not isinstance(train_set, CaptionedImageFolder):
-        given = [f"--{name}" for name in TEXT_DEFAULTS if getattr(args, name) is not None]
-        if given:
-            raise ValueError(f"{given[0]} needs captions: " + (f"--data_dir {args.data_dir} has no {METADATA}"
-                             if args.data_dir else f"--dataset_name {args.dataset_name} has no column '{column}'"))
-    elif args.caption_dropout is None:
-        args.caption_dropout = TEXT_DEFAULTS["caption_dropout"]
-    val_set = None
-    if args.validation_split:  # a held-out split: captions required when training on them
-        val_set = hub_dataset(args, resolution, args.validation_split, isinstance(train_set, CaptionedImageFolder))
-    if args.validation_dir:
-        if isinstance(train_set, CaptionedImageFolder) and Path(args.validation_dir).is_dir() \
-                and not has_captions(args.validation_dir):
-            raise ValueError(f"--validation_dir {args.validation_dir} has no {METADATA}: the held-out loss of a "
-                             f"caption model needs the captions of the validation images")
-        val_set = any_image_folder(args.validation_dir, resolution, column)
-    return train_set, val_set
+def build_model(args, config, plan: Plan, accelerator) -> RQTransformer:
+    """The transformer, with the prompt tokenizer and --init_from's weights (new classes from their mean)."""
+    if plan.tokenizer_file is not None and accelerator.is_main_process and not plan.tokenizer_file.is_file():
+        plan.tokenizer.save(plan.tokenizer_file)  # a resumed run loads this one instead of training another
+    model = RQTransformer(config)
+    model.tokenizer = plan.tokenizer  # saved with the model (tokenizer.json)
+    accelerator.print(f"RQ-Transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    cli.load_init_from(model, args.init_from, plan.class_rows,
+                       plan.text_rows if plan.saved and plan.saved.max_text_len else None)
+    if plan.class_rows:
+        accelerator.print(f"new classes {[c for c, i in zip(plan.classes, plan.class_rows) if i is None]} start "
+                          f"from the mean of --init_from's class embeddings")
+    return model
 
 
-def by_name(labels: torch.Tensor, names: list[str], model_names: list[str]) -> torch.Tensor:
-    """Class indices into `names` -> indices into `model_names` (the same class names)."""
-    return torch.tensor([model_names.index(c) for c in names])[labels]
+def encode(vae, vae_dir, dataset, out: Path, hflip: bool, accelerator, latents: bool,
+           plan: Plan) -> tuple[list[torch.Tensor], int]:
+    """([codes, labels, (text ids [N, L],) (latents,)], one row per image (view) and caption; captions
+    truncated to max_text_len)."""
+    if not isinstance(dataset, CaptionedImageFolder):
+        return list(encode_dataset(vae, vae_dir, dataset, out, hflip, accelerator, latents)), 0
+    images, image_of = dataset.images()  # each file encoded once, however many captions it has
+    codes, labels, *rest, index = encode_dataset(vae, vae_dir, images, out, hflip, accelerator, latents, index=True)
+    if plan.tokenizer is None:  # a captioned validation folder of a model without text
+        return [codes, labels, *rest], 0
+    ids, truncated = tokenize(plan.tokenizer, dataset.captions, plan.max_text_len, out, accelerator.is_main_process)
+    rows, caps = caption_rows(index, image_of)
+    return [codes[rows], labels[rows], ids[caps], *(r[rows] for r in rest)], truncated
+
+
+def encode_sets(args, vae, vae_dir, accelerator, plan: Plan):
+    """(train tensors, validation tensors or None, training captions truncated), labels in the model's
+    class indices; each process encodes 1/N."""
+    out, drawn = Path(args.output_dir), args.stochastic_codes or args.soft_labels  # drawn: latents are kept
+    val = encode(vae, vae_dir, plan.val_set, out, False, accelerator, False, plan)[0] \
+        if plan.val_set is not None else None
+    train, truncated = encode(vae, vae_dir, plan.train_set, out, args.hflip, accelerator, drawn, plan)
+    if plan.data_classes:  # the data's class indices -> the model's, by name
+        train[1] = by_name(train[1], plan.data_classes, plan.classes)
+    if val is not None and plan.classes:  # the test folder's class indices -> the model's, by name
+        val[1] = by_name(val[1], plan.val_set.classes, plan.classes)
+    return train, val, truncated
+
+
+def report_data(args, vae, accelerator, plan: Plan, train: list[torch.Tensor], truncated: int) -> None:
+    """One start-up line on the codes, classes and captions; with drawn codes, how close Q_tau is to the
+    nearest codes (tau is relative to the latents' scale)."""
+    codes, tokenizer = train[0], plan.tokenizer
+    text = (f"; {len(plan.train_set.captions)} captions ({len(set(plan.train_set.captions))} distinct), prompt "
+            f"tokenizer {tokenizer.vocab_size} tokens, max_text_len {plan.max_text_len} ({truncated} captions "
+            f"truncated), caption dropout {args.caption_dropout}"
+            + (f", {len(tokenizer.name_ids)} name tokens, name dropout {plan.name_dropout}"
+               if tokenizer.name_ids else "")) if tokenizer else ""
+    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(plan.classes)} classes" + text
+                      + (f"; codes drawn at temperature {args.code_temperature}" if args.stochastic_codes else "")
+                      + (f"; soft labels at temperature {args.code_temperature}" if args.soft_labels else ""))
+    if args.stochastic_codes or args.soft_labels:
+        first = train[-1][:256].to(accelerator.device)  # latents [n,h,w,C]
+        kept = (vae.quantize_latents(first, args.code_temperature, torch.Generator(accelerator.device).manual_seed(0))
+                == codes[:256].to(accelerator.device)).float().mean((0, 1, 2))  # [D]
+        accelerator.print(f"at --code_temperature {args.code_temperature}, Q_tau draws the nearest code "
+                          + " / ".join(f"{k:.0%}" for k in kept.tolist()) + " of the time at depths 1..D"
+                          + (" (near-uniform: lower --code_temperature)" if kept[0] < 0.5 else ""))
+
+
+def make_optimizer(model, args):
+    """AdamW (weight decay on every matrix, the 2-D embeddings too; not on norms and biases) and its schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.adam_weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, betas=(0.9, 0.95))
+    return optimizer, trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+
+
+def sampling_options(args, plan: Plan) -> dict:
+    """The saved pipeline's sampling options; the validation grids sample with them too."""
+    options = plan.options
+    # guidance needs a trained null class / empty prompt: this run's dropout, or the model's before it
+    guidance = options.get("guidance", True) or (args.caption_dropout if plan.tokenizer else args.cfg_dropout) > 0
+    return dict(default_guidance_scale=args.sample_guidance_scale if guidance else 1.0, guidance=guidance,
+                class_title=options.get("class_title", "Class") if args.class_title == "Class" else args.class_title,
+                top_k=options.get("top_k"), top_p=options.get("top_p"),
+                class_display_names=options.get("class_display_names"))
+
+
+class TrainStep:
+    """One step of stage 2: label, caption and name dropout, the code loss and the update. Codes drawn for
+    step s come from a generator seeded with (seed, s, rank), so a resumed run draws exactly what an
+    uninterrupted one would, with no generator state to checkpoint."""
+
+    def __init__(self, accelerator, args, vae, model, optimizer, scheduler, plan: Plan):
+        self.accelerator, self.args, self.vae, self.model, self.plan = accelerator, args, vae, model, plan
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.null = accelerator.unwrap_model(model).null_class
+        self.code_rng = torch.Generator(accelerator.device)
+        self.seeded_for = -1  # the step code_rng was last seeded for
+
+    def draw(self, latents, codes, step):
+        """Codes and soft targets of one batch: (codes [B,h,w,D], targets [B,h,w,D,K] or None)."""
+        args, accelerator = self.args, self.accelerator
+        if self.seeded_for != step:
+            self.code_rng.manual_seed((args.seed * 1_000_003 + step) * accelerator.num_processes
+                                      + accelerator.process_index)
+            self.seeded_for = step
+        tau = args.code_temperature
+        if args.stochastic_codes and args.soft_labels:  # one walk over the depths gives both
+            return self.vae.quantize_latents(latents, tau, generator=self.code_rng, return_targets=True)
+        if args.stochastic_codes:
+            return self.vae.quantize_latents(latents, tau, generator=self.code_rng), None
+        return codes, self.vae.soft_targets(latents, codes, tau)
+
+    def __call__(self, batch, step) -> dict:
+        args, tokenizer, null = self.args, self.plan.tokenizer, self.null
+        stacks, y, *rest = batch
+        text = rest.pop(0) if tokenizer else None  # [B, max_text_len]
+        targets = None
+        if rest:
+            stacks, targets = self.draw(rest[0], stacks, step)
+        if not self.plan.classes:
+            y = torch.full_like(y, null)
+        elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
+            y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
+        if text is not None and args.caption_dropout > 0:  # learn the empty prompt too, drawn apart from classes
+            empty = torch.rand(text.shape[0], device=text.device) < args.caption_dropout
+            text = text.masked_fill(empty[:, None], TEXT_PAD_ID)
+        if text is not None and self.plan.name_dropout > 0:  # the same caption without its name token
+            drop = torch.rand(text.shape[0], device=text.device) < self.plan.name_dropout
+            text = text.masked_fill(drop[:, None] & (text >= tokenizer.first_name_id), TEXT_PAD_ID)
+        loss, acc = code_loss(self.model(stacks, y, text), stacks, targets)
+        trainer.optimizer_step(self.accelerator, loss, self.model.parameters(), self.optimizer, self.scheduler,
+                               args.max_grad_norm)
+        logs = {"loss": loss.detach(), "lr": self.scheduler.get_last_lr()[0]}
+        logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
+        return logs
+
+
+class Validation:
+    """Held-out loss per depth (logged) and one fixed batch of samples: one call, one seed, so the grids of
+    a run compare step by step."""
+
+    def __init__(self, accelerator, args, vae, raw, ema, val, plan: Plan, sampling: dict):
+        self.accelerator, self.args, self.vae, self.raw, self.ema = accelerator, args, vae, raw, ema
+        self.val, self.plan, self.sampling = val, plan, sampling
+        if plan.tokenizer:  # a few training captions, each with the class of its first image
+            self.prompts, self.labels, self.row = prompt_batch(
+                plan.train_set.captions, plan.train_set.targets if plan.classes else None, args.samples_per_class)
+            self.size = len(self.prompts)
+        else:
+            self.prompts, (self.labels, self.size, self.row) = None, validation_batch(len(plan.classes),
+                                                                                      args.samples_per_class)
+
+    def loss(self) -> dict:
+        """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
+        v_codes, v_labels, *v_text = self.val
+        per_depth = per_depth_nll(self.raw, v_codes,
+                                  v_labels if self.plan.classes else torch.full_like(v_labels, self.raw.null_class),
+                                  text_tokens=v_text[0] if self.plan.tokenizer else None)
+        out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
+        out["val/loss"] = float(per_depth.mean())
+        out["val/perplexity"] = float(per_depth.mean().exp())
+        return out
+
+    def samples(self) -> torch.Tensor:
+        """The fixed batch [B,3,H,W] in [0,1]."""
+        pipe = RQPipeline(self.vae, self.raw, max_images=self.size, top_k=self.sampling["top_k"],
+                          top_p=self.sampling["top_p"])
+        g = torch.Generator(self.accelerator.device).manual_seed(self.args.seed)
+        with warnings.catch_warnings():  # captions cut to max_text_len: counted once, at the start
+            warnings.simplefilter("ignore", UserWarning)
+            return pipe(self.labels, prompt=self.prompts, num_images=self.size,
+                        guidance_scale=self.sampling["default_guidance_scale"], generator=g, output_type="pt").images
+
+    def __call__(self, step: int, grid: bool = True) -> dict:
+        """The figures of `step`; the grid too unless grid=False."""
+        if not self.accelerator.is_main_process:
+            return {}
+        with trainer.evaluation(self.ema, self.raw):
+            metrics = self.loss() if self.val is not None else {}
+            images = self.samples() if grid else None
+        if grid:
+            folder = Path(self.args.output_dir) / "samples"
+            folder.mkdir(exist_ok=True)
+            if self.prompts:  # what each row of the grids shows
+                (folder / "prompts.txt").write_text("\n".join(self.prompts[::self.row]) + "\n")
+            save_image(images, folder / f"samples-{step:07d}.png", nrow=self.row)
+        if metrics:
+            self.accelerator.log(metrics, step=step)
+            self.accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+
+def save_pipeline(args, vae, raw, ema, plan: Plan, sampling: dict) -> None:
+    """The final pipeline folder: the EMA weights (the tokenizer is not a weight: it stays) and, for a text
+    model, example prompts for the app (rqtransformer/prompts.json)."""
+    with trainer.evaluation(ema, raw):
+        prompts = None  # a spread of the distinct training captions
+        if plan.tokenizer:
+            prompts = examples_first(spread(list(dict.fromkeys(plan.train_set.captions)), SAVED_PROMPTS))
+        RQPipeline(vae, raw, caption_dropout=args.caption_dropout if plan.tokenizer else None, prompts=prompts,
+                   **sampling).save_pretrained(args.output_dir)
 
 
 def main(argv=None):
@@ -179,241 +353,32 @@ def main(argv=None):
     cli.config_from_arg(RQVAEConfig, {}, str(vae_dir), "--rqvae")  # another model's folder: say so
     vae = RQVAE.from_pretrained(vae_dir).requires_grad_(False)
     out = Path(args.output_dir)
-    # every input is checked before the encoding, which takes minutes on a large folder
-    train_set, val_set = load_data(args, vae.config.resolution)
-    captioned = isinstance(train_set, CaptionedImageFolder)
-    classes = [] if args.unconditional else train_set.classes
-    data_flag = f"--data_dir {args.data_dir}" if args.data_dir else f"--dataset_name {args.dataset_name}"
-    val_flag = (f"--validation_dir {args.validation_dir}" if args.validation_dir
-                else f"--validation_split {args.validation_split}")
-    if val_set is not None and classes and not val_set.classes:
-        raise ValueError(f"{val_flag} has no classes but {data_flag} has classes {classes}: give it the same "
-                         "classes, or pass --unconditional")
-    unknown = sorted(set(val_set.classes) - set(classes)) if val_set is not None and classes else []
-    if unknown:
-        raise ValueError(f"{val_flag} has classes that {data_flag} lacks: {unknown}")
-    saved, data_classes, class_rows, options = None, None, None, {}
-    if args.init_from:  # say which classes differ, not just which tensor (class_emb) does not fit
-        saved = cli.config_from_arg(RQTransformerConfig, PRESETS, args.init_from, "--init_from")
-        # a pipeline's sampling defaults and whether its null class was ever trained (not for converted models)
-        options = read_options(Path(args.init_from).parent / "pipeline.json")
-        names = saved.class_names or [str(i) for i in range(saved.num_classes)]  # as the pipeline shows them
-        options["class_display_names"] = check_display_names(options.get("class_display_names"), names)
-        if classes and set(classes) <= set(names) and classes != names:
-            data_classes, classes = classes, names  # folders named after some of the model's classes
-        elif saved.class_names and set(classes) > set(names):  # new classes beside all of the model's
-            class_rows = [names.index(c) if c in names else None for c in classes]
-        if saved.num_classes != len(classes) and not class_rows:
-            data = "--unconditional" if args.unconditional else f"the data has {len(classes)} {classes}"
-            raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes "
-                             f"{names[:8]}{' ...' if saved.num_classes > 8 else ''}, {data}: "
-                             "fine-tuning needs its classes (folders named after some or all of them, plus new ones)"
-                             + ("; add --unconditional" if not saved.num_classes else ""))
-        if captioned and not saved.max_text_len:
-            raise ValueError(f"--init_from {args.init_from} has no text conditioning but {data_flag} is captioned: "
-                             "a caption model cannot start from it; train one without --init_from")
-        if saved.max_text_len and not captioned:
-            raise ValueError(f"--init_from {args.init_from} is a text-conditioned model but {data_flag} has no "
-                             f"captions ({METADATA} or a caption column): fine-tuning it needs captioned images")
-    tokenizer = tokenizer_file = None
-    max_text_len = 0
-    if captioned and saved is not None:  # fine-tuning: the model's own tokenizer and prompt length
-        if args.text_vocab_size is not None:
-            raise ValueError(f"--init_from {args.init_from} brings its own tokenizer: drop --text_vocab_size")
-        if args.max_text_len not in (None, saved.max_text_len):
-            raise ValueError(f"--max_text_len {args.max_text_len} differs from --init_from's {saved.max_text_len}: "
-                             "fine-tuning keeps the model's prompt length (drop --max_text_len)")
-        tokenizer, max_text_len = PromptTokenizer.from_file(Path(args.init_from) / TOKENIZER_NAME), saved.max_text_len
-        if tokenizer.vocab_size != saved.text_vocab_size:
-            raise ValueError(f"--init_from {args.init_from}: its {TOKENIZER_NAME} has {tokenizer.vocab_size} tokens, "
-                             f"its config's text_vocab_size is {saved.text_vocab_size}")
-    elif captioned:  # trained on the training captions (its real size may be below --text_vocab_size)
-        tokenizer, tokenizer_file = caption_tokenizer(
-            train_set.captions, args.text_vocab_size or TEXT_DEFAULTS["text_vocab_size"], out, args.name_tokens)
-        max_text_len = args.max_text_len or TEXT_DEFAULTS["max_text_len"]
-    if args.name_tokens and not captioned:
-        raise ValueError(f"--name_tokens needs captions: {data_flag} has none")
-    text_rows = tokenizer.vocab_size if tokenizer else 0  # the saved model's rows, before any new name token
-    if args.name_tokens and saved is not None:  # the same names in the same order: a resumed run gets the same ids
-        tokenizer.add_names(train_set.captions)
-    if args.name_dropout is not None and not (tokenizer and tokenizer.name_ids):
-        raise ValueError("--name_dropout needs name tokens: add --name_tokens (or --init_from a model with them)")
-    name_dropout = (0.5 if args.name_dropout is None else args.name_dropout) if tokenizer and tokenizer.name_ids \
-        else 0.0
-    # a new text model pools its prompt unless told not to; --init_from keeps the saved model's choice
-    text_pool = args.text_pool if args.text_pool is not None else saved.text_pool if saved else captioned or None
-    config = cli.config_from_arg(RQTransformerConfig, PRESETS, args.config, args.config_flag,
-                                 codebook_size=vae.config.codebook_size, code_shape=vae.config.code_shape,
-                                 num_classes=len(classes), class_names=classes,
-                                 text_vocab_size=tokenizer.vocab_size if tokenizer else 0, max_text_len=max_text_len,
-                                 text_pool=text_pool, dropout=args.dropout)
+    plan = plan_run(args, vae.config.resolution, out)  # every input checked before the (slow) encoding
+    config = model_config(args, vae.config, plan)
     accelerator = trainer.setup(args, "rqtransformer")
-    main_process = accelerator.is_main_process
-    if tokenizer_file is not None and main_process and not tokenizer_file.is_file():
-        tokenizer.save(tokenizer_file)  # a resumed run loads this one instead of training another
-    model = RQTransformer(config)
-    model.tokenizer = tokenizer  # saved with the model (tokenizer.json)
-    accelerator.print(f"RQ-Transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    cli.load_init_from(model, args.init_from, class_rows, text_rows if saved and saved.max_text_len else None)
-    if class_rows:
-        accelerator.print(f"new classes {[c for c, i in zip(classes, class_rows) if i is None]} start from the mean "
-                          f"of --init_from's class embeddings")
+    model = build_model(args, config, plan, accelerator)  # after setup: its initial weights follow --seed
     vae.to(accelerator.device)
-    drawn = args.stochastic_codes or args.soft_labels  # codes / targets drawn from cached latents every step
-    truncated = [0]
-
-    def encode(dataset, hflip: bool, latents: bool) -> list[torch.Tensor]:
-        """[codes, labels, (text ids [N, L],) (latents,)], one row per image (view) and caption."""
-        if not isinstance(dataset, CaptionedImageFolder):
-            return list(encode_dataset(vae, vae_dir, dataset, out, hflip, accelerator, latents))
-        images, image_of = dataset.images()  # each file encoded once, however many captions it has
-        codes, labels, *rest, index = encode_dataset(vae, vae_dir, images, out, hflip, accelerator, latents,
-                                                     index=True)
-        if tokenizer is None:  # a captioned validation folder of a model without text
-            return [codes, labels, *rest]
-        ids, truncated[0] = tokenize(tokenizer, dataset.captions, max_text_len, out, main_process)
-        rows, caps = caption_rows(index, image_of)
-        return [codes[rows], labels[rows], ids[caps], *(r[rows] for r in rest)]
-
-    val = encode(val_set, False, False) if val_set is not None else None  # each process encodes 1/N
-    train_data = encode(train_set, args.hflip, drawn)
-    # guidance needs a trained null class / empty prompt: this run's dropout, or the model's before it
-    guidance = options.get("guidance", True) or (args.caption_dropout if tokenizer else args.cfg_dropout) > 0
-    guidance_scale = args.sample_guidance_scale if guidance else 1.0
-    class_title = options.get("class_title", "Class") if args.class_title == "Class" else args.class_title
-    if data_classes:  # the data's class indices -> the model's, by name
-        train_data[1] = by_name(train_data[1], data_classes, classes)
-    if val is not None and classes:  # the test folder's class indices -> the model's, by name
-        val[1] = by_name(val[1], val_set.classes, classes)
-    codes = train_data[0]
-    text = (f"; {len(train_set.captions)} captions ({len(set(train_set.captions))} distinct), prompt tokenizer "
-            f"{tokenizer.vocab_size} tokens, max_text_len {max_text_len} ({truncated[0]} captions truncated), "
-            f"caption dropout {args.caption_dropout}"
-            + (f", {len(tokenizer.name_ids)} name tokens, name dropout {name_dropout}" if tokenizer.name_ids else "")
-            ) if tokenizer else ""
-    accelerator.print(f"{len(codes)} code stacks {tuple(codes.shape[1:])}, {len(classes)} classes" + text
-                      + (f"; codes drawn at temperature {args.code_temperature}" if args.stochastic_codes else "")
-                      + (f"; soft labels at temperature {args.code_temperature}" if args.soft_labels else ""))
-    if drawn:  # tau is relative to the latents' scale: say how far Q_tau is from the nearest codes
-        first = train_data[-1][:256].to(accelerator.device)  # latents [n,h,w,C]
-        kept = (vae.quantize_latents(first, args.code_temperature, torch.Generator(accelerator.device).manual_seed(0))
-                == codes[:256].to(accelerator.device)).float().mean((0, 1, 2))  # [D]
-        accelerator.print(f"at --code_temperature {args.code_temperature}, Q_tau draws the nearest code "
-                          + " / ".join(f"{k:.0%}" for k in kept.tolist()) + " of the time at depths 1..D"
-                          + (" (near-uniform: lower --code_temperature)" if kept[0] < 0.5 else ""))
-    loader = DataLoader(TensorDataset(*train_data), batch_size=args.train_batch_size, shuffle=True,
-                        drop_last=trainer.drop_last(accelerator, len(codes), args.train_batch_size),
+    train, val, truncated = encode_sets(args, vae, vae_dir, accelerator, plan)
+    report_data(args, vae, accelerator, plan, train, truncated)
+    loader = DataLoader(TensorDataset(*train), batch_size=args.train_batch_size, shuffle=True,
+                        drop_last=trainer.drop_last(accelerator, len(train[0]), args.train_batch_size),
                         generator=torch.Generator().manual_seed(args.seed))
-    decay, no_decay = [], []
-    for p in model.parameters():  # decay every matrix, the 2-D embeddings too; not norms and biases (1-D)
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.adam_weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.learning_rate, betas=(0.9, 0.95))
-    scheduler = trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
+    optimizer, scheduler = make_optimizer(model, args)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     raw = accelerator.unwrap_model(model)
     ema = trainer.EMA(raw, args.ema_decay) if args.ema_decay else None
     start = trainer.resume(accelerator, args, ema)
-    null = raw.null_class
-    # Codes drawn for step s come from a generator seeded with (seed, s, rank), so a resumed run draws
-    # exactly what an uninterrupted one would, with no generator state to checkpoint.
-    code_rng = torch.Generator(accelerator.device)
-    seeded_for = [-1]
-
-    def draw(latents, codes, step):
-        """Codes and soft targets of one batch: (codes [B,h,w,D], targets [B,h,w,D,K] or None)."""
-        if seeded_for[0] != step:
-            code_rng.manual_seed((args.seed * 1_000_003 + step) * accelerator.num_processes
-                                 + accelerator.process_index)
-            seeded_for[0] = step
-        tau = args.code_temperature
-        if args.stochastic_codes and args.soft_labels:  # one walk over the depths gives both
-            return vae.quantize_latents(latents, tau, generator=code_rng, return_targets=True)
-        if args.stochastic_codes:
-            return vae.quantize_latents(latents, tau, generator=code_rng), None
-        return codes, vae.soft_targets(latents, codes, tau)
-
-    def train_step(batch, step):
-        stacks, y, *rest = batch
-        text = rest.pop(0) if tokenizer else None  # [B, max_text_len]
-        targets = None
-        if rest:
-            stacks, targets = draw(rest[0], stacks, step)
-        if not classes:
-            y = torch.full_like(y, null)
-        elif args.cfg_dropout > 0:  # learn the null class too, for classifier-free guidance
-            y = torch.where(torch.rand(y.shape, device=y.device) < args.cfg_dropout, null, y)
-        if text is not None and args.caption_dropout > 0:  # learn the empty prompt too, drawn apart from classes
-            empty = torch.rand(text.shape[0], device=text.device) < args.caption_dropout
-            text = text.masked_fill(empty[:, None], TEXT_PAD_ID)
-        if text is not None and name_dropout > 0:  # the same caption without its name token: the pieces alone
-            drop = torch.rand(text.shape[0], device=text.device) < name_dropout
-            text = text.masked_fill(drop[:, None] & (text >= tokenizer.first_name_id), TEXT_PAD_ID)
-        loss, acc = code_loss(model(stacks, y, text), stacks, targets)
-        trainer.optimizer_step(accelerator, loss, model.parameters(), optimizer, scheduler, args.max_grad_norm)
-        logs = {"loss": loss.detach(), "lr": scheduler.get_last_lr()[0]}
-        logs.update({f"acc_depth{d + 1}": a for d, a in enumerate(acc)})
-        return logs
-
-    def validation_loss():
-        """Test cross-entropy per depth (and its perplexity) on the held-out codes."""
-        v_codes, v_labels, *v_text = val
-        per_depth = per_depth_nll(raw, v_codes, v_labels if classes else torch.full_like(v_labels, null),
-                                  text_tokens=v_text[0] if tokenizer else None)
-        out = {f"val/loss_depth{d + 1}": float(v) for d, v in enumerate(per_depth)}
-        out["val/loss"] = float(per_depth.mean())
-        out["val/perplexity"] = float(per_depth.mean().exp())
-        return out
-
-    if tokenizer:  # a few training captions, each with the class of its first image
-        grid_prompts, grid_labels, grid_row = prompt_batch(train_set.captions, train_set.targets if classes else None,
-                                                           args.samples_per_class)
-        grid_size = len(grid_prompts)
-    else:
-        grid_prompts, (grid_labels, grid_size, grid_row) = None, validation_batch(len(classes), args.samples_per_class)
-
-    def evaluate(step, grid: bool = True) -> dict:
-        """Held-out loss per depth (logged) and, unless grid=False, one fixed batch of samples: one call,
-        one seed, so the grids of a run compare step by step."""
-        if not accelerator.is_main_process:
-            return {}
-        with trainer.evaluation(ema, raw):
-            metrics = validation_loss() if val is not None else {}
-            if grid:
-                pipe = RQPipeline(vae, raw, max_images=grid_size, top_k=options.get("top_k"),
-                                  top_p=options.get("top_p"))
-                g = torch.Generator(accelerator.device).manual_seed(args.seed)
-                with warnings.catch_warnings():  # captions cut to max_text_len: counted once, at the start
-                    warnings.simplefilter("ignore", UserWarning)
-                    images = pipe(grid_labels, prompt=grid_prompts, num_images=grid_size,
-                                  guidance_scale=guidance_scale, generator=g,
-                                  output_type="pt").images  # [B,3,H,W] in [0,1]
-        if grid:
-            (out / "samples").mkdir(exist_ok=True)
-            if grid_prompts:  # what each row of the grids shows
-                (out / "samples" / "prompts.txt").write_text("\n".join(grid_prompts[::grid_row]) + "\n")
-            save_image(images, out / "samples" / f"samples-{step:07d}.png", nrow=grid_row)
-        if metrics:
-            accelerator.log(metrics, step=step)
-            accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        return metrics
+    sampling = sampling_options(args, plan)
+    train_step = TrainStep(accelerator, args, vae, model, optimizer, scheduler, plan)
+    evaluate = Validation(accelerator, args, vae, raw, ema, val, plan, sampling)
 
     started = time.perf_counter()
     best = ("val/loss", "min")  # the checkpoint the rotation keeps besides the newest (with --validation_dir)
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=[model],
-                               ema=ema, ema_model=model, evaluate=evaluate, best=best)
+                              ema=ema, ema_model=model, evaluate=evaluate, best=best)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with trainer.evaluation(ema, raw):  # the EMA weights (the tokenizer is not a weight: it stays)
-            prompts = None  # example prompts for the app: a spread of the distinct training captions
-            if tokenizer:
-                prompts = examples_first(spread(list(dict.fromkeys(train_set.captions)), SAVED_PROMPTS))
-            RQPipeline(vae, raw, default_guidance_scale=guidance_scale,
-                       caption_dropout=args.caption_dropout if tokenizer else None, prompts=prompts,
-                       class_title=class_title, guidance=guidance, top_k=options.get("top_k"),
-                       top_p=options.get("top_p"), class_display_names=options.get("class_display_names")
-                       ).save_pretrained(out)  # prompts: rqtransformer/prompts.json
+        save_pipeline(args, vae, raw, ema, plan, sampling)
         # saved first; the grid of the last step, unless a run that already finished drew it
         seconds = time.perf_counter() - started
         summary = {"step": step, "seconds_per_step": round(seconds / max(1, step - start), 4),

@@ -87,24 +87,18 @@ def load_init_from(model: RQVAE, init_from: str | None, accelerator) -> None:
                       f"{ours.decoder_width} (its own: {theirs.decoder_width})")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution,
-                                 decoder_channels=args.decoder_channels)
+def load_data(args, config):
+    """(training images, a fixed batch of validation images [N,3,H,W]); captions are checked, not used."""
     dataset = train_data(args, config.resolution, args.caption_column or "text")
     if isinstance(dataset, CaptionedImageFolder):
         dataset = dataset.images()[0]  # each file once per epoch, however many captions it has
     val_images = validation_images(args, dataset, config.resolution, args.num_validation_images,
                                    args.caption_column or "text")
-    accelerator = trainer.setup(args, "rqvae")
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                        drop_last=trainer.drop_last(accelerator, len(dataset), args.train_batch_size),
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=args.num_workers > 0,
-                        # own generator: creating an iterator must not draw from the global RNG (exact resume)
-                        generator=torch.Generator().manual_seed(args.seed))
-    accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
+    return dataset, val_images
 
+
+def build_model(args, config, accelerator) -> tuple[RQVAE, RQVAELoss]:
+    """The RQ-VAE (with --init_from's weights) and its loss, whose discriminator, if any, is trained too."""
     model = RQVAE(config)
     load_init_from(model, args.init_from, accelerator)
     criterion = RQVAELoss(args.reconstruction_loss, args.perceptual_weight, args.perceptual_weights,
@@ -115,6 +109,84 @@ def main(argv=None):
     if args.decoder_only:
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
+    return model, criterion
+
+
+class TrainStep:
+    """One step of stage 1: the generator (RQ-VAE) update, then the discriminator's once the GAN loss is on."""
+
+    def __init__(self, accelerator, args, model, criterion, trained, optimizer, scheduler, d_opt):
+        self.accelerator, self.args, self.model, self.criterion = accelerator, args, model, criterion
+        self.trained, self.optimizer, self.scheduler, self.d_opt = trained, optimizer, scheduler, d_opt
+        self.raw = accelerator.unwrap_model(model)
+
+    def __call__(self, batch, step) -> dict:
+        args, criterion, images = self.args, self.criterion, batch[0]
+        if args.hflip:  # flipped here, not in the loader: the loader prefetches, which would break exact resume
+            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        recon, terms = self.model(images, frozen_codes=args.decoder_only)
+        if criterion.discriminator is not None:
+            criterion.discriminator.requires_grad_(False)  # the G step must not move D
+        loss, logs = criterion.generator_loss(images, recon, terms["commitment"], step,
+                                              last_layer=self.raw.decoder.conv_out.weight)
+        trainer.optimizer_step(self.accelerator, loss, self.trained, self.optimizer, self.scheduler,
+                               args.max_grad_norm)
+        if criterion.uses_gan(step):
+            criterion.discriminator.requires_grad_(True)
+            d_loss = criterion.discriminator_loss(images, recon)
+            trainer.optimizer_step(self.accelerator, d_loss, criterion.discriminator.parameters(), self.d_opt, None,
+                                   args.max_grad_norm)
+            logs["d_loss"] = d_loss.detach()
+        codes = terms["codes"]
+        logs.update(loss=loss.detach(), psnr=psnr(recon.detach().clamp(-1, 1), images).mean(),
+                    batch_usage=codes[codes >= 0].unique().numel() / self.raw.config.codebook_size,
+                    lr=self.scheduler.get_last_lr()[0])
+        return logs
+
+
+class Validation:
+    """PSNR per depth on the validation images (logged), and a reconstruction grid (rows: input, then depth
+    1..D)."""
+
+    def __init__(self, accelerator, args, raw, ema, val_images):
+        self.accelerator, self.args, self.raw, self.ema, self.val_images = accelerator, args, raw, ema, val_images
+
+    def __call__(self, step: int, grid: bool = True) -> dict:
+        """The figures of `step`; the grid too unless grid=False."""
+        if not self.accelerator.is_main_process:
+            return {}
+        raw = self.raw
+        with trainer.evaluation(self.ema, raw):
+            images = self.val_images.to(self.accelerator.device)
+            metrics = evaluate_depths(raw, images)
+            if grid:
+                shown = images[:8]
+                codes = raw.encode(shown)
+                rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, raw.config.code_depth + 1)]
+        if grid:
+            grid_dir = Path(self.args.output_dir) / "samples"
+            grid_dir.mkdir(exist_ok=True)
+            save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
+        self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        self.accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = cli.config_from_arg(RQVAEConfig, PRESETS, args.config, args.config_flag, resolution=args.resolution,
+                                 decoder_channels=args.decoder_channels)
+    dataset, val_images = load_data(args, config)
+    accelerator = trainer.setup(args, "rqvae")
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                        drop_last=trainer.drop_last(accelerator, len(dataset), args.train_batch_size),
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=args.num_workers > 0,
+                        # own generator: creating an iterator must not draw from the global RNG (exact resume)
+                        generator=torch.Generator().manual_seed(args.seed))
+    accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
+    model, criterion = build_model(args, config, accelerator)  # after setup: its initial weights follow --seed
     trained = [p for p in model.parameters() if p.requires_grad]
     accelerator.print(f"RQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
                       f"({sum(p.numel() for p in trained) / 1e6:.2f} M trained), codebook {config.codebook_size}")
@@ -122,7 +194,7 @@ def main(argv=None):
                                   weight_decay=args.adam_weight_decay)
     scheduler = trainer.warmup_cosine(optimizer, args.lr_warmup_steps, args.max_train_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    models = [model]
+    models, d_opt = [model], None
     if criterion.discriminator is not None:
         d_opt = torch.optim.AdamW(criterion.discriminator.parameters(),
                                   lr=args.disc_learning_rate or args.learning_rate, betas=(0.5, 0.9))
@@ -131,53 +203,12 @@ def main(argv=None):
     raw = accelerator.unwrap_model(model)
     ema = trainer.EMA(raw, args.ema_decay) if args.ema_decay else None
     start = trainer.resume(accelerator, args, ema)
-
-    def train_step(batch, step):
-        images = batch[0]
-        if args.hflip:  # flipped here, not in the loader: the loader prefetches, which would break exact resume
-            flip = torch.rand(images.shape[0], device=images.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        recon, terms = model(images, frozen_codes=args.decoder_only)
-        if criterion.discriminator is not None:
-            criterion.discriminator.requires_grad_(False)  # the G step must not move D
-        loss, logs = criterion.generator_loss(images, recon, terms["commitment"], step,
-                                              last_layer=raw.decoder.conv_out.weight)
-        trainer.optimizer_step(accelerator, loss, trained, optimizer, scheduler, args.max_grad_norm)
-        if criterion.uses_gan(step):
-            criterion.discriminator.requires_grad_(True)
-            d_loss = criterion.discriminator_loss(images, recon)
-            trainer.optimizer_step(accelerator, d_loss, criterion.discriminator.parameters(), d_opt, None,
-                                    args.max_grad_norm)
-            logs["d_loss"] = d_loss.detach()
-        codes = terms["codes"]
-        logs.update(loss=loss.detach(), psnr=psnr(recon.detach().clamp(-1, 1), images).mean(),
-                    batch_usage=codes[codes >= 0].unique().numel() / config.codebook_size,
-                    lr=scheduler.get_last_lr()[0])
-        return logs
-
-    def evaluate(step, grid: bool = True) -> dict:
-        """PSNR per depth on the validation images (logged), and a reconstruction grid (rows: input,
-        then depth 1..D) unless grid=False."""
-        if not accelerator.is_main_process:
-            return {}
-        with trainer.evaluation(ema, raw):
-            images = val_images.to(accelerator.device)
-            metrics = evaluate_depths(raw, images)
-            if grid:
-                shown = images[:8]
-                codes = raw.encode(shown)
-                rows = [shown] + [raw.decode(codes, depth=k) for k in range(1, config.code_depth + 1)]
-        if grid:
-            grid_dir = Path(args.output_dir) / "samples"
-            grid_dir.mkdir(exist_ok=True)
-            save_image(torch.cat(rows) * 0.5 + 0.5, grid_dir / f"reconstruction-{step:07d}.png", nrow=len(shown))
-        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        return metrics
+    train_step = TrainStep(accelerator, args, model, criterion, trained, optimizer, scheduler, d_opt)
+    evaluate = Validation(accelerator, args, raw, ema, val_images)
 
     best = (f"psnr_depth{config.code_depth}", "max")  # the checkpoint the rotation keeps besides the newest
     step = trainer.train_loop(accelerator, args, loader, train_step, start_step=start, models=models,
-                               ema=ema, ema_model=model, evaluate=evaluate, best=best)
+                              ema=ema, ema_model=model, evaluate=evaluate, best=best)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with trainer.evaluation(ema, raw):

@@ -23,6 +23,7 @@ from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, P
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from rqcore.checks import is_number
 from rqcore.pretrained import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,9 @@ EMA_FILE = "ema.safetensors"
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS.
-
-    By default blocks of 32 MB and more are unmapped on free, so each training step page-faults its
-    large activations back in: 115,000 faults and 0.17 s of a 0.93 s stage-2 step (reference sizes,
-    2 cores). The cost is that the process keeps its peak memory. Applies to the main thread's heap,
-    where the training step runs (glibc's arenas for other threads unmap blocks this large regardless).
-    Returns whether it applied.
-    """
+    """Ask glibc to keep freed large blocks for reuse: by default blocks of 32 MB and more are unmapped on
+    free, so every step would page-fault its large activations back in. The process keeps its peak memory
+    instead. Applies to the main thread's heap, where the step runs; returns whether it applied."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -132,7 +128,7 @@ def setup(args, project: str) -> Accelerator:
     set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
-                                                    if isinstance(v, (int, float, str, bool))})
+                                                    if is_number(v) or isinstance(v, (str, bool))})
     return accelerator
 
 
@@ -212,7 +208,7 @@ def best_checkpoint(output_dir, best: tuple[str, str] | None) -> tuple[Path, flo
     scored = []
     for order, path in enumerate(list_checkpoints(output_dir)):  # oldest first
         value = json.loads((path / STATE_FILE).read_text()).get("validation", {}).get(metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if is_number(value) and math.isfinite(value):
             scored.append((value if mode == "min" else -value, order, path, value))
     return min(scored)[2:] if scored else None  # ties: the earliest step
 
