@@ -196,7 +196,7 @@ def files(served):
     return dict(good=good, wide=wide, mask=mask, truncated=truncated, garbage=garbage)
 
 
-# ---- a tiny text-conditioned pipeline (issue 15) -------------------------------------------------
+# ---- a tiny text-conditioned pipeline -------------------------------------------------------------
 
 CAPTIONS = ["red circle", "blue square", "green star", "a small red square", "big blue circle", "yellow star"]
 

@@ -1,4 +1,4 @@
-"""Untrusted files (issue 8): weights load only from safetensors + JSON, nothing in the shipped code can
+"""Untrusted files: weights load only from safetensors + JSON, nothing in the shipped code can
 unpickle or evaluate data, and paths coming from the UI never leave gradio's upload/cache folders.
 
 The pickles below are live: unpickling one creates a marker folder (checked once, on purpose, in
