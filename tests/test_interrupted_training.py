@@ -1,4 +1,4 @@
-"""Interrupted training (issue 8): SIGKILL a real training process between checkpoints and while a
+"""Interrupted training: SIGKILL a real training process between checkpoints and while a
 checkpoint is being written, restart with --resume_from_checkpoint latest, and check that it resumes
 from the last complete checkpoint, counts on to --max_train_steps, never lists or picks a partial
 checkpoint, leaves no temp folder behind, and that the final model loads.

@@ -1,4 +1,4 @@
-"""Multi-process training (issue 18): both stages under torchrun with 2 CPU processes (gloo), as on a
+"""Multi-process training: both stages under torchrun with 2 CPU processes (gloo), as on a
 GPU node with NCCL. Real launches of the real scripts, no hooks:
 
 - every process holds identical weights, codebooks (EMA statistics all-reduced) and EMA weights, checked
