@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pipelines import RQPipeline
+from rqcore import cards
 from rqcore.pretrained import assign_state
 from rqtransformer.model import RQTransformer
 from rqvae import RQVAE
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                                                       "without one keeps its state_dict: stage 1 has none)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="the transformer's stored weights: float32 (exact) or float16 (half the size; on a CPU the "
-                        "app then samples with float16 weights, about 3x faster at 355 M, not bit-exact)")
+                        "app then samples with float16 weights: faster, not bit-exact)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     return p.parse_args(argv)
 
@@ -117,17 +118,14 @@ def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: di
                     f"`{sha256(Path(args.rqtransformer) / 'model.pt')}` | "
                     f"{'state_dict_ema' if ema['rqtransformer'] else 'state_dict'} |")
     vc = vae.config
-    lines = [
-        "---", "license: cc-by-nc-sa-4.0", "tags: [rq-vae, rq-transformer, converted]", "---", "",
-        "# A converted RQ-VAE / RQ-Transformer checkpoint", "",
-        f"Converted from the checkpoints released with *Autoregressive Image Generation using Residual "
-        f"Quantization* (Lee et al., CVPR 2022), repository {layout.SOURCE}, by `python -m "
+    intro = "\n\n".join([
+        f"Converted from the checkpoints released with {cards.PAPER}, repository {layout.SOURCE}, by `python -m "
         "official.convert`. The tensors are the official ones, rearranged; outputs match the official "
-        "code in float32 (see the project's README).", "",
-        "| stage | file | sha256 | weights |", "|---|---|---|---|", *rows, "",
+        "code in float32 (see the project's README).",
+        "\n".join(["| stage | file | sha256 | weights |", "|---|---|---|---|", *rows]),
         f"**Licence: {layout.LICENCE}.** The released weights may be used for non-commercial purposes only, "
-        "with attribution, and derivatives shared alike.", "",
-        "## What the conversion did", "",
+        "with attribution, and derivatives shared alike."])
+    lines = [
         f"- Stage 1: {vc.resolution} px images, {vc.code_shape[0]}x{vc.code_shape[1]}x{vc.code_shape[2]} codes from "
         f"one shared codebook of {vc.codebook_size}; the codebook's padding row was dropped.",
     ]
@@ -148,7 +146,9 @@ def model_card(args, vae: RQVAE, transformer: RQTransformer | None, settings: di
             lines.append(f"- Prompts: the official lower-cased BPE tokenizer (tokenizer.json), {tc.max_text_len} "
                          "tokens, [PAD] = 0. The next-text-token head (`cond_classifier`) was dropped: sampling "
                          "images never uses it.")
-    return "\n".join(lines) + "\n"
+    return cards.model_card("A converted RQ-VAE / RQ-Transformer checkpoint", intro,
+                            {"What the conversion did": "\n".join(lines)}, tags=["converted"],
+                            license="cc-by-nc-sa-4.0")
 
 
 def main(argv=None) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from rqcore import cards
 from rqcore.hub_transfer import push_written
 
 CARD_NAME = "README.md"
-PAPER = 'Lee et al., "Autoregressive Image Generation using Residual Quantization", CVPR 2022, arXiv 2203.01941'
 
 
 def count(module: torch.nn.Module) -> str:
@@ -34,14 +34,8 @@ def model_card(pipe, repo_id: str | None = None) -> str:
     else:
         call = "pipe(num_images=4, generator=torch.Generator().manual_seed(0))"
     layers = f"dim {tc.dim}, {tc.heads} heads, {tc.spatial_layers} spatial + {tc.depth_layers} depth layers"
-    name = repo_id or "RQ-VAE + RQ-Transformer"
-    return f"""---
-tags: [image-generation, rq-vae, rq-transformer]
----
-# {name.split("/")[-1]}
-
-An image generator with residual quantization ({PAPER}): an RQ-VAE turns images into stacks of codes and
-an autoregressive RQ-Transformer samples new stacks. Weights are safetensors, configs JSON.
+    intro = f"""An image generator with residual quantization ({cards.PAPER}): an RQ-VAE turns images into stacks
+of codes and an autoregressive RQ-Transformer samples new stacks. Weights are safetensors, configs JSON.
 
 | part | facts |
 |---|---|
@@ -49,18 +43,15 @@ an autoregressive RQ-Transformer samples new stacks. Weights are safetensors, co
 | codes | {h}×{w}×{D} from one shared codebook of {vc.codebook_size} |
 | `rqvae/` | {count(pipe.rqvae)} parameters, latent dim {vc.latent_dim} |
 | `rqtransformer/` | {count(pipe.transformer)} parameters: {layers} |
-| conditioning | {conditioning or "none (unconditional)"} |
-
-## Use
-
-```python
+| conditioning | {conditioning or "none (unconditional)"} |"""
+    use = f"""```python
 import torch
 from pipelines import RQPipeline
 
 pipe = RQPipeline.from_pretrained("{repo_id or "path/to/this/folder"}")
 images = {call}.images
-```
-"""
+```"""
+    return cards.model_card((repo_id or "RQ-VAE + RQ-Transformer").split("/")[-1], intro, {"Use": use})
 
 
 def hub_folder(pipe, folder, repo_id: str | None = None, dtype: torch.dtype | None = None) -> Path:

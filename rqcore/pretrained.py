@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .cards import PAPER, model_card
+from .checks import is_number, is_whole
 from .hub_transfer import push_written, resolve_folder
 
 CONFIG_NAME = "config.json"
@@ -103,11 +105,11 @@ def _coerce(value, hint, where):
             raise ValueError(f"{where} must be true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_whole(value):
             raise ValueError(f"{where} must be an integer, got {value!r}")
-        return value
+        return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise ValueError(f"{where} must be a number, got {value!r}")
         return float(value)
     if hint is str:
@@ -192,23 +194,15 @@ class PretrainedMixin:
         params = sum(p.numel() for p in self.parameters())
         fields = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in dataclasses.asdict(self.config).items()
                            if not isinstance(v, list) or len(v) <= 16)
-        (folder / "README.md").write_text(f"""---
-tags: [image-generation, rq-vae, rq-transformer]
----
-# {name.split("/")[-1]}
-
-One {kind} ({params:,} parameters) of an RQ-VAE + RQ-Transformer image generator (Lee et al., "Autoregressive
-Image Generation using Residual Quantization", CVPR 2022). Weights are safetensors, the config JSON.
+        intro = f"""One {kind} ({params:,} parameters) of an RQ-VAE + RQ-Transformer image generator ({PAPER}).
+Weights are safetensors, the config JSON.
 
 ```python
 from {type(self).__module__.split(".")[0]} import {kind}
 model = {kind}.from_pretrained("{repo_id or 'path/to/this/folder'}")
-```
-
-| config | value |
-|---|---|
-{fields}
-""", encoding="utf-8")
+```"""
+        table = f"| config | value |\n|---|---|\n{fields}"
+        (folder / "README.md").write_text(model_card(name.split("/")[-1], intro, {"Config": table}), encoding="utf-8")
         return folder
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from rqcore.checks import is_number, is_whole
 from rqcore.hub_transfer import resolve_folder
 from rqcore.pretrained import PretrainedMixin
 
@@ -71,18 +72,20 @@ class RQTransformerConfig:
         if not isinstance(self.code_shape, (list, tuple)) or len(self.code_shape) != 3:
             raise ValueError(f"code_shape must be 3 positive integers (h, w, D), got {self.code_shape!r}")
         self.code_shape = tuple(self.code_shape)
-        for value in self.code_shape:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"code_shape must be 3 positive integers (h, w, D), got {self.code_shape!r}")
+        if not all(is_whole(value) and value >= 1 for value in self.code_shape):
+            raise ValueError(f"code_shape must be 3 positive integers (h, w, D), got {self.code_shape!r}")
+        self.code_shape = tuple(map(int, self.code_shape))  # numpy integers too: config.json needs plain ints
         for name in ("codebook_size", "dim", "heads", "spatial_layers", "depth_layers", "mlp_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not (is_whole(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            setattr(self, name, int(value))
+        if not (is_whole(self.num_classes) and self.num_classes >= 0):
             raise ValueError(f"num_classes must be an integer >= 0 (0 = unconditional), got {self.num_classes!r}")
+        self.num_classes = int(self.num_classes)
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         self.class_names = list(self.class_names)
@@ -93,8 +96,9 @@ class RQTransformerConfig:
                              f"{self.num_classes}; give one name per class or none")
         for name in ("text_vocab_size", "max_text_len"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not (is_whole(value) and value >= 0):
                 raise ValueError(f"{name} must be an integer >= 0 (0 = no text conditioning), got {value!r}")
+            setattr(self, name, int(value))
         if (self.text_vocab_size > 0) != (self.max_text_len > 0):
             raise ValueError(f"text_vocab_size ({self.text_vocab_size}) and max_text_len ({self.max_text_len}) "
                              "must both be 0 (no text) or both positive")

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from rqcore.checks import is_number, is_whole
+
 from .cpu import packed_weights
 
 GUIDANCE_CUTOFF = 0.0  # generate()'s default guidance_cutoff (see there)
@@ -73,30 +75,26 @@ def check_filters(model, top_k, top_p) -> None:
     for name, value in (("top_k", top_k), ("top_p", top_p)):
         if isinstance(value, (list, tuple)) and len(value) != D:
             raise ValueError(f"{name} must be one value or a list of one per depth ({D}), got {value!r}")
-    if not all(k is None or (not isinstance(k, bool) and isinstance(k, int) and 1 <= k <= K)
+    if not all(k is None or (is_whole(k) and 1 <= k <= K)
                for k in per_depth(top_k, D)):
         raise ValueError(f"top_k must be None or an integer in [1, {K}] (the codebook size), or a list of one per "
                          f"depth, got {top_k!r}")
-    if not all(p is None or (not isinstance(p, bool) and isinstance(p, (int, float)) and 0 < p <= 1)
+    if not all(p is None or (is_number(p) and 0 < p <= 1)
                for p in per_depth(top_p, D)):
         raise ValueError(f"top_p must be None or a number in (0, 1], or a list of one per depth, got {top_p!r}")
 
 
 def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0 < temperature < float("inf"):
+    if not (is_number(temperature) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r} (for greedy decoding use top_k=1)")
     check_filters(model, top_k, top_p)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not 0 <= guidance_scale < float("inf"):
+    if not (is_number(guidance_scale) and 0 <= guidance_scale < float("inf")):
         raise ValueError(f"guidance_scale must be a number >= 0 (1 = no guidance), got {guidance_scale!r}")
-    if isinstance(guidance_cutoff, bool) or not isinstance(guidance_cutoff, (int, float)) \
-            or not 0 <= guidance_cutoff < 1:
+    if not (is_number(guidance_cutoff) and 0 <= guidance_cutoff < 1):
         raise ValueError(f"guidance_cutoff must be a number in [0, 1) (0 = off), got {guidance_cutoff!r}")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable as callback(step, codes_so_far), got {callback!r}")
-    if num_threads not in (None, "auto") and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                              or num_threads < 1):
+    if num_threads not in (None, "auto") and not (is_whole(num_threads) and num_threads >= 1):
         raise ValueError(f"num_threads must be 'auto', None (keep torch's setting) or a positive integer, "
                          f"got {num_threads!r}")
 
@@ -210,8 +208,7 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     tiny sequential steps), else torch's setting; None: torch's setting.
     """
     _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads)
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                    or num_samples < 1):
+    if num_samples is not None and not (is_whole(num_samples) and num_samples >= 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     forced, keep = _parse_prefix(model, prefix)
     prefix_batch = forced.shape[0] if forced is not None else None

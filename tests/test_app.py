@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 import app  # noqa: E402
 from pipelines import RQPipeline  # noqa: E402
 
-from conftest import CAPTIONS, CLASSES, editor, pixels, tiny_pipeline, tiny_text_pipeline  # noqa: E402
+from conftest import CAPTIONS, CLASSES, editor, pixels, serve_app, tiny_pipeline, tiny_text_pipeline  # noqa: E402
 
 
 def test_only_the_three_endpoints_are_public(served):
@@ -31,7 +31,7 @@ def test_generate_with_no_arguments(served):
     assert len(gallery) == 4  # the default number of images
     for item in gallery:
         assert Image.open(item["image"]).size == (256, 256)  # 32 px upscaled for display
-        assert item["caption"] in [app.pretty(n) for n in CLASSES]  # "Random class" picks a class per image
+        assert item["caption"] in [app.pretty(n) for n in CLASSES]  # "Random class" draws a class per image
 
 
 def test_generate_streams_previews_then_final(served):
@@ -81,7 +81,8 @@ def test_complete_with_mask_and_with_box(served, files):
 
 
 @pytest.mark.parametrize("call, message", [
-    (dict(class_name="unicorns", api_name="/generate"), "Class: Value: unicorns is not in the list of choices"),
+    (dict(class_name="unicorns", api_name="/generate"),
+     "Class: Value: unicorns is not in the list of choices; choose one of 'Random class', 'circles', 'squares'"),
     (dict(num_images=0, api_name="/generate"), "Number of images: Value 0 is less than minimum value 1"),
     (dict(num_images=7, api_name="/generate"), "Number of images: Value 7 is greater than maximum value 6"),
     (dict(temperature=0, api_name="/generate"), "Temperature: Value 0 is less than minimum value 0.1"),
@@ -148,7 +149,7 @@ def test_class_names_are_checked_by_the_pipeline_not_the_app(tmp_path, monkeypat
     assert info.value.message.startswith("unknown class 'starz'")
 
 
-# ---- models with text (issue 15) -----------------------------------------------------------------
+# ---- models with text -----------------------------------------------------------------------
 
 def app_logs(job) -> list[tuple[str, str]]:
     """The (message, level) log lines (gr.Info/gr.Warning) a finished job received."""
@@ -226,7 +227,7 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
     demo = app.build_demo(styled)
     drops = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown)]
     assert len(drops) == 2 and {b.label for b in drops} == {"Style"}
-    assert drops[0].choices[0] == ("Random style", app.RANDOM_CLASS)
+    assert drops[0].choices[0] == ("Random style", "Random style")
     rows = [s for b in demo.blocks.values() if isinstance(b, gr.Dataset) for s in b.samples]
     assert [r[0] for r in rows] == [CLASSES[i % 3] for i in range(len(rows))] and len(rows) == 5
     out = pipe(["stars", 0], prompt="red circle")
@@ -237,7 +238,7 @@ def test_prompt_box_examples_and_captions_follow_the_model(tmp_path, monkeypatch
     assert drops[0].choices[1:] == [("Asterisks", "stars"), ("Circles", "circles"), ("Squares", "squares")]
     assert app.captions(named, named(["stars", 0], prompt="red circle")) == ["red circle · Asterisks",
                                                                           "red circle · Circles"]
-    assert "choices: Circles, Squares, Asterisks." in app.model_card(None, named)
+    assert "choices: Circles, Squares, Asterisks." in app.model_facts(named)
     assert app.pick_prompt("  ") is None and app.pick_prompt(None) is None and app.pick_prompt(" a ") == " a "
 
 
@@ -258,3 +259,95 @@ def test_measured_examples_pick_each_prompt_its_class_and_complete_its_own_image
                                                  ("circles", "green star")]
     assert len(complete) == 1 and complete[0][1] == "circles" and complete[0][-1] == "green star"
     assert "x.png" in json.dumps(complete[0][0])  # the ImageEditor's value: its own image
+
+
+# ---- what the page shows: captions, failed calls, the class title, the model card -----------------
+
+# a card whose intro runs past the summary's 2,000 characters: eight paragraphs of about 300
+INTRO = [f"Paragraph {i}: " + "a small model of coloured shapes, trained briefly on a CPU. " * 5 for i in range(8)]
+CARD = "---\nlicense: other\ntags: [rq-vae]\n---\n# styled shapes\n\n" + "\n\n".join(INTRO) + \
+    "\n\n## Data and licences\n\nthe section the summary leaves out\n"
+
+
+@pytest.fixture(scope="module")
+def served_styled(tmp_path_factory):
+    """The app around a saved tiny pipeline whose classes are styles, with its own long model card."""
+    root = tmp_path_factory.mktemp("styled_app")
+    pipe = tiny_pipeline()
+    RQPipeline(pipe.rqvae, pipe.transformer, max_images=6, class_title="Style").save_pretrained(root / "weights")
+    (root / "weights" / "README.md").write_text(CARD, encoding="utf-8")
+    with serve_app(root / "weights", root) as client:
+        yield client
+
+
+def page_config(client) -> dict:
+    """The served page's config: its components, layout, CSS and event dependencies."""
+    r = httpx.get(f"{client.src}config", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_gallery_captions_sit_below_the_images(served):
+    """Gradio lays captions over the images' lower edge (a heart's tip); the page moves them below."""
+    client, *_ = served
+    config = page_config(client)
+    galleries = [c for c in config["components"] if c["type"] == "gallery"]
+    assert len(galleries) == 3 and all("captions-below" in c["props"]["elem_classes"] for c in galleries)
+    assert ".captions-below .thumbnail-item .caption-label {position: static;" in config["css"]
+
+
+def test_a_failed_call_clears_the_earlier_result(served, tmp_path, monkeypatch):
+    """In the page, each endpoint's failure (a bad upload, say) triggers a private call that empties the
+    endpoint's outputs, so no earlier result is left beside the error."""
+    client, *_ = served
+    deps = page_config(client)["dependencies"]
+    public = [d for d in deps if d["api_visibility"] == "public"]
+    assert {d["api_name"] for d in public} == {"generate", "reconstruct", "complete"}
+    for dep in public:
+        (clear,) = [d for d in deps if d["trigger_after"] == dep["id"] and d["trigger_only_on_failure"]]
+        assert clear["outputs"] == dep["outputs"] and clear["inputs"] == [] and clear["api_visibility"] == "private"
+    monkeypatch.setattr(app, "CACHE_ROOT", tmp_path / "cache")
+    clears = [f for f in app.build_demo(tiny_pipeline()).fns.values() if f.trigger_only_on_failure]
+    assert len(clears) == 3 and all(f.fn() == {o: None for o in f.outputs} for f in clears)
+
+
+def test_the_class_error_names_the_class_title_and_its_random_choice(served_styled):
+    client = served_styled
+    for name, hint in (("unicorns", ""), ("starz", "did you mean 'stars'? ")):
+        with pytest.raises(AppError) as info:
+            client.predict(class_name=name, api_name="/generate")
+        message = str(info.value)
+        assert f"Style: Value: {name} is not in the list of choices; {hint}choose one of 'Random style', 'circles'" \
+            in message
+        assert "Random class" not in message and "Traceback" not in message
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_default"] for p in params if p["parameter_name"] == "class_name"] == ["Random style"]
+    for choice in ("Random style", "Random class"):  # what the page shows, and what every model takes
+        out = client.predict(class_name=choice, num_images=2, seed=4, api_name="/generate")
+        assert len(out) == 2 and all(x["caption"] in [app.pretty(n) for n in CLASSES] for x in out)
+
+
+def test_about_shows_the_card_summary_and_the_full_card_folded(served_styled):
+    config = page_config(served_styled)
+    components = {c["id"]: c for c in config["components"]}
+
+    def children(node):
+        return [components[c["id"]] for c in node.get("children", [])]
+
+    def find(node, label):
+        if components.get(node["id"], {}).get("props", {}).get("label") == label:
+            return node
+        return next(filter(None, (find(c, label) for c in node.get("children", []))), None)
+
+    about = find(config["layout"], "About")
+    summary, accordion = children(about)
+    assert summary["type"] == "markdown" and accordion["type"] == "accordion"
+    assert accordion["props"]["label"] == "Full model card" and accordion["props"]["open"] is False
+    text = summary["props"]["value"]
+    opening = text.split("\n\n### This model")[0]
+    assert opening.startswith("# styled shapes") and len(opening) <= 2000 and "Data and licences" not in text
+    assert (CARD.split("---\n")[2]).startswith(opening + "\n\n")  # cut where a paragraph ends
+    assert "Style choices: Circles, Squares, Stars." in text and "Lee et al." in text  # the facts, the paper
+    (full,) = children(find(config["layout"], "Full model card"))
+    assert full["props"]["value"].startswith("# styled shapes") and "the section the summary leaves out" in \
+        full["props"]["value"] and "license:" not in full["props"]["value"]

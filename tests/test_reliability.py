@@ -1,4 +1,4 @@
-"""Bad input everywhere (issue 8): the cases that the per-module tests do not cover yet.
+"""Bad input everywhere: the cases that the per-module tests do not cover yet.
 
 Each bad case must give ONE line that names the problem and what is allowed; the app must serve the
 next request. Odd-but-valid inputs (1x1, 16-bit, CMYK, palette with transparency, a mask of another
