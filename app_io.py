@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rqcore.images import MAX_IMAGE_PIXELS
+from rqcore.images import MAX_IMAGE_PIXELS, mask_layer
 
 MAX_SEED = 2**63 - 1
 DISPLAY = 256  # outputs are upscaled (nearest neighbour) to about this many pixels
@@ -130,10 +130,8 @@ def editor_mask(editor: dict, box) -> Image.Image:
     image = editor["background"]
     mask = np.zeros((image.height, image.width), bool)
     for layer in editor.get("layers") or []:
-        layer = layer.convert("RGBA").resize(image.size, Image.NEAREST)
-        alpha, grey = np.asarray(layer.getchannel("A")), np.asarray(layer.convert("L"))
-        # transparent layer: painted = opaque pixels; an opaque mask image: white = regenerate
-        mask |= alpha > 32 if alpha.min() < 255 else grey > 127
+        layer, painted = mask_layer(layer.convert("RGBA").resize(image.size, Image.NEAREST))
+        mask |= np.asarray(layer) > (32 if painted else 127)  # faint stroke edges still count as painted
     if box is not None:
         x0, y0, x1, y1 = box
         if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):

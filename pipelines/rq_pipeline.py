@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rqcore.hub_transfer import resolve_folder
-from rqcore.images import check_pixels, image_transform, to_pil, to_rgb
+from rqcore.images import check_pixels, image_transform, mask_layer, to_pil, to_rgb
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqtransformer.cpu import weights_fit_float16
@@ -379,11 +379,7 @@ class RQPipeline:
         if not isinstance(mask, Image.Image):
             raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
         check_pixels(mask.width, mask.height, "mask")  # before any decoding, as for images
-        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
-            alpha = mask.convert("RGBA").getchannel("A")
-            # strokes painted on a transparent layer: the alpha is the mask; an opaque image: its brightness
-            mask = alpha if alpha.getextrema()[0] < 255 else mask.convert("RGB")
-        mask = mask.convert("L")
+        mask = mask_layer(mask)[0]
         grey = image_transform(self.resolution)(mask.convert("RGB"))[:1]  # [1,R,R] in [-1,1]
         f = self.rqvae.config.downsample
         # a low threshold: thin anti-aliased strokes get faint once resized, and still mean "regenerate"

@@ -37,6 +37,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def mask_layer(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The one mask rule: (L mask, painted). Strokes on a transparent layer are its alpha (painted=True);
+    an opaque image is its brightness (painted=False), white = regenerate."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha, True
+    return image.convert("RGB").convert("L"), False
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, with a clear ValueError for unreadable or oversized files."""
     try:
