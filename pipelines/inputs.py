@@ -15,7 +15,7 @@ EXAMPLE_KEYS = ("prompt", "class", "image")  # an entry of pipeline.json's examp
 PROMPT_CHARS_PER_TOKEN = 64  # longer prompts are cut to this many characters per token before tokenizing
 
 def check_options(max_images, default_guidance_scale, caption_dropout, class_title="Class", guidance=True) -> None:
-    if not (isinstance(max_images, int) and not isinstance(max_images, bool) and 1 <= max_images <= MAX_IMAGES_LIMIT):
+    if not (is_whole(max_images) and 1 <= max_images <= MAX_IMAGES_LIMIT):
         raise ValueError(f"max_images must be a positive integer <= {MAX_IMAGES_LIMIT}, got {max_images!r}")
     if not (is_number(default_guidance_scale) and 0 <= default_guidance_scale < float("inf")):
         raise ValueError(f"default_guidance_scale must be a number >= 0 (1 = no guidance), "

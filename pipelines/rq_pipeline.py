@@ -1,7 +1,7 @@
 """RQPipeline: class- and/or text-conditional generation, streamed previews, per-depth reconstruction and
 masked completion over a trained RQ-VAE + RQ-Transformer pair. The pipeline checks all user input (class
-names and indices, prompts, counts, images, masks, generator, output type; see inputs.py); the transformer's
-generate() checks the sampling options and tensor invariants.
+names and indices, prompts, counts, images, masks, generator, output type; see inputs.py and pixels.py); the
+transformer's generate() checks the sampling options and tensor invariants.
 
     pipe = RQPipeline.from_pretrained("weights/emoji-64")
     images = pipe("noto", prompt="red heart", num_images=4, generator=torch.Generator().manual_seed(0)).images
@@ -13,13 +13,11 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from rqcore.checks import is_number, is_whole
 from rqcore.hub_transfer import resolve_folder
-from rqcore.images import check_pixels, image_transform, mask_layer, to_pil, to_rgb
+from rqcore.images import to_pil
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqtransformer.cpu import weights_fit_float16
@@ -28,9 +26,9 @@ from rqvae import RQVAE
 
 from .hub import push_to_hub
 from .inputs import (batch_size, check_display_names, check_examples, check_num_images, check_options,
-                     check_prompt_list, clean_prompt, is_number, is_whole, label_list, prompt_list, read_options,
-                     read_prompts)
+                     check_prompt_list, clean_prompt, label_list, prompt_list, read_options, read_prompts)
 from .outputs import Reconstruction, RQPipelineOutput
+from .pixels import images_to_tensor, mask_to_keep
 from .streaming import decode_preview, sample_in_thread
 
 PIPELINE_FILE = "pipeline.json"
@@ -70,7 +68,7 @@ class RQPipeline:
         if transformer.has_text and transformer.tokenizer is None:
             raise ValueError("this text model has no tokenizer: set transformer.tokenizer (a PromptTokenizer)")
         self.rqvae, self.transformer = rqvae.eval(), transformer.eval()
-        self.max_images, self.default_guidance_scale = max_images, float(default_guidance_scale)
+        self.max_images, self.default_guidance_scale = int(max_images), float(default_guidance_scale)
         self.caption_dropout = None if caption_dropout is None else float(caption_dropout)
         self._prompts, self.class_title = prompts, class_title.strip()
         self.guidance, self.top_k, self.top_p = guidance, top_k, top_p
@@ -86,7 +84,7 @@ class RQPipeline:
                         token: str | bool | None = None) -> "RQPipeline":
         """path: a saved pipeline folder or a Hub repo id "user/name" (at `revision`; see rqcore.hub_transfer).
         cpu_float16_weights: on the CPU, sample with the transformer's float16-weight copy
-        (RQTransformer.quantized_for_cpu: 1.2-2x faster sampling). None (default): only where that loses
+        (RQTransformer.quantized_for_cpu: faster sampling). None (default): only where that loses
         nothing, i.e. the weights were stored as float16 (the bundled model's) and this CPU has the kernels;
         True: always (other weights are rounded, samples may drift); False: never."""
         path = Path(resolve_folder(path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
@@ -239,33 +237,7 @@ class RQPipeline:
 
         Any size is accepted: images are resized (shorter side) and center-cropped to the model's
         resolution; any PIL mode is converted to RGB (transparency on white)."""
-        items = images if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise ValueError("no image given")
-        if torch.is_tensor(images):
-            x = images[None] if images.ndim == 3 else images
-            if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-                raise ValueError(f"image tensors must be float [B,3,H,W] in [-1,1], got {tuple(x.shape)} {x.dtype}")
-            if x.numel() == 0:
-                raise ValueError(f"image tensor is empty: {tuple(x.shape)}")
-            if x.shape[-2:] != (self.resolution, self.resolution):
-                x = F.interpolate(x.float(), size=(self.resolution,) * 2, mode="bicubic", antialias=True,
-                                  align_corners=False)
-            return x.clamp(-1, 1).to(self.device)
-        transform = image_transform(self.resolution)
-        out = []
-        for item in items:
-            if isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim not in (2, 3):
-                    raise ValueError(f"image arrays must be uint8 [H,W] or [H,W,C], got {item.dtype} {item.shape}")
-                item = Image.fromarray(item)
-            if not isinstance(item, Image.Image):
-                raise ValueError(f"expected a PIL image, a uint8 array or a tensor, got {type(item).__name__}")
-            check_pixels(item.width, item.height, "image")  # before decoding: a lazily opened file is not read yet
-            if min(item.size) < 1:
-                raise ValueError("image is empty")
-            out.append(transform(to_rgb(item)))
-        return torch.stack(out).to(self.device)
+        return images_to_tensor(images, self.resolution).to(self.device)
 
     def _one_image(self, image, what: str) -> torch.Tensor:
         x = self.preprocess(image)  # [B,3,R,R]
@@ -290,8 +262,8 @@ class RQPipeline:
         `prompt` (text models: a string, or a list of them: one image each; None = the empty prompt).
         num_images repeats a single label/prompt (None: once), or sets the count without either.
         guidance_scale None = the pipeline's default, 1 = off. top_k and top_p both None: the pipeline's
-        defaults (pipeline.json; the official settings in a converted folder), else none. Prompts longer than the model's max_text_len
-        tokens are cut: the output lists them in truncated_prompts, and a warning says so."""
+        defaults (pipeline.json; the official settings in a converted folder), else none. Prompts longer than
+        the model's max_text_len tokens are cut: the output lists them in truncated_prompts, and a warning says so."""
         kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
                                              output_type, temperature=temperature, top_k=top_k, top_p=top_p)
         *_, final = self._sample(kwargs, meta, output_type)
@@ -364,33 +336,7 @@ class RQPipeline:
 
     def mask_to_keep(self, mask) -> torch.Tensor:
         """Pixel mask (white = regenerate) -> keep-mask over code positions [h,w] (True = keep)."""
-        if torch.is_tensor(mask):
-            mask = mask.detach().cpu().float().numpy()
-        if isinstance(mask, np.ndarray):
-            if mask.size == 0:
-                raise ValueError(f"mask is empty: shape {mask.shape}")
-            mask = mask.astype(np.float32)
-            mask = mask * 255 if mask.max() <= 1 else mask  # 0/1 (or bool) masks: 1 = regenerate
-            if mask.ndim == 3:
-                mask = mask.max(-1) if mask.shape[-1] in (1, 3, 4) else mask[0]
-            if mask.ndim != 2:
-                raise ValueError(f"mask must be a single-channel image [H,W], got shape {mask.shape}")
-            mask = Image.fromarray(mask.clip(0, 255).astype(np.uint8))
-        if not isinstance(mask, Image.Image):
-            raise ValueError(f"mask must be a PIL image, an array or a tensor, got {type(mask).__name__}")
-        check_pixels(mask.width, mask.height, "mask")  # before any decoding, as for images
-        mask = mask_layer(mask)[0]
-        grey = image_transform(self.resolution)(mask.convert("RGB"))[:1]  # [1,R,R] in [-1,1]
-        f = self.rqvae.config.downsample
-        # a low threshold: thin anti-aliased strokes get faint once resized, and still mean "regenerate"
-        touched = F.max_pool2d((grey > -0.8).float()[None], f)[0, 0] > 0  # [h,w]: any painted pixel in the patch
-        if not touched.any():
-            if mask.getextrema()[1] > 25:  # painted, but lost to the crop (or too thin after resizing)
-                raise ValueError(f"the painted region disappears when the image is resized and center-cropped "
-                                 f"to {self.resolution}x{self.resolution}: it lies outside the centre square "
-                                 f"or is too thin; paint a larger region nearer the centre")
-            raise ValueError("the mask is empty: paint (white) the region to regenerate")
-        return ~touched
+        return mask_to_keep(mask, self.resolution, self.rqvae.config.downsample)
 
     @torch.inference_mode()
     def complete(self, image, mask, class_labels=None, prompt: str | list[str] | None = None,

@@ -84,8 +84,8 @@ def decode_preview(rqvae, codes: torch.Tensor) -> torch.Tensor:
     """codes [B,h,w,D], -1 where not sampled yet -> images [B,3,H,W] in [-1,1], unsampled cells grey (0).
 
     Only the code rows down to the last known position are decoded (the rows below are grey anyway):
-    a generation's first preview decodes one row of codes (bundled model, batch 4, one thread on an Intel
-    Xeon: 9-12 ms instead of 38 ms). A completion's kept codes can sit in any row; they are decoded too."""
+    a generation's first preview decodes one row of codes. A completion's kept codes can sit in any row;
+    they are decoded too."""
     f = rqvae.config.downsample
     known = (codes >= 0).all(-1)  # [B,h,w]
     rows = int(known.any(0).any(-1).nonzero().max()) + 1 if known.any() else 1

@@ -19,8 +19,7 @@ class KVCache(nn.Module):
     def __init__(self, batch_size: int, heads: int, length: int, dim_head: int, device=None, dtype=None):
         super().__init__()
         shape = (batch_size, 2, heads, length, dim_head)
-        # empty, not zeros: every position is written before it is read, and zeroing a batch-16 sampling's
-        # caches took 5 % of its time (page faults of fresh memory)
+        # empty, not zeros: every position is written before it is read, so zeroing only costs page faults
         self.register_buffer("kv", torch.empty(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, pos: int, kv: torch.Tensor) -> torch.Tensor:
@@ -30,8 +29,7 @@ class KVCache(nn.Module):
         return cache[:, :, :, :end]
 
 
-# On CPU, torch's fused attention kernel is tuned for long sequences: for the depth transformer's
-# 4 tokens its forward+backward is 3x slower than plain matmuls (measured on 2 cores; even at 64 tokens).
+# On CPU, torch's fused attention kernel is tuned for long sequences: up to this length plain matmuls are faster.
 SHORT_SEQUENCE = 64
 
 
@@ -61,8 +59,8 @@ class SelfAttention(nn.Module):
         queries attend over positions [0, pos+n) (n > 1 only from pos 0, causally: a prefill).
         """
         B, n, _ = x.shape
-        # views, not einops: sampling runs this once per layer and token. One token needs no permute (and
-        # no transpose below): those two ops per layer and token cost 2.5 % of a small model's sampling time.
+        # views, not einops, and one token needs no permute (nor the transpose below): sampling runs this per
+        # layer and token, where each small op counts
         qkv = self.qkv(x)  # [B, n, 3 * dim]
         if n == 1:
             qkv = qkv.view(B, 3, self.heads, 1, -1)  # [B, 3, heads, 1, dim_head]

@@ -5,11 +5,11 @@
 weights (fbgemm, float32 accumulation).
 
 Why: a sampling step multiplies one token (or a few rows) by every weight matrix, so on CPU it is bound by
-reading the weights, not by arithmetic; float16 weights halve those reads. Measured on an AVX2-only 2-core
-machine at reference sizes: 2x faster sampling at batch 1, 1.6x at batch 16. Weights stored as float16
-(the bundled model's) are exact in float16, so the copy samples the same codes; other weights are rounded
-(relative error <= 2^-11), so samples can drift from the float32 model's for the same seed. int8 weights
-(torch's dynamic quantization) were slower here and changed every sample and the held-out likelihood.
+reading the weights, not by arithmetic; float16 weights halve those reads (bench.sampling_speed gives the
+figures). Weights stored as float16 (the bundled model's) are exact in float16, so the copy samples the same
+codes; other weights are rounded (relative error <= 2^-11), so samples can drift from the float32 model's for
+the same seed. Not int8 weights (torch's dynamic quantization): slower, and they change every sample and the
+held-out likelihood.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # torch marks these fbgemm entry points deprecated but still ships them; they are the only float16-weight
-# GEMM it has on x86 CPUs without native float16 (the quantized-op route costs ~35 us more per call).
+# GEMM it has on x86 CPUs without native float16 (the quantized-op route adds per-call overhead).
 _DEPRECATED = r"fbgemm_.* is deprecated"
 
 
-PACK_MIN_ROWS = 4  # fewer rows: MKL's packed GEMM was slower than its plain one (1 and 2 rows, Intel Xeon)
+PACK_MIN_ROWS = 4  # fewer rows: MKL's packed GEMM is slower than its plain one
 # generate()'s packed weights for the row count it samples: (rows, {id(nn.Linear): packed weight}) or None.
 # A context variable, so that concurrent generate() calls (threads) each see their own.
 _PACKED: ContextVar[tuple[int, dict] | None] = ContextVar("rqtransformer_packed_weights", default=None)
@@ -51,10 +51,9 @@ def packed_weights(model: nn.Module, rows: int):
 
     Why: a sampling step multiplies a few rows by every weight matrix, and plain sgemm re-packs the whole
     weight into its kernel layout on every call. Packing each weight once per generate() call (what
-    inductor's CPU freezing does for float32 linears) skips that: sampling at the reference sizes took
-    0.60 -> 0.46 s at batch 16 and 0.29 -> 0.26 s at batch 4 (Intel Xeon, one thread). The same float32
-    arithmetic; results differ from F.linear in the last bits at most. Only for float32 models on CPU with MKL
-    and at least PACK_MIN_ROWS rows; otherwise it does nothing. Packing takes ~5 ms per call at those sizes.
+    inductor's CPU freezing does for float32 linears) skips that. The same float32 arithmetic; results differ
+    from F.linear in the last bits at most. Only for float32 models on CPU with MKL and at least PACK_MIN_ROWS
+    rows; otherwise it does nothing.
     """
     packs = None
     if rows >= PACK_MIN_ROWS and mkl_packing_available():
@@ -81,9 +80,9 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def native_gelu(x: torch.Tensor) -> torch.Tensor:
     """F.gelu of x [B, n] on torch's own kernel. For contiguous float32 inputs torch calls oneDNN,
-    whose per-call setup costs more than the GELU of one token's [B, 4*dim] (3-11 % of a sampling step
-    on 2 cores). A non-contiguous view of the same memory takes the native kernel, whose output keeps
-    that layout, so the result reads back as [B, n]; it differs from oneDNN's in the last few bits at most."""
+    whose per-call setup costs more than the GELU of one token's [B, 4*dim]. A non-contiguous view of the
+    same memory takes the native kernel, whose output keeps that layout, so the result reads back as [B, n];
+    it differs from oneDNN's in the last few bits at most."""
     B, n = x.shape
     if n % 2 or not x.is_contiguous():  # (non-contiguous inputs take the native kernel anyway)
         return F.gelu(x)

@@ -13,7 +13,7 @@ whole sequences without caches (causal attention); the sampler calls them one to
 values at `pos` before attending over positions [0, pos+n). Cached and teacher-forced logits therefore
 come from the same code; the uncached sampler (re-running `forward` per code) is kept as a guard. One
 cached token in eval mode (every sampling step) runs each layer as `Block.step`: the same math on [B, dim]
-in fewer Python calls and tensor ops, since on CPU those calls cost as much as the arithmetic.
+in fewer Python calls and tensor ops, because on CPU those calls cost as much as the arithmetic.
 
 Class index `num_classes` is the learned "null" class (unconditional / classifier-free guidance).
 
@@ -125,7 +125,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         # by the position of the input: the start token, then codes 0..h*w-2 (the last code is never an input)
         self.spatial_pos = nn.Parameter(torch.zeros(h * w - (not c.start_token), c.dim))
         self.depth_pos = nn.Parameter(torch.zeros(D, c.dim))
-        if c.max_text_len:  # models without text keep exactly their old tensors (old files load strictly)
+        if c.max_text_len:  # text tensors in text models only: loading is strict, so files without them load
             self.text_emb = nn.Embedding(c.text_vocab_size, c.dim)  # row TEXT_PAD_ID: the pad token
             self.text_pos = nn.Parameter(torch.zeros(c.max_text_len, c.dim))
         self.tokenizer = None  # a PromptTokenizer for text models: set by training, saved and loaded with the model
@@ -233,8 +233,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
         x = self.class_emb(labels)[:, None]  # [B, 1, dim]
         if self.config.text_pool and text is not None:
             real = (text != TEXT_PAD_ID).unsqueeze(-1).to(x.dtype)  # [B, L, 1]
-            # the sum over real tokens / sqrt(count): in the paired toy (bench.text_vs_class, 8 seeds) it beat the
-            # mean and an attention pooling, and tied the plain sum without growing with the prompt's length
+            # the sum over real tokens / sqrt(count): does not grow with the prompt's length (bench.text_vs_class
+            # compares it with the mean, the plain sum and an attention pooling)
             pooled = (self.text_emb(text) * real).sum(1) / real.sum(1).clamp(min=1).sqrt()  # [B, dim]
             x = x + pooled[:, None]
         return x
@@ -321,14 +321,14 @@ class RQTransformer(PretrainedMixin, nn.Module):
         """torch.compile spatial_transformer and depth_transformer, which sampling calls h*w and h*w*D times.
 
         Meant for GPUs (e.g. options mode="max-autotune-no-cudagraphs"); on CPU it compiles C++ for about a
-        minute and, measured on 2 cores, gives no speed-up. `pos` is dynamic, so one graph serves every
+        minute for no speed-up. `pos` is dynamic, so one graph serves every
         position after the first. forward() then runs the compiled functions too. Returns self; sampled
         codes are the same as without compiling.
         """
         options = {"dynamic": True, **options}
         if self.head.weight.device.type == "cpu" and not {"mode", "options"} & options.keys():
-            # inductor's vectorized C++ for dynamic shapes wrote garbage into the KV caches at one thread
-            # with AVX2 kernels (torch 2.14; the app samples small batches at one thread): scalar C++ is right
+            # inductor's vectorized C++ for dynamic shapes writes garbage into the KV caches at one thread with
+            # AVX2 kernels (torch 2.14; the app samples small batches at one thread): scalar C++ is right
             options["options"] = {"cpp.simdlen": 0}
         self.spatial_transformer = torch.compile(self.spatial_transformer, **options)
         self.depth_transformer = torch.compile(self.depth_transformer, **options)
@@ -336,7 +336,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
 
     def quantized_for_cpu(self, inplace: bool = False) -> "RQTransformer":
         """A copy for faster sampling on CPU whose linear layers multiply by float16 weights (see
-        rqtransformer.cpu): about 2x faster at batch 1 and 1.6x at batch 16 on an AVX2 CPU. Weights loaded
+        rqtransformer.cpu; bench.sampling_speed gives the figures). Weights loaded
         from a float16 file (like the bundled model's) lose nothing: the same codes for the same seed. Other
         weights are rounded to float16, so samples can drift from this model's. Same float32 parameters and
         state_dict (autograd uses them); x86 CPUs only (ValueError elsewhere). inplace: convert this model
@@ -384,7 +384,7 @@ PRESETS = {
     "tiny": dict(dim=32, heads=2, spatial_layers=2, depth_layers=1, dropout=0.0),
     # the bundled default: sized to train in about an hour on 2 CPU cores (~3 M parameters)
     "emoji-64": dict(dim=192, heads=3, spatial_layers=4, depth_layers=2, dropout=0.1),
-    # v7's size (~13 M parameters, weights/emoji-64-v7): within the app's budget of 1 s for 4 images on 2 cores
+    # the larger stage 2 (~13 M parameters): within the app's budget of 1 s for 4 images on 2 cores
     "emoji-64-v7": dict(dim=320, heads=5, spatial_layers=8, depth_layers=2, dropout=0.1),
     # the reference configuration of the design notes (~6.6 M parameters with a 512 codebook)
     "reference": dict(dim=256, heads=4, spatial_layers=6, depth_layers=2, dropout=0.0),

@@ -58,8 +58,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """One index per row of probs [B, k] -> [B, 1]: what torch.multinomial(probs, 1) computes.
 
     The same exponential draws and argmax as torch's single-sample path (so the same indices for a
-    seed), without its checks that the probabilities are valid (reductions and two synchronising
-    .item() calls: 20 -> 6 us per call for one row, once per sampled code), which a softmax never fails.
+    seed), without its validity checks (reductions and synchronising .item() calls, once per sampled
+    code), which a softmax never fails.
     """
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1, keepdim=True)
 
@@ -102,12 +102,9 @@ def _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cu
 def auto_threads(rows: int, use_cache: bool) -> int | None:
     """num_threads="auto": 1 for cached sampling of <= ONE_THREAD_MAX_ROWS rows, else torch's setting.
 
-    Each cached step is a few hundred small ops; splitting them across cores costs more in thread
-    wake-ups than it saves. Measured at reference sizes, Intel Xeon, 2 cores, OMP_WAIT_POLICY=PASSIVE,
-    two threads -> one: batch 1 0.68 -> 0.22 s, batch 16 1.38 -> 0.51 s, 64 rows 2.03 -> 1.33 s, 128 rows
-    2.61 -> 2.43 s. With OpenMP's default (spinning) wait, two threads were 1.35x faster on an idle machine
-    but 2.5-19x slower while another process kept one core busy; one thread was unaffected by it. The
-    uncached path (full forwards) is 1.8x slower on one thread.
+    Each cached step is a few hundred small ops: splitting them across cores costs more in thread
+    wake-ups than it saves, and a spinning second thread stalls whenever another process holds a core.
+    Full forwards (the uncached path) do gain from threads. The figures: bench.sampling_speed, docs/performance.md.
     """
     return 1 if use_cache and rows <= ONE_THREAD_MAX_ROWS else None
 
@@ -210,6 +207,27 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
     _check_options(model, temperature, top_k, top_p, guidance_scale, guidance_cutoff, callback, num_threads)
     if num_samples is not None and not (is_whole(num_samples) and num_samples >= 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    rows, text, B, forced, keep = _batch(model, class_labels, text_tokens, num_samples, prefix)
+    cfg = (class_labels is not None or text_tokens is not None) and guidance_scale != 1.0
+    if cfg:  # [2B]: conditional rows, then unconditional rows (null class, empty prompt)
+        rows = torch.cat([rows, torch.full_like(rows, model.null_class)])
+        if text is not None:
+            text = torch.cat([text, model._text(None, B, model.head.weight.device)])  # [2B, L]
+    if num_threads == "auto":
+        num_threads = auto_threads(rows.shape[0], use_cache)
+    cutoff = math.log(guidance_cutoff) if guidance_cutoff else -math.inf
+    # the cached path's steps multiply R rows by every weight: packed once for R (CPU float32, see cpu.py)
+    with _eval_mode(model), torch.inference_mode(), _intra_op_threads(num_threads, model.head.weight.device), \
+            (packed_weights(model, rows.shape[0]) if use_cache else nullcontext()):
+        run = _sample_cached if use_cache else _sample_uncached
+        codes = run(model, rows, text, B, cfg, float(guidance_scale), cutoff, float(temperature), top_k, top_p,
+                    generator, forced, keep, callback)
+    return rearrange(codes, "b (h w) d -> b h w d", h=model.config.code_shape[0])
+
+
+def _batch(model, class_labels, text_tokens, num_samples, prefix):
+    """The checked conditioning -> (labels [B], text [B, L] or None, B, forced codes [B, h*w, D] or None,
+    keep [B, h*w] or None): B from the labels, else num_samples, else the prefix or text batch, else 1."""
     forced, keep = _parse_prefix(model, prefix)
     prefix_batch = forced.shape[0] if forced is not None else None
     device = model.head.weight.device
@@ -238,32 +256,21 @@ def generate(model, class_labels: torch.Tensor | None = None, text_tokens: torch
             raise ValueError(f"text_tokens has batch {len(text)} but {B} samples are requested; "
                              "give one prompt (batch 1) or one per sample")
         text = text.expand(B, -1)
+    return rows, text, B, forced, keep
 
-    cfg = (class_labels is not None or text_tokens is not None) and guidance_scale != 1.0
-    if cfg:  # [2B]: conditional rows, then unconditional rows (null class, empty prompt)
-        rows = torch.cat([rows, torch.full_like(rows, model.null_class)])
-        if text is not None:
-            text = torch.cat([text, model._text(None, B, device)])  # [2B, L]
-    # sampling runs in eval mode (no dropout): switch only the modules in train mode, and back after
-    # (model.eval() / model.train() walk every module twice per call, 2 % of a small model's sampling)
+
+@contextmanager
+def _eval_mode(model):
+    """No dropout while sampling: only the modules in train mode are switched, and back after, since
+    model.eval() / model.train() walk every module twice per call."""
     training = [m for m in model.modules() if m.training]
     for m in training:
         m.training = False
     try:
-        if num_threads == "auto":
-            num_threads = auto_threads(rows.shape[0], use_cache)
-        # the cached path's steps multiply R rows by every weight: packed once for R (CPU float32, see cpu.py)
-        with torch.inference_mode(), _intra_op_threads(num_threads, device), \
-                (packed_weights(model, rows.shape[0]) if use_cache else nullcontext()):
-            run = _sample_cached if use_cache else _sample_uncached
-            codes = run(model, rows, text, B, cfg, float(guidance_scale), math.log(guidance_cutoff) if guidance_cutoff
-                        else -math.inf, float(temperature), top_k, top_p,
-                        generator, forced, keep, callback)
+        yield
     finally:
         for m in training:
             m.training = True
-    h, w, D = model.config.code_shape
-    return rearrange(codes, "b (h w) d -> b h w d", h=h)
 
 
 def _setup(model, B, cfg, scale, cutoff, temperature, top_k, top_p, generator, forced, keep):
