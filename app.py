@@ -29,8 +29,8 @@ import torch
 from app_io import (MAX_SEED, check_seed, check_whole, code_map, editor_mask, named_errors, pick_prompt,
                     sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
 from pipelines import RQPipeline
-from pipelines.hub import CARD_NAME, model_card
-from rqcore.cards import PAPER, card_summary, card_text
+from pipelines.hub import model_card
+from rqcore.cards import CARD_NAME, PAPER, card_summary, card_text
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces

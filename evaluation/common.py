@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from rqcore.pretrained import load_weights, write_safetensors
 from training.captions import spread
-from training.reconstruction import depth_report, evaluate_depths, psnr_per_image  # noqa: F401
 
 SAMPLES = 4  # samples per sampled (name, style) pair
 GRID_ROWS = 16  # rows (real image, then its samples) in a saved grid

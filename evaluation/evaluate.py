@@ -29,8 +29,10 @@ from rqtransformer.losses import per_depth_nll
 
 from training.cli import non_negative_int, positive_int, run_cli
 from training.data import has_captions, image_folder
+from training.reconstruction import depth_report, psnr_per_image
+
 # the measures evaluation.text shares live in evaluation.common, so imports run one way
-from .common import accuracy, depth_report, fit_classifier, judge, nll_report, psnr_per_image
+from .common import accuracy, fit_classifier, judge, nll_report
 from .text import evaluate_captioned
 
 

@@ -39,8 +39,10 @@ from rqtransformer.losses import per_image_nll
 
 from training.captions import spread
 from training.data import METADATA, CaptionedImageFolder, captioned_image_folder, has_captions, metadata_rows
-from .common import (SAMPLES, accuracy, depth_report, fit_classifier, judge, judged, nll_report,  # noqa: F401
-                          psnr_per_image, retrieval_ranks, sample, sample_query, save_rows)
+from training.reconstruction import depth_report, psnr_per_image
+
+from .common import (SAMPLES, accuracy, fit_classifier, judge, judged, nll_report,  # noqa: F401
+                     retrieval_ranks, sample, sample_query, save_rows)
 from .trained import evaluate_trained
 
 TOP_K = 10  # a pair is retrieved when its real image is among this many nearest real images of its style

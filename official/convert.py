@@ -178,7 +178,7 @@ def main(argv=None) -> None:
         else:
             vae.save_pretrained(tmp)
         card = model_card(args, vae, transformer, settings, {"rqvae": vae_ema, "rqtransformer": args.ema})
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / cards.CARD_NAME).write_text(card, encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

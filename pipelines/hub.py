@@ -11,7 +11,6 @@ import torch
 from rqcore import cards
 from rqcore.hub_transfer import push_written
 
-CARD_NAME = "README.md"
 
 
 def count(module: torch.nn.Module) -> str:
@@ -60,10 +59,10 @@ def hub_folder(pipe, folder, repo_id: str | None = None, dtype: torch.dtype | No
     folder = Path(folder)
     pipe.save_pretrained(folder, dtype=dtype)
     source = pipe.folder
-    if source is not None and (source / CARD_NAME).is_file():
-        shutil.copyfile(source / CARD_NAME, folder / CARD_NAME)
+    if source is not None and (source / cards.CARD_NAME).is_file():
+        shutil.copyfile(source / cards.CARD_NAME, folder / cards.CARD_NAME)
     else:
-        (folder / CARD_NAME).write_text(model_card(pipe, repo_id), encoding="utf-8")
+        (folder / cards.CARD_NAME).write_text(model_card(pipe, repo_id), encoding="utf-8")
     examples = sorted((source / "examples").glob("*.png")) if source is not None else []
     if examples:
         (folder / "examples").mkdir(exist_ok=True)

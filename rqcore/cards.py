@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+CARD_NAME = "README.md"  # a model card's file name in a saved folder, as on the Hub
 PAPER = 'Lee et al., "Autoregressive Image Generation using Residual Quantization", CVPR 2022, arXiv 2203.01941'
 TAGS = ("image-generation", "rq-vae", "rq-transformer")
 SUMMARY_CHARS = 2000

@@ -10,9 +10,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from .cards import CARD_NAME
+
 # What a saved model or pipeline folder holds (rqvae/, rqtransformer/, pipeline.json, prompts.json,
 # tokenizer.json, README.md, examples/*.png); fnmatch's "*" also matches "/", so "*.json" covers subfolders.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md", "examples/*.png"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", CARD_NAME, "examples/*.png"]
 
 
 def is_repo_id(path) -> bool:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .cards import PAPER, model_card
+from .cards import CARD_NAME, PAPER, model_card
 from .checks import is_number, is_whole
 from .hub_transfer import push_written, resolve_folder
 
@@ -202,7 +202,7 @@ from {type(self).__module__.split(".")[0]} import {kind}
 model = {kind}.from_pretrained("{repo_id or 'path/to/this/folder'}")
 ```"""
         table = f"| config | value |\n|---|---|\n{fields}"
-        (folder / "README.md").write_text(model_card(name.split("/")[-1], intro, {"Config": table}), encoding="utf-8")
+        (folder / CARD_NAME).write_text(model_card(name.split("/")[-1], intro, {"Config": table}), encoding="utf-8")
         return folder
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
