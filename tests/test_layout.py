@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # A package may import its own floor's neighbours only where listed; otherwise only lower floors.
 FLOORS = {"rqcore": 0, "rqvae": 1, "rqtransformer": 1, "pipelines": 2, "training": 3, "emoji_data": 3,
-          "official": 4, "evaluation": 4, "app_io": 5, "app": 6, "bench": 6}
+          "official": 4, "evaluation": 5, "app_io": 5, "app": 6, "bench": 6}
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 # not split yet: each may shrink, never grow (remove an entry once it is within the limit)
 NOT_SPLIT_YET = {"tests/test_pipeline.py": 517, "tests/test_reliability.py": 460, "tests/test_rqtransformer.py": 556}
