@@ -83,6 +83,47 @@ def test_class_folders_the_model_lacks_are_one_line(tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "folders named after some or all of them, plus new ones" in err
 
 
+def flat_folder(root: Path) -> Path:
+    """The fixture images at the folder's root, no class sub-folders: a user's folder of faces."""
+    nested = make_image_folder(root.with_name(root.name + "-nested"), size=32)
+    root.mkdir()
+    for f in sorted(nested.glob("*/*.png")):
+        f.rename(root / f"{f.parent.name}-{f.name}")
+    return root
+
+
+def test_a_converted_unconditional_model_fine_tunes_on_a_plain_folder(tmp_path):
+    source = converted(tmp_path, "uncond")
+    images = flat_folder(tmp_path / "faces")
+    files = lambda: sorted(images.glob("*.png"))  # noqa: E731
+    x = lambda pipe: pipe.preprocess([__import__("PIL.Image").Image.open(f) for f in files()])  # noqa: E731
+
+    def loss(pipe: RQPipeline) -> float:
+        codes = pipe.rqvae.encode(x(pipe))
+        with torch.inference_mode():
+            return F.cross_entropy(pipe.transformer(codes).flatten(0, -2), codes.flatten()).item()
+
+    before = loss(RQPipeline.from_pretrained(source, device="cpu"))
+    out = tmp_path / "tuned"
+    train_stage2(["--rqvae", str(source), "--init_from", str(source), "--data_dir", str(images),
+                  "--output_dir", str(out), *FAST])
+    pipe = RQPipeline.from_pretrained(out, device="cpu")
+    assert loss(pipe) < before - 0.1 and pipe.transformer.config.num_classes == 0
+    assert len(pipe(num_images=2, generator=torch.Generator().manual_seed(0)).images) == 2
+
+
+def test_a_class_model_on_a_plain_folder_is_one_line(tmp_path, capsys):
+    source = converted(tmp_path, "class")
+    images = flat_folder(tmp_path / "plain")
+    import training.cli as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(lambda: train_stage2(["--rqvae", str(source), "--init_from", str(source), "--data_dir",
+                                          str(images), "--output_dir", str(tmp_path / "o"), *FAST]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "has no class sub-folders" in err
+
+
 def test_a_converted_text_model_fine_tunes_with_the_official_tokenizer(tmp_path):
     source = converted(tmp_path, "text")
     images = make_image_folder(tmp_path / "images", size=32)
@@ -105,7 +146,7 @@ def test_a_converted_text_model_fine_tunes_with_the_official_tokenizer(tmp_path)
 
 def test_a_converted_rqvae_fine_tunes_in_the_official_layout(tmp_path):
     source = converted(tmp_path, "uncond")
-    images = make_image_folder(tmp_path / "images", size=32)
+    images = flat_folder(tmp_path / "faces")  # stage 1 needs no classes either
     out = tmp_path / "vae"
     train_stage1(["--init_from", str(source), "--data_dir", str(images), "--output_dir", str(out),
                   "--train_batch_size", "4", "--num_workers", "0", "--lr_warmup_steps", "2", "--report_to", "none",
@@ -115,7 +156,7 @@ def test_a_converted_rqvae_fine_tunes_in_the_official_layout(tmp_path):
 
     def error(vae) -> float:
         pipe = RQPipeline.from_pretrained(source, device="cpu")
-        x = pipe.preprocess([__import__("PIL.Image").Image.open(f) for f in sorted(images.glob("*/*.png"))])
+        x = pipe.preprocess([__import__("PIL.Image").Image.open(f) for f in sorted(images.glob("*.png"))])
         with torch.inference_mode():
             return F.mse_loss(vae.decode(vae.encode(x)), x).item()
 

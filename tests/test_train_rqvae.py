@@ -158,7 +158,7 @@ def run(argv, capsys):
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "does not exist"),
-    ("empty", "no class sub-folders"),
+    ("empty", "contains no images"),
     ("no_images", "contains no images"),
     ("corrupt", "unreadable image"),
 ])

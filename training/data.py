@@ -22,21 +22,39 @@ METADATA = "metadata.jsonl"
 
 def image_folder(data_dir: str | os.PathLike, resolution: int, hflip: bool = False,
                  check: bool = True) -> ImageFolder:
-    """An ImageFolder over `data_dir` (one sub-folder per class). Raises ValueError with one clear
-    line for a missing folder, a tree without images, or (check=True) any unreadable image."""
+    """An ImageFolder over `data_dir` (one sub-folder per class), or over the images at its root, without
+    classes, where no sub-folder holds images. Raises ValueError with one clear line for a missing folder, a
+    tree without images, or (check=True) any unreadable image."""
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data folder {root} does not exist")
     try:
         ds = ImageFolder(str(root), transform=image_transform(resolution, hflip), loader=load_image)
-    except FileNotFoundError:
-        subdirs = [p for p in root.iterdir() if p.is_dir()]
-        where = "has no class sub-folders" if not subdirs else "contains no images"
-        raise ValueError(f"data folder {root} {where}: expected <root>/<class>/<image> with extensions "
-                         f"{', '.join(IMG_EXTENSIONS[:6])}, ...") from None
+    except FileNotFoundError:  # no sub-folder holds images: the images at the root, if any, have no classes
+        try:
+            ds = FlatImageFolder(str(root), transform=image_transform(resolution, hflip), loader=load_image)
+        except FileNotFoundError:
+            raise ValueError(f"data folder {root} contains no images: expected <root>/<image> (no classes) or "
+                             f"<root>/<class>/<image>, with extensions {', '.join(IMG_EXTENSIONS[:6])}, ...") from None
     if check:
         check_images(path for path, _ in ds.samples)
     return ds
+
+
+class FlatImageFolder(ImageFolder):
+    """The images at a folder's root, without classes (`classes` is empty, every target 0): what an
+    unconditional model trains on, e.g. a folder of faces for the converted FFHQ model."""
+
+    def find_classes(self, directory):
+        return [], {}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        files = sorted(p for p in Path(directory).iterdir()
+                       if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+        if not files:
+            raise FileNotFoundError(f"no images in {directory}")
+        return [(str(p), 0) for p in files]
 
 
 def check_images(paths) -> None:

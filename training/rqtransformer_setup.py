@@ -106,7 +106,8 @@ def fit_init_from(args, p: Plan) -> None:
     elif saved.class_names and set(classes) > set(names):  # new classes beside all of the model's
         p.class_rows = [names.index(c) if c in names else None for c in classes]
     if saved.num_classes != len(p.classes) and not p.class_rows:
-        data = "--unconditional" if args.unconditional else f"the data has {len(p.classes)} {p.classes}"
+        data = ("--unconditional" if args.unconditional else f"the data has {len(p.classes)} {p.classes}"
+                if p.classes else f"{p.data_flag} has no class sub-folders")
         raise ValueError(f"--init_from {args.init_from} has {saved.num_classes} classes "
                          f"{names[:8]}{' ...' if saved.num_classes > 8 else ''}, {data}: "
                          "fine-tuning needs its classes (folders named after some or all of them, plus new ones)"

@@ -185,7 +185,8 @@ def main(argv=None):
                         persistent_workers=args.num_workers > 0,
                         # own generator: creating an iterator must not draw from the global RNG (exact resume)
                         generator=torch.Generator().manual_seed(args.seed))
-    accelerator.print(f"{len(dataset)} images in {len(dataset.classes)} folders; codes {config.code_shape}")
+    where = f"in {len(dataset.classes)} folders" if dataset.classes else "(no class folders)"
+    accelerator.print(f"{len(dataset)} images {where}; codes {config.code_shape}")
     model, criterion = build_model(args, config, accelerator)  # after setup: its initial weights follow --seed
     trained = [p for p in model.parameters() if p.requires_grad]
     accelerator.print(f"RQ-VAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
