@@ -1,7 +1,8 @@
 """Gradio app over an RQPipeline: generate (with streamed coarse-to-fine previews), reconstruct per
 depth, complete a masked region. Runs unchanged as a Hugging Face Space.
 
-    python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; DIR may be a Hub repo id user/name;
+    python app.py [--weights DIR]        # or RQ_WEIGHTS=DIR; DIR may be a Hub repo id user/name, or
+                                         # official:NAME, a paper release (python -m official.fetch_official);
                                          # host/port: GRADIO_SERVER_NAME/_PORT
 
 API (gradio_client; every input but the image has a default):
@@ -27,7 +28,7 @@ import gradio as gr
 import torch
 
 from app_io import (MAX_SEED, check_seed, check_whole, code_map, editor_mask, named_errors, pick_prompt,
-                    sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
+                    resolve_weights, sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
 from pipelines import RQPipeline
 from pipelines.hub import model_card
 from rqcore.cards import CARD_NAME, PAPER, card_summary, card_text
@@ -378,11 +379,11 @@ def error_demo(message: str) -> gr.Blocks:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(DEFAULT_WEIGHTS),
-                        help="saved RQPipeline folder or Hub repo id user/name (default: $RQ_WEIGHTS or "
-                             "weights/emoji-64)")
+                        help="saved RQPipeline folder, Hub repo id user/name, or official:NAME (a paper release, "
+                             "fetched into the cache once) (default: $RQ_WEIGHTS or weights/emoji-64)")
     args = parser.parse_args(argv)
     try:
-        ui = build_demo(args.weights)
+        ui = build_demo(resolve_weights(args.weights))
     except Exception as e:  # noqa: BLE001 - missing or invalid weights: one line, no traceback
         if not os.environ.get("SPACE_ID"):
             print(f"app.py: cannot load weights from {args.weights}: {e}", file=sys.stderr)

@@ -59,6 +59,16 @@ def user_errors():
         raise gr.Error(f"could not read the image: {e}") from None
 
 
+def resolve_weights(weights: str) -> str:
+    """--weights / RQ_WEIGHTS as the pipeline loads it: `official:NAME` is a released model, fetched and converted
+    into the cache once (python -m official.fetch_official NAME); anything else is passed on as given."""
+    if not isinstance(weights, str) or not weights.startswith("official:"):
+        return weights
+    from official.fetch_official import fetch_official  # only here: importing the app loads nothing
+
+    return str(fetch_official(weights.removeprefix("official:")))
+
+
 def check_seed(seed) -> int:
     try:
         if seed == int(seed) and 0 <= int(seed) <= MAX_SEED:
