@@ -294,7 +294,7 @@ def test_stage1_trains_on_a_captioned_folder(tmp_path, capsys):
     write_metadata(data, [*rows, {"file_name": "red-circle-0.png", "text": "a second caption"}])
     out = tmp_path / "vae"
     train_rqvae.main(["--data_dir", str(data), "--output_dir", str(out), *FAST1, "--max_train_steps", "2"])
-    assert "8 images in 0 folders" in capsys.readouterr().out
+    assert "8 images (no class folders)" in capsys.readouterr().out
     assert RQVAE.from_pretrained(out).config.resolution == 16
     assert json.loads((out / "training_summary.json").read_text())["step"] == 2
 
