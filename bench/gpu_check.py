@@ -11,6 +11,8 @@ failed. Sampling uses the reference configuration (bench.common.FULL, codebook 5
 re-runs the forward for every code) at batch 1 and 16. Each time is the median of 3 runs after a warm-up,
 with torch.cuda.synchronize() inside the timed region. Then one 256-px image at the paper's FFHQ-355M size
 (bench.paper_size, random weights): sampling and decoding apart, batch 1 and 4, float32 and bfloat16.
+Last, the paper's evaluation (bench.evaluation_speed): 1,000 samples at that size drawn and saved by
+evaluate_fid's code, their Inception features, and the hours 50,000 samples imply (needs pytorch-fid).
 """
 from __future__ import annotations
 
@@ -121,6 +123,18 @@ def sampling_figures(quick: bool) -> list[dict]:
     return out
 
 
+def evaluation_figures_or_note(quick: bool) -> list[dict]:
+    """The paper's evaluation: 1,000 FFHQ-size samples and their Inception features (needs pytorch-fid)."""
+    from bench.common import emit
+
+    try:
+        from bench.evaluation_speed import evaluation_figures
+        import pytorch_fid  # noqa: F401
+    except ImportError as e:
+        return [emit({"figure": "evaluation_throughput", "note": f"skipped: {e} (carry pytorch-fid's wheel)"})]
+    return evaluation_figures(quick, torch.device("cuda"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sampling sizes: checks the script, not speed")
@@ -138,6 +152,7 @@ def main(argv=None) -> int:
     from bench.paper_size import timing_figures  # one 256-px image at the FFHQ-355M size, sampled and decoded
 
     figures += timing_figures(args.quick, torch.device("cuda"))
+    figures += evaluation_figures_or_note(args.quick)
     emit({"figure": "gpu_check_summary", "seconds": round(time.perf_counter() - t0, 1),
           "cuda_tests_ok": None if tests is None else tests["ok"], "sampling_figures": len(figures)})
     return 0 if tests is None or tests["ok"] else 1

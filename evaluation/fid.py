@@ -50,6 +50,21 @@ def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def random_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the layout of pytorch-fid's weights file (torchvision's Inception3 names, 1,008
+    classes), batch-norm statistics from a few random images: for benchmarks and tests without a network."""
+    from torchvision.models import Inception3
+
+    torch.manual_seed(seed)
+    net = Inception3(num_classes=1008, aux_logits=False, init_weights=True)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: the statistics of the images below, not of init
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+    return net.state_dict()
+
+
 @contextlib.contextmanager
 def _hub_dir(folder: str):
     old = torch.hub.get_dir()

@@ -31,24 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def inception_file(tmp_path_factory) -> Path:
     """Random weights in the key layout of pytorch-fid's pt_inception-2015-12-05 file (torchvision's Inception3
     names, 1,008 classes: the FID blocks subclass torchvision's and keep their parameter names)."""
-    from torchvision.models import Inception3
-
-    torch.manual_seed(0)
-    net = Inception3(num_classes=1008, aux_logits=False, init_weights=True)
-    for m in net.modules():  # batch norm statistics of a few random images: keeps random features finite
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
-        # 6 images span 5 of 2,048 feature dimensions, where the covariances' square root is ill-posed: keep 3
-        # features alive (the last block's other channels give 0 after their ReLU)
-        for name, m in net.Mixed_7c.named_modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                keep = 3 if name == "branch_pool.bn" else 0
-                m.weight[keep:] = 0
-                m.bias[keep:] = 0
+    state = fid.random_weights(0)
+    # 6 images span 5 of 2,048 feature dimensions, where the covariances' square root is ill-posed: keep 3
+    # features alive (the last block's other channels give 0 after their ReLU)
+    for name, value in state.items():
+        if name.startswith("Mixed_7c.") and ".bn." in name and name.rsplit(".", 1)[1] in ("weight", "bias"):
+            value[3 if name.startswith("Mixed_7c.branch_pool.bn.") else 0:] = 0
     file = tmp_path_factory.mktemp("inception") / fid.FID_WEIGHTS_NAME
-    torch.save(net.state_dict(), file)
+    torch.save(state, file)
     return file
 
 
