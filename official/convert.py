@@ -14,7 +14,6 @@ The weights are CC-BY-NC-SA 4.0: non-commercial use only, whatever this project'
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from rqtransformer.model import RQTransformer
 from rqvae import RQVAE
 
 from . import layout
+from .download import sha256
 from training.cli import run_cli
 
 
@@ -59,14 +59,6 @@ def check_args(args) -> None:
     out = Path(args.output_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ValueError(f"--output_dir {out} exists and is not empty: choose another or pass --overwrite")
-
-
-def sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build(model_class, config, convert, stage: str):
