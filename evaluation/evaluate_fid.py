@@ -136,9 +136,9 @@ def draw_samples(pipe, args, out: Path, rank: int, world: int) -> int:
     return len(todo)
 
 
-def reconstruct(vae, args, out: Path, rank: int, world: int) -> int:
+def reconstruct(vae, args, out: Path, rank: int, world: int) -> tuple[int, list[Path], list[Path]]:
     """rFID's two sets: each --ref_dir image prepared at the model's resolution (originals/) and its
-    reconstruction (reconstructions/), resumable by batch -> batches done now."""
+    reconstruction (reconstructions/), resumable by batch -> (batches done now, reconstructions, originals)."""
     from PIL import Image
 
     from rqcore.images import image_transform, load_image, to_pil
@@ -161,7 +161,7 @@ def reconstruct(vae, args, out: Path, rank: int, world: int) -> int:
         for i, a, b in zip(part, to_pil(x), to_pil(y)):
             save_png(a, out / "originals" / names[i])
             save_png(b, out / "reconstructions" / names[i])
-    return len(todo)
+    return len(todo), [out / "reconstructions" / n for n in names], [out / "originals" / n for n in names]
 
 
 def gathered_activations(net: fid.Inception, files: list[Path], out: Path, tag: str, accelerator) -> np.ndarray:
@@ -207,8 +207,7 @@ def main(argv=None) -> None:
 
         vae = RQVAE.from_pretrained(source / "rqvae" if (source / "rqvae").is_dir() else source)
         vae.to(accelerator.device).eval()
-        drawn = reconstruct(vae, args, out, rank, world)
-        sets = sorted((out / "reconstructions").glob("*.png")), sorted((out / "originals").glob("*.png"))
+        drawn, *sets = reconstruct(vae, args, out, rank, world)  # by name: a killed save's .tmp.png is no image
     else:
         from pipelines import RQPipeline
 
@@ -218,7 +217,7 @@ def main(argv=None) -> None:
             raise ValueError("text models are evaluated on captions (CC-3M's validation set), which this command "
                              "does not take: evaluate class or unconditional models")
         drawn = draw_samples(pipe, args, out, rank, world)
-        sets = sample_files(out, args.num_samples), None
+        sets = [sample_files(out, args.num_samples), None]
         metrics["num_classes"] = pipe.transformer.config.num_classes
     accelerator.wait_for_everyone()
     if any(not f.is_file() for f in sets[0]):

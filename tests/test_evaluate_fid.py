@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,31 @@ def test_a_killed_evaluation_resumes_without_sampling_twice(tmp_path, model_dir,
         images = pipe(class_labels=[i % 3 for i in rows], generator=torch.Generator().manual_seed(j)).images
         for i, image in zip(rows, images):
             assert np.array_equal(np.asarray(image), np.asarray(Image.open(out / "samples" / f"{i:06d}.png")))
+
+
+def test_a_run_killed_mid_way_resumes_from_its_saved_samples(tmp_path, model_dir, inception_file, net, capsys):
+    """A real SIGKILL while sampling: the saved PNGs are kept as they are and the next run draws only the rest."""
+    out, ref = tmp_path / "killed", stats_file(tmp_path, net)
+    run = ["--weights", str(model_dir), "--ref", str(ref), "--num_samples", "600", "--batch_size", "1",
+           "--inception_weights", str(inception_file), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "evaluation.evaluate_fid", *run], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("samples/*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = sorted(out.glob("samples/[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+    assert 3 <= len(saved) < 600, len(saved)
+    (out / "samples" / f"{len(saved):06d}.tmp.png").write_bytes(b"half a png")  # as a kill mid-save leaves
+    stamps = {f.name: f.stat().st_mtime_ns for f in saved}
+    capsys.readouterr()
+    evaluate([*run, "--max_batches", "2"])
+    assert f"resuming: {len(saved)} of 600 samples exist" in capsys.readouterr().out
+    now = sorted(out.glob("samples/[0-9][0-9][0-9][0-9][0-9][0-9].png"))
+    assert len(now) == len(saved) + 2 and all(f.stat().st_mtime_ns == stamps[f.name] for f in saved)
 
 
 def test_rfid_of_a_stage_1_on_an_image_folder(tmp_path, model_dir, inception_file, capsys):
