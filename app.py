@@ -27,9 +27,10 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from app_io import (MAX_SEED, check_seed, check_whole, code_map, editor_mask, named_errors, pick_prompt,
-                    resolve_weights, sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
+from app_io import (MAX_SEED, RANDOM_CLASS, check_seed, check_whole, code_map, editor_mask, named_errors, pick_prompt,
+                    int_env, pick_labels, resolve_weights, sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
 from pipelines import RQPipeline
+from pipelines.batching import MAX_ROWS, Batcher
 from pipelines.hub import model_card
 from rqcore.cards import CARD_NAME, PAPER, card_summary, card_text
 
@@ -40,10 +41,16 @@ except ImportError:
     def gpu(fn):
         return fn
 
+
+@gpu
+def run_on_gpu(fn):
+    """The batcher's runner: one (ZeroGPU) GPU call per batch, or per reconstruction or completion."""
+    return fn()
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = HERE / "weights" / "emoji-64"
-RANDOM_CLASS = "Random class"
 PREVIEW_INTERVAL = 0.15  # seconds between streamed previews (see Endpoints.generate)
+GENERATE_CONCURRENCY = 16  # generate requests handed to the batcher at once (the rest wait in Gradio's queue)
 CACHE_ROOT = Path(os.environ.get("GRADIO_EXAMPLES_CACHE", ".gradio/cached_examples"))
 # captions-below: gradio's Gallery lays captions over the images (hiding their lower edge) and has no option for it
 CSS = """.pixelated img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain}
@@ -61,19 +68,6 @@ def pretty(name: str | None) -> str:
 def class_label(pipe: RQPipeline, name: str) -> str:
     """What the app calls a class: its display name from pipeline.json, else its name prettified."""
     return pipe.class_display_names.get(name) or pretty(name)
-
-
-def pick_labels(class_names: list[str], choice: str | None, num_images: int, seed: int,
-                random_choice: str = RANDOM_CLASS) -> str | list[str] | None:
-    """The dropdown value -> class_labels for the pipeline, which checks them: "Random class" (or the model's
-    `random_choice`) draws one name per image from the seed (None for an unconditional model); any other
-    value is passed on."""
-    if choice not in (None, "", RANDOM_CLASS, random_choice):
-        return choice  # the pipeline repeats it num_images times
-    if not class_names:
-        return None
-    rng = random.Random(seed)
-    return [rng.choice(class_names) for _ in range(num_images)]
 
 
 def captions(pipe: RQPipeline, out) -> list[str]:
@@ -150,12 +144,13 @@ class ClassChoice:
 class Endpoints:
     """One pipeline's three API endpoints (generate, reconstruct, complete) and the examples the tabs show."""
 
-    def __init__(self, pipe: RQPipeline, weights: Path | None):
+    def __init__(self, pipe: RQPipeline, weights: Path | None, max_rows: int = MAX_ROWS):
         self.pipe, self.weights, self.classes = pipe, weights, ClassChoice(pipe)
         self.images = min(4, pipe.max_images)  # the default number of images
         self.example_images = sorted(weights.glob("examples/*.png"))[:6] if weights else []
-        # wrapped per instance, not per class: on ZeroGPU a call then ships its inputs, never self
-        self.generate, self.reconstruct, self.complete = gpu(self.generate), gpu(self.reconstruct), gpu(self.complete)
+        # every use of the model goes through one worker: concurrent requests are sampled as one batch, and on
+        # ZeroGPU one GPU call serves one batch
+        self.batcher = Batcher(pipe, max_rows=max_rows, run=run_on_gpu)
 
     def generate(self, class_name=RANDOM_CLASS, num_images=4, seed=0, temperature=1.0, top_k=0, top_p=1.0,
                  guidance_scale=None, prompt="", progress=gr.Progress()):
@@ -168,10 +163,10 @@ class Endpoints:
         progress(0, desc="Sampling")
         with user_errors():
             # latest_only: previews never hold sampling back; min_interval: fewer previews to decode and send
-            for i, out in enumerate(pipe.stream(labels, pick_prompt(prompt), num_images, temperature,
-                                                generator=generator, guidance_scale=guidance_scale,
-                                                latest_only=True, min_interval=PREVIEW_INTERVAL,
-                                                **sampling_filters(top_k, top_p))):
+            for i, out in enumerate(self.batcher.stream(labels, pick_prompt(prompt), num_images, temperature,
+                                                        generator=generator, guidance_scale=guidance_scale,
+                                                        min_interval=PREVIEW_INTERVAL,
+                                                        **sampling_filters(top_k, top_p))):
                 if i == 0:
                     warn_truncated(pipe, out)
                 progress(out.done, desc="Sampling" if out.done < 1 else "Done")
@@ -188,7 +183,7 @@ class Endpoints:
             raise gr.Error("upload an image (or pick an example) to reconstruct")
         with user_errors():
             image.load()
-            rec = self.pipe.reconstruct(image)
+            rec = self.batcher.run_alone(lambda: self.pipe.reconstruct(image))
         strip = [(upscale(rec.input_image), "input (resized)")]
         strip += [(upscale(im), f"depth {k}: {p:.1f} dB") for k, (im, p) in enumerate(zip(rec.images, rec.psnr), 1)]
         return strip, code_map(rec.codes)
@@ -206,8 +201,9 @@ class Endpoints:
         with user_errors():
             background.load()
             mask = editor_mask(image, (x0, y0, x1, y1) if use_box else None)
-            out = self.pipe.complete(background, mask, labels, pick_prompt(prompt), num_images=num_images,
-                                     generator=torch.Generator(self.pipe.device).manual_seed(seed))
+            generator = torch.Generator(self.pipe.device).manual_seed(seed)
+            out = self.batcher.run_alone(lambda: self.pipe.complete(background, mask, labels, pick_prompt(prompt),
+                                                                    num_images=num_images, generator=generator))
         warn_truncated(self.pipe, out)
         shown = shade_regenerated(out.input_image, out.keep_mask)
         return [(shown, "shaded = regenerated")] + list(zip(map(upscale, out.images), captions(self.pipe, out)))
@@ -280,7 +276,8 @@ def generate_tab(ep: Endpoints) -> None:
     dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, api_visibility="private", queue=False)
     # prompt last: positional API calls that pass no prompt keep their meaning
     clear_on_failure(go.click(ep.generate, [cls, num, seed, temp, top_k, top_p, cfg, prompt], gallery,
-                              api_name="generate", concurrency_id="model"), [gallery])
+                              api_name="generate", concurrency_id="generate",
+                              concurrency_limit=GENERATE_CONCURRENCY), [gallery])
     rows = ep.generate_examples()
     if rows:
         gr.Examples(rows, [cls, num, seed, prompt][:len(rows[0])], gallery, ep.generate_final,
@@ -346,12 +343,12 @@ def about_tab(ep: Endpoints) -> None:
         gr.Markdown(card)
 
 
-def build_demo(pipe_or_path) -> gr.Blocks:
+def build_demo(pipe_or_path, max_rows: int = MAX_ROWS) -> gr.Blocks:
     """A Blocks app around an RQPipeline, a saved pipeline folder or a Hub repo id (ValueError if it can't be
-    loaded)."""
+    loaded). max_rows: transformer rows per batch of concurrent requests (pipelines.batching)."""
     pipe = pipe_or_path if isinstance(pipe_or_path, RQPipeline) else RQPipeline.from_pretrained(pipe_or_path)
     weights = None if pipe is pipe_or_path else pipe.folder  # for a Hub repo id: its snapshot in the Hub cache
-    endpoints = Endpoints(pipe, weights)
+    endpoints = Endpoints(pipe, weights, max_rows)
     h, w, D = pipe.rqvae.code_shape
     with examples_cache(weights), gr.Blocks(title="RQ image generator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# RQ-VAE + RQ-Transformer\nEach {pipe.resolution} px image is a stack of {h}×{w}×{D} codes: "
@@ -381,9 +378,14 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(DEFAULT_WEIGHTS),
                         help="saved RQPipeline folder, Hub repo id user/name, or official:NAME (a paper release, "
                              "fetched into the cache once) (default: $RQ_WEIGHTS or weights/emoji-64)")
+    parser.add_argument("--max_rows", type=int, default=int_env("RQ_MAX_ROWS", MAX_ROWS),
+                        help="transformer rows per batch of concurrent requests: a guided request of n images "
+                             f"takes 2n (default: $RQ_MAX_ROWS or {MAX_ROWS}; memory grows with it)")
     args = parser.parse_args(argv)
+    if args.max_rows < 1:
+        parser.error(f"--max_rows must be at least 1, got {args.max_rows}")
     try:
-        ui = build_demo(resolve_weights(args.weights))
+        ui = build_demo(resolve_weights(args.weights), args.max_rows)
     except Exception as e:  # noqa: BLE001 - missing or invalid weights: one line, no traceback
         if not os.environ.get("SPACE_ID"):
             print(f"app.py: cannot load weights from {args.weights}: {e}", file=sys.stderr)

@@ -2,7 +2,10 @@
 pipeline takes them, and the pictures the app draws (upscaled outputs, the code grid, masks from the editor)."""
 from __future__ import annotations
 
+import os
+import random
 import re
+import sys
 from contextlib import contextmanager
 
 import gradio as gr
@@ -10,10 +13,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines.batching import Busy
 from rqcore.images import MAX_IMAGE_PIXELS, mask_layer
 
 MAX_SEED = 2**63 - 1
 DISPLAY = 256  # outputs are upscaled (nearest neighbour) to about this many pixels
+
+RANDOM_CLASS = "Random class"  # the class dropdown's first choice (any model: also "Random <class title>")
 
 
 def named_errors(component: gr.components.Component) -> None:
@@ -46,17 +52,45 @@ def named_errors(component: gr.components.Component) -> None:
 
 @contextmanager
 def user_errors():
-    """The pipeline's ValueErrors and PIL's errors on bad uploads -> gr.Error (a message, no traceback)."""
+    """The pipeline's ValueErrors, the batcher's Busy and PIL's errors on bad uploads -> gr.Error (a message,
+    no traceback)."""
     try:
         yield
     except gr.Error:
         raise
+    except Busy as e:
+        raise gr.Error(str(e)) from None
     except Image.DecompressionBombError as e:
         raise gr.Error(f"the image is too large: {e}") from None
     except ValueError as e:
         raise gr.Error(str(e)) from None
     except (OSError, SyntaxError) as e:
         raise gr.Error(f"could not read the image: {e}") from None
+
+
+def pick_labels(class_names: list[str], choice: str | None, num_images: int, seed: int,
+                random_choice: str = RANDOM_CLASS) -> str | list[str] | None:
+    """The dropdown value -> class_labels for the pipeline, which checks them: "Random class" (or the model's
+    `random_choice`) draws one name per image from the seed (None for an unconditional model); any other
+    value is passed on."""
+    if choice not in (None, "", RANDOM_CLASS, random_choice):
+        return choice  # the pipeline repeats it num_images times
+    if not class_names:
+        return None
+    rng = random.Random(seed)
+    return [rng.choice(class_names) for _ in range(num_images)]
+
+
+def int_env(name: str, default: int) -> int:
+    """A whole number from the environment variable `name` (unset or empty: default), else one line and exit 2."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        print(f"app.py: ${name} must be a whole number, got {value!r}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_weights(weights: str) -> str:

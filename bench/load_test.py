@@ -5,8 +5,8 @@
     .venv/bin/python -m bench.load_test --weights DIR --users 16 --requests 4 --deadline 900
 
 Two figures, one JSON object each:
-- "app_load": `python app.py --weights DIR` (what `make app` runs, with the app's own queue: one job at a
-  time, max_size=32) on 127.0.0.1. N users (threads, each with its own gradio_client.Client) start together
+- "app_load": `python app.py --weights DIR` (what `make app` runs, with the app's own queue: up to 16
+  /generate requests handed to its batcher at once, max_size=32) on 127.0.0.1. N users (threads, each with its own gradio_client.Client) start together
   and submit R /generate requests each, one after another, with the arguments the Generate button sends
   by default. Reported: answered %, latency p50/p95 (submit to final result, so queueing included), the
   longest queue seen (GET /gradio_api/queue/status polled every 50 ms; it counts waiting jobs, not the
@@ -40,7 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("app_load", "app_load_overflow")
-APP_QUEUE = {"default_concurrency_limit": 1, "max_size": 32}  # what app.build_demo sets
+APP_QUEUE = {"default_concurrency_limit": 1, "generate_concurrency_limit": 16, "max_size": 32}  # app.build_demo
 OPTIONS = {"weights": "weights/emoji-64", "users": 16, "requests": 4, "overflow_max_size": 4, "deadline": 900.0,
            "num_images": None}
 QUICK = {"users": 4, "requests": 1, "overflow_max_size": 1, "deadline": 240.0}
@@ -76,7 +76,9 @@ def tiny_pipeline(folder: Path) -> Path:
 class Server:
     """The app in a subprocess on a free loopback port; `max_size=None`: `python app.py` itself."""
 
-    def __init__(self, weights: Path, tmp: Path, max_size: int | None = None, timeout: float = 300):
+    def __init__(self, weights: Path, tmp: Path, max_size: int | None = None, timeout: float = 300,
+                 root: Path = ROOT):
+        """root: the checkout whose app.py is served (another one: to compare two versions on one machine)."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}/"
         env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
@@ -88,7 +90,7 @@ class Server:
             self.command = ["-c", LAUNCHER, str(weights), str(max_size)]
         self.log_path = tmp / f"server-{port}.log"
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, *self.command], cwd=ROOT, env=env, stdout=log,
+            self.proc = subprocess.Popen([sys.executable, *self.command], cwd=root, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
         try:
             wait_http(self.url, self.proc, timeout, time.perf_counter())

@@ -21,7 +21,8 @@ from rqcore.images import to_pil
 from rqcore.metrics import psnr
 from rqtransformer import TEXT_PAD_ID, RQTransformer
 from rqtransformer.cpu import weights_fit_float16
-from rqtransformer.sampling import check_filters
+from rqtransformer.options import check_filters
+from rqtransformer.sampling import one_request
 from rqvae import RQVAE
 
 from .hub import push_to_hub
@@ -311,16 +312,33 @@ class RQPipeline:
                     codes = partial
                     break
                 yield self._preview(partial, step, meta, output_type)
-        with torch.inference_mode():
-            images = self.rqvae.decode(codes)
-        yield RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta)
+        yield self.decode_output(codes, meta, output_type)
 
     @torch.inference_mode()
-    def _preview(self, codes: torch.Tensor, step: int, meta: dict, output_type) -> RQPipelineOutput:
-        """Decode the sampled positions; positions not sampled yet are shown grey."""
+    def decode_output(self, codes: torch.Tensor, meta: dict, output_type: str = "pil") -> RQPipelineOutput:
+        """Sampled codes [B,h,w,D] -> the output (images decoded; meta: class_labels, prompts, truncated_prompts)."""
+        return RQPipelineOutput(self._as_output_type(self.rqvae.decode(codes), output_type), codes.cpu(), **meta)
+
+    def request(self, class_labels=None, prompt: str | list[str] | None = None, num_images: int | None = None,
+                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                output_type: str = "pil") -> tuple:
+        """__call__'s input, checked -> (conditioning, SamplingOptions, generator, meta) of one request, for a
+        batch of several (pipelines.batching; rqtransformer.generate)."""
+        kwargs, meta = self._generate_kwargs(class_labels, prompt, num_images, guidance_scale, generator,
+                                             output_type, temperature=temperature, top_k=top_k, top_p=top_p)
+        rows, options = one_request(self.transformer, kwargs["class_labels"], kwargs["text_tokens"],
+                                    kwargs["num_samples"], temperature=kwargs["temperature"], top_k=kwargs["top_k"],
+                                    top_p=kwargs["top_p"], guidance_scale=kwargs["guidance_scale"])
+        return rows, options, generator, meta
+
+    @torch.inference_mode()
+    def _preview(self, codes: torch.Tensor, step: int, meta: dict, output_type,
+                 images: torch.Tensor | None = None) -> RQPipelineOutput:
+        """Decode the sampled positions (unless `images` holds them decoded); positions not sampled yet are grey."""
         h, w, _ = self.rqvae.code_shape
-        return RQPipelineOutput(self._as_output_type(decode_preview(self.rqvae, codes), output_type), codes.cpu(),
-                                **meta, done=step / (h * w))
+        images = decode_preview(self.rqvae, codes) if images is None else images
+        return RQPipelineOutput(self._as_output_type(images, output_type), codes.cpu(), **meta, done=step / (h * w))
 
     # ---- reconstruction and completion --------------------------------------------------------
 

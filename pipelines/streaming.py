@@ -16,8 +16,29 @@ from einops import repeat
 SAMPLING_THREAD = "RQPipeline.stream"  # the worker thread of stream(), named so that it can be found
 
 
-class _Cancelled(Exception):
-    pass
+class Cancelled(Exception):
+    """Raised in a sampling callback when nobody waits for the result any more: stops the sampling."""
+
+
+class Mailbox:
+    """A one-item hand-over from a sampling thread to its consumer. latest_only: a new item replaces one not
+    taken yet (the sender never waits), else the sender waits until the item is taken."""
+
+    def __init__(self, latest_only: bool = False):
+        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.latest_only = latest_only
+
+    def put(self, item) -> None:
+        while self.latest_only:  # one sender: this ends after at most one stale item is dropped
+            try:
+                return self.q.put_nowait(item)
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.q.get_nowait()
+        self.q.put(item)
+
+    def get(self, timeout: float | None = None):
+        return self.q.get(timeout=timeout)
 
 
 def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every: int, positions: int,
@@ -30,41 +51,32 @@ def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every:
     the worker replaces an untaken item instead of waiting, and stops at its next position.
     min_interval: seconds between the previews handed over (the first is never held back); the ones
     due sooner are skipped, so they cost neither decoding nor sending."""
-    q: queue.Queue = queue.Queue(maxsize=1)
+    box = Mailbox(latest_only)
     stop = threading.Event()
     last = -math.inf  # when the worker last handed over a preview (time.monotonic)
 
     def callback(step, codes):
         nonlocal last
         if stop.is_set():
-            raise _Cancelled  # the consumer went away: stop sampling early
+            raise Cancelled  # the consumer went away: stop sampling early
         if step % every or step >= positions:
             return
         now = time.monotonic()
         if now - last >= min_interval:
             last = now
-            hand_over((step, codes))
-
-    def hand_over(item):
-        while latest_only:  # the worker alone puts: this ends after at most one stale item is dropped
-            try:
-                return q.put_nowait(item)
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    q.get_nowait()
-        q.put(item)
+            box.put((step, codes))
 
     def work():
         try:
-            hand_over((None, generate(**kwargs, callback=callback)))
+            box.put((None, generate(**kwargs, callback=callback)))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-            hand_over((e, None))
+            box.put((e, None))
 
     thread = threading.Thread(target=work, name=SAMPLING_THREAD, daemon=True)
     thread.start()
     try:
         while True:
-            step, item = q.get()
+            step, item = box.get()
             if isinstance(step, BaseException):
                 raise step
             yield step, item
@@ -74,7 +86,7 @@ def sample_in_thread(generate: Callable[..., torch.Tensor], kwargs: dict, every:
         stop.set()
         while thread.is_alive():  # take what the worker is waiting to hand over, so that it sees `stop`
             try:
-                q.get(timeout=0.1)
+                box.get(timeout=0.1)
             except queue.Empty:
                 pass
         thread.join()

@@ -39,7 +39,8 @@ from rqcore.pretrained import PretrainedMixin
 
 from .blocks import SHORT_SEQUENCE, Block, KVCache, causal_attention  # noqa: F401 (re-exported)
 from .cpu import half_weight_copy, linear
-from .sampling import generate as _generate
+from .options import conditioning as _conditioning
+from .sampling import generate_one as _generate
 
 TEXT_PAD_ID = 0  # pads prompts to max_text_len (rqtransformer.tokenizer uses the same id)
 TOKENIZER_NAME = "tokenizer.json"  # beside config.json in the folders of text models
@@ -152,7 +153,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    generate = _generate
+    generate, conditioning = _generate, _conditioning  # sampling.generate_one, options.conditioning
 
     @property
     def code_shape(self) -> tuple[int, int, int]:
@@ -186,7 +187,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
         if lo < 0 or hi >= self.config.codebook_size:
             raise ValueError(f"code values must be in [0, {self.config.codebook_size}), got range [{lo}, {hi}]")
 
-    def _labels(self, class_labels, batch_size: int, device) -> torch.Tensor:
+    def checked_labels(self, class_labels, batch_size: int, device) -> torch.Tensor:
         """Validated labels [B] in [0, num_classes] (num_classes = null); None = null for all rows."""
         if class_labels is None:
             return torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
@@ -200,7 +201,7 @@ class RQTransformer(PretrainedMixin, nn.Module):
                              f"got range [{int(class_labels.min())}, {int(class_labels.max())}]")
         return class_labels.to(device=device, dtype=torch.long)
 
-    def _text(self, text_tokens, batch_size: int | None, device) -> torch.Tensor | None:
+    def checked_text(self, text_tokens, batch_size: int | None, device) -> torch.Tensor | None:
         """Validated prompt tokens [B, L] (None = the empty prompt; batch_size None: any batch >= 1);
         None for a model without text."""
         c = self.config
@@ -292,8 +293,8 @@ class RQTransformer(PretrainedMixin, nn.Module):
         text_tokens [B, max_text_len] (text models only; None = the empty prompt)."""
         self._check_codes(codes)
         B, h, w, D = codes.shape
-        labels = self._labels(class_labels, B, codes.device)
-        text = self._text(text_tokens, B, codes.device)  # [B, L] or None
+        labels = self.checked_labels(class_labels, B, codes.device)
+        text = self.checked_text(text_tokens, B, codes.device)  # [B, L] or None
         flat = rearrange(codes.long(), "b h w d -> b (h w) d")
         # spatial input of position t: the class (t = 0), else the summed code embeddings of position t-1
         x = self.code_emb(flat[:, :-1]).sum(2)  # [B, h*w-1, dim]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import numpy as np
@@ -55,6 +56,33 @@ def test_same_seed_same_images(served):
     assert [pixels(x).tolist() for x in a] == [pixels(x).tolist() for x in b]
     assert [pixels(x).tolist() for x in a] != [pixels(x).tolist() for x in c]
     assert [x["caption"] for x in a] == ["Stars", "Stars"]
+
+
+def test_concurrent_visitors_are_sampled_as_one_batch_with_the_images_each_gets_alone(served, monkeypatch):
+    from pipelines import batching
+
+    client, *_ = served
+    calls = [dict(class_name="stars", num_images=2, seed=11, guidance_scale=2.0),
+             dict(class_name="circles", num_images=1, seed=12, top_k=5),
+             dict(class_name="Random class", num_images=3, seed=13, temperature=0.8),
+             dict(class_name="squares", num_images=2, seed=14, top_p=0.9, guidance_scale=1.0)]
+    alone = [[pixels(x).tolist() for x in client.predict(**c, api_name="/generate")] for c in calls]
+    sizes, waited, sample = [], [], batching.Batcher._sample
+
+    def first_waits(self, batch):  # the first batch waits until the others queue up behind it
+        if not sizes:
+            deadline = time.monotonic() + 60
+            while len(self._waiting) < len(calls) - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waited.append(len(self._waiting))
+        sizes.append(len(batch))
+        return sample(self, batch)
+    monkeypatch.setattr(batching.Batcher, "_sample", first_waits)
+    jobs = [client.submit(**c, api_name="/generate") for c in calls]
+    together = [[pixels(x).tolist() for x in job.result()] for job in jobs]
+    # the first batch starts alone; the others join it (it restarts: none of it was sent yet) or come next
+    assert sizes in ([1, len(calls)], [1, len(calls) - 1]), (sizes, waited)
+    assert together == alone
 
 
 def test_reconstruct(served, files):

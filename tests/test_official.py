@@ -132,6 +132,26 @@ def test_guidance_is_off_with_one_clear_line(converted):
     pipe("3", guidance_scale=1.0, generator=torch.Generator().manual_seed(0))  # 1 is fine
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_converted_models_batch_concurrent_requests(converted, kind):
+    """The official layouts (no start token for text, per-depth filters) through the batcher: each request's
+    images are the ones it gets alone."""
+    from pipelines.batching import Batcher
+
+    from test_batching import Held
+
+    pipe = converted[kind]
+    ask = {"uncond": [dict(num_images=2), dict(num_images=1, temperature=0.8)],
+           "class": [dict(class_labels="3", num_images=2), dict(class_labels=["0", "5"], top_k=4)],
+           "text": [dict(prompt="a cat", num_images=2), dict(prompt=["a dog", "the sea"], top_p=0.9)]}[kind]
+    seeded = [{**a, "generator": torch.Generator().manual_seed(i)} for i, a in enumerate(ask)]
+    batcher = Batcher(pipe)
+    results = Held(batcher).send(seeded)
+    assert batcher.batches == 1
+    for i, (a, outs) in enumerate(zip(ask, results)):
+        assert torch.equal(outs[-1].codes, pipe(**a, generator=torch.Generator().manual_seed(i)).codes)
+
+
 def test_text_tokenizer_gives_the_official_ids(converted):
     tf = converted["text"].transformer
     meta = json.loads((FIXTURES / "text" / "prompts.json").read_text(encoding="utf-8"))

@@ -200,8 +200,8 @@ def lazy(path: Path) -> Image.Image:
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-1.0), "temperature must be a number > 0"),
     (dict(temperature=float("nan")), "temperature must be a number > 0"),
-    (dict(top_k=2.5), r"top_k must be None or an integer in \[1, 32\]"),
-    (dict(top_k=True), r"top_k must be None or an integer in \[1, 32\]"),
+    (dict(top_k=2.5), r"top_k must be None or an integer"),
+    (dict(top_k=True), r"top_k must be None or an integer"),
     (dict(class_labels=0, guidance_scale=float("inf")), "guidance_scale must be a number >= 0"),
     (dict(num_images=True), "num_images must be a whole number from 1 to 6"),
     (dict(class_labels=[]), "give 1 to 6 class labels"),
