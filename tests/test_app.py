@@ -153,6 +153,17 @@ def test_missing_weights_exit_2_with_one_line(tmp_path, capsys):
     assert isinstance(page, gr.Blocks)
 
 
+@pytest.mark.parametrize("argv, env, message", [(["--max_rows", "0"], None, "--max_rows must be at least 1"),
+                                                 ([], "abc", "$RQ_MAX_ROWS must be a whole number")])
+def test_a_bad_row_limit_exits_2_with_a_clear_message(argv, env, message, monkeypatch, capsys):
+    if env is not None:
+        monkeypatch.setenv("RQ_MAX_ROWS", env)
+    with pytest.raises(SystemExit) as info:
+        app.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+
+
 def test_class_names_shown_nicely():
     assert app.pretty("smileys_and_emotion") == "Smileys & emotion"
     assert app.pretty("travel_and_places") == "Travel & places" and app.pretty("flags") == "Flags"
