@@ -141,8 +141,7 @@ def _plan(model, conditioning: Conditioning, options, generators, prefix) -> _Pl
     generators = _per_request(generators, n, "generator", lambda g: g is None or isinstance(g, torch.Generator))
     B = conditioning.batch_size
     rows = model.checked_labels(conditioning.labels, B, device)  # [B]
-    text = model.checked_text(conditioning.text, B, device) if conditioning.text is not None \
-        else model.checked_text(None, B, device)  # [B, L] (the empty prompt) or None without text
+    text = model.checked_text(conditioning.text, B, device)  # [B, L] (None: the empty prompt); None without text
     forced, keep = parse_prefix(model, prefix)
     if forced is not None:
         if forced.shape[0] not in (1, B):
