@@ -27,8 +27,9 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from app_io import (MAX_SEED, RANDOM_CLASS, check_seed, check_whole, code_map, editor_mask, named_errors, pick_prompt,
-                    int_env, pick_labels, resolve_weights, sampling_filters, shade_regenerated, upscale, user_errors, warn_truncated)
+from app_io import (MAX_SEED, RANDOM_CLASS, check_seed, check_whole, code_map, editor_mask, int_env, named_errors,
+                    pick_labels, pick_prompt, resolve_weights, sampling_filters, shade_regenerated, upscale,
+                    user_errors, warn_truncated)
 from pipelines import RQPipeline
 from pipelines.batching import MAX_ROWS, Batcher
 from pipelines.hub import model_card
@@ -46,6 +47,7 @@ except ImportError:
 def run_on_gpu(fn):
     """The batcher's runner: one (ZeroGPU) GPU call per batch, or per reconstruction or completion."""
     return fn()
+
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = HERE / "weights" / "emoji-64"

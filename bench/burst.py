@@ -10,8 +10,9 @@ then the N requests (seeds 0..N-1, the Generate button's other defaults) one aft
 gradio_client Client, then the same N released together from N threads, each with its own Client; wall time
 from the first submit to the last answer. As a browser does, each request fetches its final images
 concurrently (bench.app_latency.fetch), not through gradio_client's one-by-one download, and waits on the
-result rather than iterating the job (gradio_client polls its outputs every millisecond). The images of each seed must be the same both times. Alone: the median over 3 requests of submit to
-the first streamed output (a preview, its images fetched) and to the final result. Peak RSS:
+result rather than iterating the job (gradio_client polls its outputs every millisecond). The images of each
+seed must be the same both times. Alone: the median over 3 requests of submit to the first streamed output (a
+preview, its images fetched) and to the final result. Peak RSS:
 the server's VmHWM after all of it. Figures per served checkout ("this", and "base" with --base-root).
 """
 from __future__ import annotations

@@ -6,10 +6,10 @@
 
 One worker thread owns the model. It takes every waiting request, oldest first, up to `max_rows` transformer
 rows (a guided request of n images counts 2n), and samples them as one batch; each request keeps its own
-options and random generator, so its images are the ones it gets alone. Previews and the final images are
-decoded beside the sampling by one thread per batch, and shared out (n requests: each gets one at most every n x
-its min_interval); the final images are decoded in each caller's thread, one request at a time. A request whose caller goes away stops receiving; a batch whose callers all went
-away stops. If a batch fails, each of its requests is retried alone, so that one bad request fails only itself.
+options and random generator, so its images are the ones it gets alone. Previews are decoded beside the
+sampling by one long-lived thread and shared out (n requests: each gets one at most every n x its
+min_interval); the final images are decoded in each caller's thread, one request at a time. A request whose
+caller goes away stops receiving; a batch whose callers all went away stops. If a batch fails, each of its requests is retried alone, so that one bad request fails only itself.
 `run_alone(fn)` runs other model work (reconstruction, completion) between batches. At most `max_waiting`
 requests wait; one more is refused with `Busy`.
 """
@@ -183,7 +183,7 @@ class Batcher:
                 return [first]
             batch, rows = [first], first.cost
             for job in list(self._waiting):
-                if job.fn is None and rows + job.cost <= self.max_rows:
+                if self._joins(job, rows):
                     self._waiting.remove(job)
                     batch.append(job)
                     rows += job.cost
@@ -220,10 +220,8 @@ class Batcher:
             for job in batch:
                 self._finish(job, lambda job=job: self.run(lambda: self._sample([job])))
             return
-        start = 0
-        for job in batch:
-            job.send("final", 0, codes[start:start + job.rows.batch_size])
-            start += job.rows.batch_size
+        for job, part in zip(batch, codes.split([j.rows.batch_size for j in batch])):
+            job.send("final", 0, part)
 
     @staticmethod
     def _finish(job: _Job, fn: Callable) -> None:
@@ -234,15 +232,19 @@ class Batcher:
         except Exception as e:  # noqa: BLE001 - handed to the caller's thread
             job.send("error", 0, e)
 
+    def _joins(self, job: _Job, rows: int) -> bool:
+        """Whether waiting `job` joins a batch of `rows` rows: a request that fits into max_rows."""
+        return job.fn is None and rows + job.cost <= self.max_rows
+
     def _fits_more(self, batch: list[_Job]) -> bool:
         """Whether a waiting request would join `batch` (see _next)."""
         rows = sum(j.cost for j in batch)
         with self._ready:
-            return any(j.fn is None and rows + j.cost <= self.max_rows for j in self._waiting)
+            return any(self._joins(j, rows) for j in self._waiting)
 
     def _sample(self, batch: list[_Job]) -> torch.Tensor:
         rows = Conditioning.concat([j.rows for j in batch])
-        starts = [sum(j.rows.batch_size for j in batch[:i]) for i in range(len(batch))]
+        starts = [part.start for part in rows.slices()]  # each job is one request: its first row
         positions = math.prod(self.pipe.rqvae.code_shape[:2])
 
         if any(j.every for j in batch) and self._previews is None:
