@@ -168,6 +168,8 @@ def gathered_activations(net: fid.Inception, files: list[Path], out: Path, tag: 
     """[N, 2048] features of `files`, each process taking every world-th file; rank 0 gets them in order."""
     rank, world = accelerator.process_index, accelerator.num_processes
     acts = net.activations(files[rank::world]).astype(np.float32)
+    if world == 1:
+        return acts  # nothing to gather (50,000 features are 400 MB to write and read back)
     np.save(out / f"acts-{tag}-rank{rank}.npy", acts)
     accelerator.wait_for_everyone()
     if rank:
