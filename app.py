@@ -15,7 +15,6 @@ class_name: a class name, or "Random <class title>" (e.g. "Random style"; "Rando
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import os
@@ -27,9 +26,9 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from app_io import (MAX_SEED, RANDOM_CLASS, check_seed, check_whole, code_map, editor_mask, int_env, named_errors,
-                    pick_labels, pick_prompt, resolve_weights, sampling_filters, shade_regenerated, upscale,
-                    user_errors, warn_truncated)
+from app_io import (MAX_SEED, RANDOM_CLASS, check_seed, check_whole, code_map, editor_mask, named_errors,
+                    parse_app_args, pick_labels, pick_prompt, resolve_weights, sampling_filters, shade_regenerated,
+                    upscale, user_errors, warn_truncated)
 from pipelines import RQPipeline
 from pipelines.batching import MAX_ROWS, Batcher
 from pipelines.hub import model_card
@@ -345,10 +344,12 @@ def about_tab(ep: Endpoints) -> None:
         gr.Markdown(card)
 
 
-def build_demo(pipe_or_path, max_rows: int = MAX_ROWS) -> gr.Blocks:
+def build_demo(pipe_or_path, max_rows: int = MAX_ROWS, cpu_weights: str = "auto") -> gr.Blocks:
     """A Blocks app around an RQPipeline, a saved pipeline folder or a Hub repo id (ValueError if it can't be
-    loaded). max_rows: transformer rows per batch of concurrent requests (pipelines.batching)."""
-    pipe = pipe_or_path if isinstance(pipe_or_path, RQPipeline) else RQPipeline.from_pretrained(pipe_or_path)
+    loaded). max_rows: transformer rows per batch of concurrent requests (pipelines.batching); cpu_weights: what
+    a loaded transformer samples with on a CPU (RQPipeline.from_pretrained)."""
+    pipe = pipe_or_path if isinstance(pipe_or_path, RQPipeline) else \
+        RQPipeline.from_pretrained(pipe_or_path, cpu_weights=cpu_weights)
     weights = None if pipe is pipe_or_path else pipe.folder  # for a Hub repo id: its snapshot in the Hub cache
     endpoints = Endpoints(pipe, weights, max_rows)
     h, w, D = pipe.rqvae.code_shape
@@ -376,18 +377,9 @@ def error_demo(message: str) -> gr.Blocks:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(DEFAULT_WEIGHTS),
-                        help="saved RQPipeline folder, Hub repo id user/name, or official:NAME (a paper release, "
-                             "fetched into the cache once) (default: $RQ_WEIGHTS or weights/emoji-64)")
-    parser.add_argument("--max_rows", type=int, default=int_env("RQ_MAX_ROWS", MAX_ROWS),
-                        help="transformer rows per batch of concurrent requests: a guided request of n images "
-                             f"takes 2n (default: $RQ_MAX_ROWS or {MAX_ROWS}; memory grows with it)")
-    args = parser.parse_args(argv)
-    if args.max_rows < 1:
-        parser.error(f"--max_rows must be at least 1, got {args.max_rows}")
+    args = parse_app_args(argv, __doc__.split("\n\n")[0], DEFAULT_WEIGHTS)
     try:
-        ui = build_demo(resolve_weights(args.weights), args.max_rows)
+        ui = build_demo(resolve_weights(args.weights), args.max_rows, args.cpu_weights)
     except Exception as e:  # noqa: BLE001 - missing or invalid weights: one line, no traceback
         if not os.environ.get("SPACE_ID"):
             print(f"app.py: cannot load weights from {args.weights}: {e}", file=sys.stderr)

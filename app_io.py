@@ -2,6 +2,7 @@
 pipeline takes them, and the pictures the app draws (upscaled outputs, the code grid, masks from the editor)."""
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.batching import Busy
+from pipelines.batching import MAX_ROWS, Busy
+from rqtransformer.cpu_weights import CPU_WEIGHTS
 from rqcore.images import MAX_IMAGE_PIXELS, mask_layer
 
 MAX_SEED = 2**63 - 1
@@ -91,6 +93,27 @@ def int_env(name: str, default: int) -> int:
     except ValueError:
         print(f"app.py: ${name} must be a whole number, got {value!r}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_app_args(argv, description: str, default_weights) -> argparse.Namespace:
+    """app.py's command line: --weights, --max_rows, --cpu_weights (each with its environment variable)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--weights", default=os.environ.get("RQ_WEIGHTS") or str(default_weights),
+                        help="saved RQPipeline folder, Hub repo id user/name, or official:NAME (a paper release, "
+                             "fetched into the cache once) (default: $RQ_WEIGHTS or weights/emoji-64)")
+    parser.add_argument("--max_rows", type=int, default=int_env("RQ_MAX_ROWS", MAX_ROWS),
+                        help="transformer rows per batch of concurrent requests: a guided request of n images "
+                             f"takes 2n (default: $RQ_MAX_ROWS or {MAX_ROWS}; memory grows with it)")
+    parser.add_argument("--cpu_weights", default=os.environ.get("RQ_CPU_WEIGHTS") or "auto",
+                        choices=("auto", *CPU_WEIGHTS),
+                        help="what the transformer samples with on a CPU; auto: the fastest within the fidelity "
+                             "bound on this CPU, see docs/performance.md (default: $RQ_CPU_WEIGHTS or auto)")
+    args = parser.parse_args(argv)
+    if args.max_rows < 1:
+        parser.error(f"--max_rows must be at least 1, got {args.max_rows}")
+    if args.cpu_weights not in ("auto", *CPU_WEIGHTS):  # from the environment (argparse checks only the flag)
+        parser.error(f"$RQ_CPU_WEIGHTS must be one of auto, {', '.join(CPU_WEIGHTS)}, got {args.cpu_weights!r}")
+    return args
 
 
 def resolve_weights(weights: str) -> str:

@@ -2,18 +2,22 @@
 official layout, random weights), sampling and decoding timed apart; and, given official-format checkpoints,
 the peak memory of converting them and of loading the result and sampling one image.
 
-    python -m bench.paper_size                     # timing: float16 weights on the CPU (CUDA: float32 + bf16)
+    python -m bench.paper_size                     # timing: float32 and the CPU default (CUDA: float32 + bf16)
     python -m bench.paper_size --official DIR      # also memory: DIR/stage1 and DIR/stage2 in the official
                                                    # format (tests/fixtures/official/make_fixtures.py --paper)
     python -m bench.paper_size --quick             # tiny sizes: checks the script
 
-Method: one process for the timing, warm-up excluded, median of 3 (1 for batch 4 on a CPU: a minute each);
+Timing: sampling with float32 weights and with the CPU's default weights (RQPipeline's cpu_weights="auto"),
+decoding in float32 and, where the CPU multiplies bf16 natively, in bfloat16 autocast (cpu_decoder="auto"),
+with the PSNR of its images against float32's. One process, warm-up excluded, median of 3 (1 for batch 4 on a
+CPU: a minute each);
 memory in fresh subprocesses, peak RSS (VmHWM) against the weights' bytes on disk, beside the RSS of the
 same imports with no weights (the interpreter with torch's libraries), which no model can avoid.
 """
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -49,23 +53,61 @@ def build(quick: bool, device: torch.device):
     return RQPipeline(vae, transformer, max_images=4).to(device)
 
 
+def variants(pipe, device: torch.device) -> dict:
+    """{name: transformer}: CPU: float32 and the default CPU weights (RQPipeline's cpu_weights="auto");
+    CUDA: float32, then bfloat16 (the same model converted, so it comes last)."""
+    from rqtransformer.cpu_weights import default_cpu_weights
+
+    models = {"float32": pipe.transformer}
+    if device.type == "cpu":
+        weights = default_cpu_weights(pipe.transformer)
+        try:
+            models[f"{weights}_weights"] = pipe.transformer.quantized_for_cpu(weights)
+        except ValueError as e:
+            emit({"figure": "paper_sampling", "note": f"float32 only: no {weights} weights here ({e})"})
+    elif torch.cuda.is_bf16_supported():
+        models["bfloat16"] = None  # converted when its turn comes
+    return models
+
+
+def decoding_figures(pipe, codes: torch.Tensor, device: torch.device, quick: bool) -> list[dict]:
+    """The decoder in float32 and, on CPUs with native bf16, in bfloat16 autocast (cpu_decoder="auto"):
+    seconds and the PSNR of its images against float32's."""
+    from rqcore.machine import native_bf16
+
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cpu" and native_bf16() else [])
+    out, exact, base = [], None, None
+    for dtype in dtypes:
+        pipe.rqvae.cpu_decode_dtype = dtype
+
+        def decode(c=codes):
+            with torch.inference_mode():
+                images = pipe.rqvae.decode(c)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return images
+
+        t, images = median_time(decode, 3), decode()
+        exact, base = (images, t["seconds"]) if exact is None else (exact, base)
+        mse = float((images - exact).pow(2).mean())
+        out.append(emit({"figure": "paper_decoding", "config": "quick" if quick else "ffhq-355m",
+                         "device": device.type, "decoder": str(dtype).removeprefix("torch."), "batch": len(codes),
+                         "seconds": rnd(t["seconds"]), "float32_over_this": rnd(base / t["seconds"]),
+                         "psnr_db_vs_float32": rnd(10 * math.log10(4 / mse), 3) if mse else None,
+                         "threads": torch.get_num_threads()}))
+    pipe.rqvae.cpu_decode_dtype = torch.float32
+    return out
+
+
 def timing_figures(quick: bool, device: torch.device | None = None) -> list[dict]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = build(quick, device)
-    variants = ["float32"]  # CUDA: float32, then the same weights in bfloat16
-    if device.type == "cpu":
-        try:  # the app's CPU path for float16 files: float16 weights, float32 arithmetic
-            pipe.transformer.quantized_for_cpu(inplace=True)
-            variants = ["float16_weights"]
-        except ValueError as e:
-            emit({"figure": "paper_sampling", "note": f"float32: no float16 weights here ({e})"})
-    elif torch.cuda.is_bf16_supported():
-        variants.append("bfloat16")
     params = sum(p.numel() for p in pipe.transformer.parameters())
-    out = []
-    for name in variants:
-        model = pipe.transformer.to(torch.bfloat16) if name == "bfloat16" else pipe.transformer
-        for batch in (1, 4):
+    out, models = [], variants(pipe, device)
+    for name, model in models.items():
+        model = pipe.transformer.to(torch.bfloat16) if name == "bfloat16" else model
+        default = name == list(models)[-1]  # batch 4 and the decoder only for the fastest path (a CPU minute)
+        for batch in (1, 4) if default else (1,):
             g = torch.Generator(device).manual_seed(0)
             codes = model.generate(num_samples=batch, generator=g)  # warm-up, and the codes decoded below
             repeats = 1 if device.type == "cpu" and batch > 1 and not quick else 3
@@ -75,20 +117,16 @@ def timing_figures(quick: bool, device: torch.device | None = None) -> list[dict
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            def decode(c=codes):
-                with torch.inference_mode():
-                    pipe.rqvae.decode(c)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-
-            s, d = median_time(sample, repeats, warmup=0), median_time(decode, 3)
+            s = median_time(sample, repeats, warmup=0)
             rec = {"figure": "paper_sampling", "config": "quick" if quick else "ffhq-355m", "device": device.type,
                    "variant": name, "batch": batch, "transformer_parameters": params,
-                   "resolution": pipe.resolution, "sampling_seconds": rnd(s["seconds"]),
-                   "decoding_seconds": rnd(d["seconds"]), "repeats": repeats,
-                   "seconds_per_image": rnd((s["seconds"] + d["seconds"]) / batch),
+                   "resolution": pipe.resolution, "sampling_seconds": rnd(s["seconds"]), "repeats": repeats,
                    "threads": torch.get_num_threads()}
-            out.append(emit(with_goal(rec, None, None)))
+            if default:
+                decoders = decoding_figures(pipe, codes.long(), device, quick)
+                fastest = min(d["seconds"] for d in decoders)
+                rec.update(decoding_seconds=rnd(fastest), seconds_per_image=rnd((s["seconds"] + fastest) / batch))
+            out += [emit(with_goal(rec, None, None))] + (decoders if default else [])
     return out
 
 

@@ -111,6 +111,17 @@ def half_weights(model):
         return None
 
 
+def default_weights(model) -> tuple[str, object]:
+    """(name, copy) of the CPU weights RQPipeline's cpu_weights="auto" gives model here; copy None if unavailable."""
+    from rqtransformer.cpu_weights import default_cpu_weights
+
+    name = default_cpu_weights(model)
+    try:
+        return name, model.quantized_for_cpu(name)
+    except ValueError:
+        return name, None
+
+
 class _OverBudget(Exception):
     pass
 

@@ -21,15 +21,9 @@ import torch
 
 from bench.common import (build_ours, build_reference, emit, median_time, parse_args, random_codes, rnd, run_main,
                           sizes)
+from rqcore.machine import native_bf16
 
 REPEATS = 5         # steps are short: a few more repeats for a steadier median
-
-
-def native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated and slow."""
-    from training.trainer import native_bf16 as native
-
-    return native(torch.device("cpu"))
 
 
 def bf16(step):

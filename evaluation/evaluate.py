@@ -24,7 +24,7 @@ import torch.nn as nn
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from pipelines import RQPipeline
+from pipelines import EXACT_CPU, RQPipeline
 from rqtransformer.losses import per_depth_nll
 
 from training.cli import non_negative_int, positive_int, run_cli
@@ -144,7 +144,8 @@ def write_report(report: dict, out: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
-    pipe = RQPipeline.from_pretrained(args.weights, device="cpu")
+    # the model itself, not the CPU's faster rounded paths
+    pipe = RQPipeline.from_pretrained(args.weights, device="cpu", **EXACT_CPU)
     if has_captions(args.data_dir):
         report = evaluate_captioned(args, pipe)
     else:

@@ -211,9 +211,10 @@ def main(argv=None) -> None:
         vae.to(accelerator.device).eval()
         drawn, *sets = reconstruct(vae, args, out, rank, world)  # by name: a killed save's .tmp.png is no image
     else:
-        from pipelines import RQPipeline
+        from pipelines import EXACT_CPU, RQPipeline
 
-        pipe = RQPipeline.from_pretrained(source, device=accelerator.device)
+        # the model as trained (the paper's protocol), not the CPU's faster rounded paths
+        pipe = RQPipeline.from_pretrained(source, device=accelerator.device, **EXACT_CPU)
         pipe.max_images = max(pipe.max_images, args.batch_size)  # the app's cap per request, not this run's
         if pipe.has_text:
             raise ValueError("text models are evaluated on captions (CC-3M's validation set), which this command "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from pipelines import RQPipeline
+from pipelines import EXACT_CPU, RQPipeline
 
 from training.cli import positive_int, run_cli
 from training.data import any_image_folder
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--scale", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    pipe = RQPipeline.from_pretrained(args.weights, device="cpu")
+    pipe = RQPipeline.from_pretrained(args.weights, device="cpu", **EXACT_CPU)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)

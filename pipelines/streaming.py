@@ -102,6 +102,6 @@ def decode_preview(rqvae, codes: torch.Tensor) -> torch.Tensor:
     known = (codes >= 0).all(-1)  # [B,h,w]
     rows = int(known.any(0).any(-1).nonzero().max()) + 1 if known.any() else 1
     latent = rqvae.embed_codes(codes.clamp(min=0))[:, :, :rows]  # [B,C,rows,w]
-    top = rqvae.decoder(latent).clamp(-1, 1)  # [B,3,rows*f,W]
+    top = rqvae.decode_latent(latent)  # [B,3,rows*f,W]
     images = F.pad(top, (0, 0, 0, (codes.shape[1] - rows) * f))  # [B,3,H,W], the rows below 0
     return images.masked_fill(~repeat(known, "b h w -> b 1 (h f1) (w f2)", f1=f, f2=f), 0)

@@ -31,6 +31,17 @@ def cpu_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag in flags]
 
 
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Does `device` (default: the CPU) multiply bf16 in hardware? Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated
+    and slower."""
+    device = torch.device("cpu") if device is None else device
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)()
+                                        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def cpu_tag() -> dict:
     """Attached to every record: figures from CPUs with and without AVX-512 / native bf16 differ a lot."""
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()

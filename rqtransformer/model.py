@@ -38,7 +38,8 @@ from rqcore.hub_transfer import resolve_folder
 from rqcore.pretrained import PretrainedMixin
 
 from .blocks import SHORT_SEQUENCE, Block, KVCache, causal_attention  # noqa: F401 (re-exported)
-from .cpu import half_weight_copy, linear
+from .cpu import linear
+from .cpu_weights import quantized_copy
 from .options import conditioning as _conditioning
 from .sampling import generate_one as _generate
 
@@ -335,14 +336,14 @@ class RQTransformer(PretrainedMixin, nn.Module):
         self.depth_transformer = torch.compile(self.depth_transformer, **options)
         return self
 
-    def quantized_for_cpu(self, inplace: bool = False) -> "RQTransformer":
-        """A copy for faster sampling on CPU whose linear layers multiply by float16 weights (see
-        rqtransformer.cpu; bench.sampling_speed gives the figures). Weights loaded
-        from a float16 file (like the bundled model's) lose nothing: the same codes for the same seed. Other
-        weights are rounded to float16, so samples can drift from this model's. Same float32 parameters and
-        state_dict (autograd uses them); x86 CPUs only (ValueError elsewhere). inplace: convert this model
-        instead of a copy (what RQPipeline.from_pretrained does: no second copy at load)."""
-        return half_weight_copy(self, inplace)
+    def quantized_for_cpu(self, weights: str = "float16", inplace: bool = False) -> "RQTransformer":
+        """A copy for faster sampling on CPU whose linear layers multiply by "float16", "int8" or "int4" weights
+        (rqtransformer.cpu_weights; bench.precision gives their speed and fidelity). float16 weights loaded from
+        a float16 file (the bundled model's) lose nothing: the same codes for the same seed; other weights are
+        rounded, so samples can drift from this model's. Same float32 parameters and state_dict (autograd uses
+        them); ValueError where the CPU lacks the kernels. inplace: convert this model instead of a copy (what
+        RQPipeline.from_pretrained does: no second copy at load)."""
+        return quantized_copy(self, weights, inplace)
 
     # ---- save / load: the tokenizer travels with a text model ------------------------------------------
 

@@ -155,11 +155,14 @@ def test_missing_weights_exit_2_with_one_line(tmp_path, capsys):
     assert isinstance(page, gr.Blocks)
 
 
-@pytest.mark.parametrize("argv, env, message", [(["--max_rows", "0"], None, "--max_rows must be at least 1"),
-                                                 ([], "abc", "$RQ_MAX_ROWS must be a whole number")])
-def test_a_bad_row_limit_exits_2_with_a_clear_message(argv, env, message, monkeypatch, capsys):
+@pytest.mark.parametrize("argv, env, message", [
+    (["--max_rows", "0"], None, "--max_rows must be at least 1"),
+    ([], ("RQ_MAX_ROWS", "abc"), "$RQ_MAX_ROWS must be a whole number"),
+    (["--cpu_weights", "int3"], None, "argument --cpu_weights: invalid choice: 'int3'"),
+    ([], ("RQ_CPU_WEIGHTS", "half"), "$RQ_CPU_WEIGHTS must be one of auto, float32, float16, int8, int4, got 'half'")])
+def test_a_bad_setting_exits_2_with_a_clear_message(argv, env, message, monkeypatch, capsys):
     if env is not None:
-        monkeypatch.setenv("RQ_MAX_ROWS", env)
+        monkeypatch.setenv(*env)
     with pytest.raises(SystemExit) as info:
         app.main(argv)
     err = capsys.readouterr().err.strip()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer import cpu
-from rqtransformer.cpu import PACK_MIN_ROWS, HalfWeightLinear, linear, native_gelu, packed_weights
+from rqtransformer.cpu import PACK_MIN_ROWS, linear, native_gelu, packed_weights
+from rqtransformer.cpu_weights import HalfWeightLinear
 
 K, SHAPE = 16, (3, 3, 3)
 needs_mkl_packing = pytest.mark.skipif(not cpu.mkl_packing_available(), reason="this torch has no MKL packed GEMM")
@@ -175,8 +176,9 @@ def test_quantized_for_cpu_needs_a_float32_cpu_model():
 
 
 @needs_fbgemm
-def test_pipeline_samples_with_float16_weights_only_where_lossless(tmp_path):
-    """from_pretrained on the CPU uses the float16-weight copy by default only for float16-stored weights."""
+def test_pipeline_cpu_weights_setting(tmp_path):
+    """from_pretrained on the CPU: "auto" gives a narrow model float16 weights (lossless for float16 files, the
+    same codes for a seed), "float32" keeps the model as it is, and saving saves plain float32 weights."""
     from conftest import tiny_pipeline
     from pipelines import RQPipeline
 
@@ -186,10 +188,10 @@ def test_pipeline_samples_with_float16_weights_only_where_lossless(tmp_path):
     pipe = tiny_pipeline(seed=4)
     pipe.save_pretrained(tmp_path / "fp32")
     pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
-    assert not is_fast(RQPipeline.from_pretrained(tmp_path / "fp32", device="cpu"))  # would round: stays fp32
-    assert is_fast(RQPipeline.from_pretrained(tmp_path / "fp32", device="cpu", cpu_float16_weights=True))
+    assert is_fast(RQPipeline.from_pretrained(tmp_path / "fp32", device="cpu"))
+    assert not is_fast(RQPipeline.from_pretrained(tmp_path / "fp32", device="cpu", cpu_weights="float32"))
     fast = RQPipeline.from_pretrained(tmp_path / "fp16", device="cpu")
-    slow = RQPipeline.from_pretrained(tmp_path / "fp16", device="cpu", cpu_float16_weights=False)
+    slow = RQPipeline.from_pretrained(tmp_path / "fp16", device="cpu", cpu_weights="float32")
     assert is_fast(fast) and not is_fast(slow)
     a = fast([0, 1, 2], generator=gen(8), output_type="pt")
     b = slow([0, 1, 2], generator=gen(8), output_type="pt")
@@ -197,3 +199,6 @@ def test_pipeline_samples_with_float16_weights_only_where_lossless(tmp_path):
     fast.save_pretrained(tmp_path / "again")  # saving the pipeline saves plain float32 weights
     again = RQTransformer.from_pretrained(tmp_path / "again" / "rqtransformer")
     assert all(torch.equal(v, slow.transformer.state_dict()[k]) for k, v in again.state_dict().items())
+    for bad in ("int3", None, True):
+        with pytest.raises(ValueError, match="cpu_weights must be one of 'auto', 'float32', 'float16'"):
+            RQPipeline.from_pretrained(tmp_path / "fp16", device="cpu", cpu_weights=bad)

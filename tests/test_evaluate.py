@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import RQPipeline
+from pipelines import EXACT_CPU, RQPipeline
 from rqtransformer import RQTransformer, RQTransformerConfig
 from rqtransformer.losses import per_depth_nll
 from training.cli import run_cli
@@ -136,7 +136,7 @@ def test_captioned_styles_report_pairs_consistency_and_speed(text_weights, style
             "nll_mean_heldout_emoji"} <= set(report)
     assert all(math.isfinite(report[f"prompt_information_heldout_{k}"]) for k in ("pair", "emoji"))
     # the test NLL is that of each image's own prompt and style (not the empty prompt's)
-    pipe = RQPipeline.from_pretrained(text_weights, device="cpu")
+    pipe = RQPipeline.from_pretrained(text_weights, device="cpu", **EXACT_CPU)
     test = captioned_image_folder(styles / "test", 32).images()[0]
     codes = pipe.rqvae.encode(torch.stack([test[i][0] for i in range(len(test))]))
     text = pipe.transformer.tokenizer.encode(test.captions, 6)[0]

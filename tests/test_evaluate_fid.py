@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from evaluation import fid
-from pipelines import RQPipeline
+from pipelines import EXACT_CPU, RQPipeline
 from evaluation.evaluate_fid import main as evaluate, rank_batches
 from training.cli import run_cli
 
@@ -117,7 +117,7 @@ def test_a_killed_evaluation_resumes_without_sampling_twice(tmp_path, model_dir,
     assert metrics["batches_drawn_now"] == 1 and metrics["num_images"] == 5
     assert np.isfinite(metrics["fid"]) and metrics["is_mean"] >= 1
     assert all(f.stat().st_mtime_ns == stamps[f.name] for f in (out / "samples").glob("*.png") if f.name in stamps)
-    pipe = RQPipeline.from_pretrained(model_dir, device="cpu")  # the same images as one uninterrupted run
+    pipe = RQPipeline.from_pretrained(model_dir, device="cpu", **EXACT_CPU)  # the same images as one uninterrupted run
     for j, rows in enumerate([(0, 1), (2, 3), (4,)]):
         images = pipe(class_labels=[i % 3 for i in rows], generator=torch.Generator().manual_seed(j)).images
         for i, image in zip(rows, images):

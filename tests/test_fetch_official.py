@@ -142,9 +142,9 @@ def nothing_cached(cache: Path, name: str = "ffhq") -> bool:
 
 
 def check_parity(folder: Path) -> None:
-    from pipelines import RQPipeline
+    from pipelines import EXACT_CPU, RQPipeline
 
-    pipe = RQPipeline.from_pretrained(folder, device="cpu")
+    pipe = RQPipeline.from_pretrained(folder, device="cpu", **EXACT_CPU)
     ref1, ref2 = load_file(str(FIXTURES / "stage1" / "expected.safetensors")), \
         load_file(str(FIXTURES / "uncond" / "expected.safetensors"))
     with torch.inference_mode():

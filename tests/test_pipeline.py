@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import RQPipeline
+from pipelines import EXACT_CPU, RQPipeline
 from pipelines.streaming import SAMPLING_THREAD
 from rqcore.images import to_pil
 from rqtransformer import RQTransformer, RQTransformerConfig
@@ -41,7 +41,7 @@ def test_same_seed_same_images_and_names_equal_indices(pipe):
 def test_save_load_round_trip_reproduces_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     assert {p.name for p in (tmp_path / "p").iterdir()} == {"rqvae", "rqtransformer", "pipeline.json"}
-    loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu")
+    loaded = RQPipeline.from_pretrained(tmp_path / "p", device="cpu", **EXACT_CPU)
     assert loaded.class_names == CLASSES and loaded.max_images == 6
     a = pipe("circles", num_images=2, generator=gen(1), output_type="pt")
     b = loaded("circles", num_images=2, generator=gen(1), output_type="pt")

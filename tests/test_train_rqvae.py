@@ -306,7 +306,8 @@ def test_freed_large_blocks_stay_in_the_heap(mode):
 
 
 def test_mixed_precision_auto_picks_bf16_only_where_the_device_multiplies_it_natively():
-    from training.trainer import native_bf16, resolve_precision
+    from rqcore.machine import native_bf16
+    from training.trainer import resolve_precision
 
     cpu = torch.device("cpu")
     choice, notice = resolve_precision("auto", cpu)

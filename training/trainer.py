@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from rqcore.checks import is_number
+from rqcore.machine import native_bf16
 from rqcore.pretrained import write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -59,15 +60,6 @@ def check_output_dir(args) -> None:
     if found and not args.resume_from_checkpoint:
         raise ValueError(f"--output_dir {out} already holds {found[-1].name} of an earlier run: pass "
                          f"--resume_from_checkpoint latest to continue it, or choose another --output_dir")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does `device` multiply bf16 in hardware? Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    return device.type == "cpu" and any(getattr(cpu, name, lambda: False)()
-                                        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def resolve_precision(choice: str, device: torch.device) -> tuple[str, str]:
