@@ -10,7 +10,7 @@ failed. Sampling uses the reference configuration (bench.common.FULL, codebook 5
 1, 16 and 64: ours in float32, bfloat16 and with compile_steps(), the reference (`generate()`, which
 re-runs the forward for every code) at batch 1 and 16. Each time is the median of 3 runs after a warm-up,
 with torch.cuda.synchronize() inside the timed region. Then one 256-px image at the paper's FFHQ-355M size
-(bench.paper_size, random weights): sampling and decoding apart, batch 1 and 4, float32 and bfloat16.
+(bench.paper_size, random weights): sampling in float32 (batch 1) and bfloat16 (batch 1 and 4), then decoding.
 Last, the paper's evaluation (bench.evaluation_speed): 1,000 samples at that size drawn and saved by
 evaluate_fid's code, their Inception features, and the hours 50,000 samples imply (needs pytorch-fid).
 """

@@ -22,11 +22,11 @@ import json
 import time
 from pathlib import Path
 
-from bench import app_latency, load_test, sampling_speed, training, vs_official
+from bench import app_latency, load_test, precision, sampling_speed, training, vs_official
 from bench.common import emit, machine_info, parse_args
 
 SECTIONS = {"sampling": sampling_speed.figures, "training": training.figures, "app": app_latency.figures,
-            "load": load_test.figures, "official": vs_official.figures}
+            "load": load_test.figures, "official": vs_official.figures, "precision": precision.figures}
 OPTIONS = {"app": lambda a: {"weights": a.app_weights},  # extra keyword arguments per section
            "load": lambda a: {"weights": a.app_weights}, "official": lambda a: {"tree": a.official}}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
