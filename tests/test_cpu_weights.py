@@ -134,3 +134,26 @@ def test_pipeline_cpu_decoder_setting(monkeypatch, tmp_path):
         assert auto.rqvae.cpu_decode_dtype == (torch.bfloat16 if native else torch.float32)
     with pytest.raises(ValueError, match="cpu_decoder must be one of 'auto', 'float32', 'bfloat16', got 'fp8'"):
         RQPipeline.from_pretrained(tmp_path, device="cpu", cpu_decoder="fp8")
+
+
+@low_bit
+def test_pipeline_and_app_load_low_bit_weights_when_asked(weights, tmp_path):
+    """cpu_weights="int8" / "int4" from from_pretrained and from the app's --cpu_weights: the layers swapped,
+    sampling works, and saving writes the float32 parameters as loaded."""
+    import app
+    from conftest import tiny_pipeline
+    from pipelines import RQPipeline
+
+    tiny_pipeline(seed=6).save_pretrained(tmp_path / "p")
+    pipe = RQPipeline.from_pretrained(tmp_path / "p", device="cpu", cpu_weights=weights)
+    assert isinstance(pipe.transformer.head, LAYERS[weights])
+    out = pipe([0, 1], generator=gen(2), output_type="pt")
+    assert out.images.shape == (2, 3, 32, 32) and torch.equal(out.codes, pipe([0, 1], generator=gen(2)).codes)
+    pipe.save_pretrained(tmp_path / "again")
+    exact = RQPipeline.from_pretrained(tmp_path / "p", device="cpu", cpu_weights="float32")
+    again = RQPipeline.from_pretrained(tmp_path / "again", device="cpu", cpu_weights="float32")
+    assert all(torch.equal(v, exact.transformer.state_dict()[k]) for k, v in again.transformer.state_dict().items())
+    demo = app.build_demo(str(tmp_path / "p"), cpu_weights=weights)
+    assert demo is not None  # the app's pipeline is loaded with the same setting:
+    loaded = [fn for fn in demo.fns.values() if getattr(fn.fn, "__self__", None) is not None]
+    assert loaded and all(isinstance(f.fn.__self__.pipe.transformer.head, LAYERS[weights]) for f in loaded)
