@@ -155,14 +155,6 @@ def default_cpu_weights(model: nn.Module) -> str:
     return "int8" if wide and native_bf16() else "float16"
 
 
-def weights_fit_float16(model: nn.Module) -> bool:
-    """True when every nn.Linear weight and bias of model is exactly a float16 number (e.g. loaded from a float16
-    file), so that a float16 copy loses nothing."""
-    tensors = [t for m in model.modules() if type(m) is nn.Linear for t in (m.weight, m.bias) if t is not None]
-    with torch.no_grad():
-        return all(t.dtype == torch.float32 and torch.equal(t, t.half().float()) for t in tensors)
-
-
 def _swappable(linear: nn.Linear, weights: str) -> bool:
     if weights == "int4":  # the kernel needs whole groups and output channels in multiples of 16
         return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
