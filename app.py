@@ -344,12 +344,13 @@ def about_tab(ep: Endpoints) -> None:
         gr.Markdown(card)
 
 
-def build_demo(pipe_or_path, max_rows: int = MAX_ROWS, cpu_weights: str = "auto") -> gr.Blocks:
+def build_demo(pipe_or_path, max_rows: int = MAX_ROWS, cpu_weights: str = "auto",
+               cpu_decoder: str = "auto") -> gr.Blocks:
     """A Blocks app around an RQPipeline, a saved pipeline folder or a Hub repo id (ValueError if it can't be
-    loaded). max_rows: transformer rows per batch of concurrent requests (pipelines.batching); cpu_weights: what
-    a loaded transformer samples with on a CPU (RQPipeline.from_pretrained)."""
+    loaded). max_rows: transformer rows per batch of concurrent requests (pipelines.batching); cpu_weights,
+    cpu_decoder: the precision of a loaded pipeline on a CPU (RQPipeline.from_pretrained)."""
     pipe = pipe_or_path if isinstance(pipe_or_path, RQPipeline) else \
-        RQPipeline.from_pretrained(pipe_or_path, cpu_weights=cpu_weights)
+        RQPipeline.from_pretrained(pipe_or_path, cpu_weights=cpu_weights, cpu_decoder=cpu_decoder)
     weights = None if pipe is pipe_or_path else pipe.folder  # for a Hub repo id: its snapshot in the Hub cache
     endpoints = Endpoints(pipe, weights, max_rows)
     h, w, D = pipe.rqvae.code_shape
@@ -379,7 +380,7 @@ def error_demo(message: str) -> gr.Blocks:
 def main(argv=None) -> None:
     args = parse_app_args(argv, __doc__.split("\n\n")[0], DEFAULT_WEIGHTS)
     try:
-        ui = build_demo(resolve_weights(args.weights), args.max_rows, args.cpu_weights)
+        ui = build_demo(resolve_weights(args.weights), args.max_rows, args.cpu_weights, args.cpu_decoder)
     except Exception as e:  # noqa: BLE001 - missing or invalid weights: one line, no traceback
         if not os.environ.get("SPACE_ID"):
             print(f"app.py: cannot load weights from {args.weights}: {e}", file=sys.stderr)

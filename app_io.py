@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.batching import MAX_ROWS, Busy
+from pipelines.rq_pipeline import CPU_DECODERS
 from rqtransformer.cpu_weights import CPU_WEIGHTS
 from rqcore.images import MAX_IMAGE_PIXELS, mask_layer
 
@@ -108,11 +109,15 @@ def parse_app_args(argv, description: str, default_weights) -> argparse.Namespac
                         choices=("auto", *CPU_WEIGHTS),
                         help="what the transformer samples with on a CPU; auto: the fastest within the fidelity "
                              "bound on this CPU, see docs/performance.md (default: $RQ_CPU_WEIGHTS or auto)")
+    parser.add_argument("--cpu_decoder", default=os.environ.get("RQ_CPU_DECODER") or "auto", choices=CPU_DECODERS,
+                        help="the decoder's arithmetic on a CPU; auto: bfloat16 where the CPU multiplies it "
+                             "natively (default: $RQ_CPU_DECODER or auto)")
     args = parser.parse_args(argv)
     if args.max_rows < 1:
         parser.error(f"--max_rows must be at least 1, got {args.max_rows}")
-    if args.cpu_weights not in ("auto", *CPU_WEIGHTS):  # from the environment (argparse checks only the flag)
-        parser.error(f"$RQ_CPU_WEIGHTS must be one of auto, {', '.join(CPU_WEIGHTS)}, got {args.cpu_weights!r}")
+    for name, choices in (("cpu_weights", ("auto", *CPU_WEIGHTS)), ("cpu_decoder", CPU_DECODERS)):
+        if getattr(args, name) not in choices:  # from the environment (argparse checks only the flag)
+            parser.error(f"${'RQ_' + name.upper()} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
     return args
 
 

@@ -159,7 +159,8 @@ def test_missing_weights_exit_2_with_one_line(tmp_path, capsys):
     (["--max_rows", "0"], None, "--max_rows must be at least 1"),
     ([], ("RQ_MAX_ROWS", "abc"), "$RQ_MAX_ROWS must be a whole number"),
     (["--cpu_weights", "int3"], None, "argument --cpu_weights: invalid choice: 'int3'"),
-    ([], ("RQ_CPU_WEIGHTS", "half"), "$RQ_CPU_WEIGHTS must be one of auto, float32, float16, int8, int4, got 'half'")])
+    ([], ("RQ_CPU_WEIGHTS", "half"), "$RQ_CPU_WEIGHTS must be one of auto, float32, float16, int8, int4, got 'half'"),
+    ([], ("RQ_CPU_DECODER", "fp8"), "$RQ_CPU_DECODER must be one of auto, float32, bfloat16, got 'fp8'")])
 def test_a_bad_setting_exits_2_with_a_clear_message(argv, env, message, monkeypatch, capsys):
     if env is not None:
         monkeypatch.setenv(*env)
