@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.precision                                  # official fixtures + FFHQ size
     .venv/bin/python -m bench.precision --data_dir data/emoji/test       # + the bundled model's held-out codes
+    .venv/bin/python -m bench.precision --weights official:ffhq          # + a released model, on its own samples
     .venv/bin/python -m bench.precision --quick                          # tiny sizes: checks the script
 
 Fidelity (one record per model and copy): the teacher-forced next-code distributions of the copy against the
@@ -10,8 +11,9 @@ greedy agreement (the share of codes whose argmax is the same). The copies' kern
 (checked: bit-identical to one row at a time), so a teacher-forced forward with the low-bit row limit lifted
 computes what each sampling step computes. Sources: the official parity fixtures (tests/fixtures/official,
 random weights converted from the official format, their codes), the bundled model on a captioned test split
-(its held-out images encoded by its RQ-VAE, with their prompts and styles), and the FFHQ-355M size (random
-weights, random codes). The bound a default path must meet: mean KL <= KL_BOUND.
+(its held-out images encoded by its RQ-VAE, with their prompts and styles), any pipeline folder on codes it
+samples itself in float32 (--weights), and the FFHQ-355M size (random weights, random codes). The bound a
+default path must meet: mean KL <= KL_BOUND.
 
 Also, from the float32 distributions: the mean probability of the likeliest code per depth, and the mean over
 positions of its least value across depths: a bound on how often speculative (Jacobi-style) decoding, with the
@@ -113,6 +115,26 @@ def bundled_batches(data_dir: str):
     return pipe.transformer, batches
 
 
+def sampled_batches(weights: str, samples: int):
+    """A pipeline folder's (or official:NAME's) float32 transformer and codes it sampled itself with the
+    pipeline's defaults (seed i, class i % classes, the model's example prompts in turn): on a model's own samples
+    the KL is the fidelity of sampling from it, for models whose training images are not at hand."""
+    from evaluation.evaluate_fid import resolve
+    from pipelines import EXACT_CPU, RQPipeline
+
+    pipe = RQPipeline.from_pretrained(resolve(weights, None), device="cpu", **EXACT_CPU)
+    tf, batches = pipe.transformer, []
+    for i in range(samples):
+        labels = [i % len(pipe.class_names)] if pipe.class_names else None
+        prompt = pipe.prompts[i % len(pipe.prompts)] if pipe.has_text and pipe.prompts else None
+        out = pipe(labels, prompt=prompt, num_images=1, generator=torch.Generator().manual_seed(i), output_type="pt")
+        kwargs = {"class_labels": torch.tensor(out.class_labels)} if out.class_labels else {}
+        if prompt is not None:
+            kwargs["text_tokens"] = tf.tokenizer.encode([prompt], tf.config.max_text_len)[0]
+        batches.append((out.codes, kwargs))
+    return tf, batches
+
+
 def ffhq_size(quick: bool):
     from bench.paper_size import QUICK_TRANSFORMER, FFHQ_TRANSFORMER
     from rqtransformer import RQTransformer, RQTransformerConfig
@@ -141,7 +163,7 @@ def speed_records(name: str, model) -> list[dict]:
     return records
 
 
-def figures(quick: bool, data_dir: str | None = None) -> list[dict]:
+def figures(quick: bool, data_dir: str | None = None, weights: str | None = None, samples: int = 8) -> list[dict]:
     out = []
     for name, tf, batches in official_fixture_batches():
         out += fidelity_records(name, tf, batches, cpu_weights.default_cpu_weights(tf))
@@ -153,6 +175,10 @@ def figures(quick: bool, data_dir: str | None = None) -> list[dict]:
     else:
         out.append(emit({"figure": "cpu_weights_fidelity", "model": "bundled_heldout",
                          "skipped": "no --data_dir (a captioned test split, python -m emoji_data.build)"}))
+    if weights:
+        tf, batches = sampled_batches(weights, samples)
+        out += fidelity_records(f"{weights} (its own samples)", tf, batches, cpu_weights.default_cpu_weights(tf))
+        out += speed_records(weights, tf)
     model, c = ffhq_size(quick)
     h, w, D = c.code_shape
     codes = torch.randint(0, c.codebook_size, (2, h, w, D), generator=torch.Generator().manual_seed(1))
@@ -161,9 +187,15 @@ def figures(quick: bool, data_dir: str | None = None) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
-        "--data_dir", default=None, help="a captioned test split of the emoji data (emoji_data.build's test/)"))
-    return run_main(lambda quick: figures(quick, args.data_dir), args)
+    def extra(p):
+        p.add_argument("--data_dir", default=None, help="a captioned test split of the emoji data (emoji_data.build's "
+                                                        "test/): the bundled model's held-out codes")
+        p.add_argument("--weights", default=None, help="also a pipeline folder or official:NAME, on codes it samples")
+        p.add_argument("--samples", type=int, default=8, help="with --weights: how many images it samples (8)")
+    args = parse_args(__doc__.splitlines()[0], argv, extra)
+    if args.samples < 1:
+        raise SystemExit(f"--samples must be at least 1, got {args.samples}")
+    return run_main(lambda quick: figures(quick, args.data_dir, args.weights, args.samples), args)
 
 
 if __name__ == "__main__":
