@@ -26,7 +26,7 @@ from rqcore.machine import native_bf16
 
 CPU_WEIGHTS = ("float32", "float16", "int8", "int4")  # what RQPipeline.from_pretrained(cpu_weights=) takes
 INT4_GROUP = 32           # input weights per int4 scale and offset (smaller: closer to float32, more bytes)
-LOW_BIT_MAX_ROWS = 16     # more rows per call: the int8 / int4 kernels are slower than float32's (bench.precision)
+LOW_BIT_MAX_ROWS = 16     # more rows per call: the int8 kernel is slower than float32's (docs/python.md)
 INT8_MIN_DIM = 512        # "auto" picks int8 from this model width (narrower: the kernels' overhead dominates)
 # torch marks these fbgemm entry points deprecated but still ships them; they are the only float16-weight
 # GEMM it has on x86 CPUs without native float16 (the quantized-op route adds per-call overhead).
