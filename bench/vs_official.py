@@ -17,8 +17,8 @@ samplers run the same weights. Greedy codes (top_k=1) are compared once. Then th
 `sample(zeros, model_aux, cond=labels, top_k=None, top_p=None, cached=True)` (its KV cache, float32) and
 our `generate(class_labels=labels)` (float32, defaults: no filter, num_threads="auto") run in alternating
 rounds (`paired_times`, warm-up excluded, median of 3), with the copy of our model in the CPU's default weights
-(`quantized_for_cpu(default_cpu_weights(model))`, what RQPipeline's cpu_weights="auto" gives) in the same rounds; same torch thread setting for all (the "threads" field; ours
-samples on "ours_sampling_threads" of them). ratio = official seconds / ours. When one official warm-up
+(`quantized_for_cpu(default_cpu_weights(model))`, what RQPipeline's cpu_weights="auto" gives) in the same
+rounds; same torch thread setting for all (the "threads" field; ours samples on "ours_sampling_threads" of them). ratio = official seconds / ours. When one official warm-up
 run takes longer than SLOW_S, a single timed round is made (the record says so).
 Configurations: the reference one (bench.common FULL, 10 classes, batch 1 and 16; goals for float32: >= 4x at
 batch 1, >= 6x at batch 16) and the official FFHQ 355M one (unconditional, batch 1 and 4; goal for the default

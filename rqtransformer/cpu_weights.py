@@ -87,10 +87,8 @@ class HalfWeightLinear(_PackedLinear):
     def _fits(self, x):
         return self.bias is not None
 
-    def _multiply(self, x, packed):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", _DEPRECATED)
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, self.bias)
+    def _multiply(self, x, packed):  # torch warns on an entry point's first use: quantized_copy's check call
+        return torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, self.bias)
 
 
 class _LowBitLinear(_PackedLinear):
@@ -178,8 +176,9 @@ def quantized_copy(model: nn.Module, weights: str = "float16", inplace: bool = F
             if type(child) is nn.Linear and _swappable(child, weights):
                 setattr(module, name, LAYERS[weights].from_linear(child))
                 swapped.append((module, name, child))
-    try:  # pack every weight now and run each kernel once: fails early on CPUs or builds without it
-        with torch.inference_mode():
+    try:  # pack every weight now and run each kernel once: fails early on CPUs or builds without it, and is when
+        with torch.inference_mode(), warnings.catch_warnings():  # torch warns about fbgemm's deprecated entry points
+            warnings.filterwarnings("ignore", _DEPRECATED)
             for m in new.modules():
                 if isinstance(m, _PackedLinear):
                     m(torch.zeros(1, m.in_features))
